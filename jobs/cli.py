@@ -1,0 +1,237 @@
+"""The ``runbook`` command: a thin layer over jobs.api.
+
+Exit codes: 0 the run succeeded (or there was nothing to do); 1 the run ended in any other
+state; 2 bad input or configuration, with nothing enqueued and nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar, cast
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from jobs import api
+from jobs.config import load_settings, redact
+from jobs.errors import RunbookError
+from jobs.states import SUCCEEDED, TERMINAL
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn every error into one line on stderr and an exit code; never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunbookError as exc:
+            click.echo(f"runbook: error: {redact(str(exc))}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("runbook: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("RUNBOOK_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(
+                f"runbook: internal error: {type(exc).__name__}: {redact(first)} "
+                "(set RUNBOOK_DEBUG=1 for a traceback)",
+                err=True,
+            )
+            sys.exit(1)
+
+    return cast(F, wrapper)
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    rev = f" {step['revision']}" if step.get("revision") else ""
+    tries = f" (attempt {step['attempts']})" if step.get("attempts", 1) > 1 else ""
+    error = f": {step['error']}" if step.get("error") and step["state"] == "failed" else ""
+    return f"{step['kind']}{rev} {step['state']}{tries}{error}"
+
+
+def _progress_printer() -> Callable[[dict[str, Any]], None]:
+    seen: dict[tuple[str, str | None], tuple[str, int]] = {}
+    last_state: list[str] = []
+
+    def show(run: dict[str, Any]) -> None:
+        if not last_state or last_state[-1] != run["state"]:
+            err.print(f"run {run['id']} [{run['target']}]: {run['state']}")
+            last_state.append(run["state"])
+        for step in run["steps"]:
+            key = (step["kind"], step["revision"])
+            mark = (step["state"], step["attempts"])
+            if seen.get(key) != mark:
+                seen[key] = mark
+                err.print(f"  {_step_line(step)}")
+
+    return show
+
+
+def _summary(run: dict[str, Any]) -> None:
+    err.print(
+        f"run {run['id']} {run['state']}: {run['from_revision'] or 'base'} -> "
+        f"{run['to_revision'] or 'base'} (now at {run['current_revision'] or 'base'})"
+    )
+    if run.get("backup"):
+        b = run["backup"]
+        err.print(f"  backup {b['path']} ({b['size']} bytes, sha256 {b['sha256'][:12]}…)")
+    if run.get("error"):
+        err.print(f"  error: {run['error']}")
+
+
+def _exit_for(run: dict[str, Any]) -> None:
+    sys.exit(0 if run["state"] == SUCCEEDED else 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runbook")
+def cli() -> None:
+    """Production schema changes for Alembic projects, as queued, resumable jobs."""
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name from runbook.toml (default: the only one).")
+@click.option("--to", "to", default="head", show_default=True, help="Revision to reach.")
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@click.option("--no-backup", is_flag=True, help="Skip the backup step (recorded on the run).")
+@friendly
+def apply(target: str | None, to: str, wait: bool, as_json: bool, no_backup: bool) -> None:
+    """Enqueue a run that brings TARGET up to a revision, one revision at a time."""
+    settings = load_settings()
+    run_id = api.enqueue(target, to, backup=False if no_backup else None, settings=settings)
+    if run_id is None:
+        name = settings.target(target).name
+        if as_json:
+            click.echo(json.dumps({"id": None, "target": name, "state": "noop"}))
+        else:
+            err.print(f"target {name} is already at {to}; nothing to do")
+        return
+    if not wait:
+        if as_json:
+            click.echo(json.dumps({"id": run_id, "state": "enqueued"}))
+        else:
+            click.echo(run_id)
+        return
+    if not as_json:
+        click.echo(run_id)
+    final = api.wait(
+        run_id, target, on_change=None if as_json else _progress_printer(), settings=settings
+    )
+    if as_json:
+        click.echo(json.dumps(final, indent=2))
+    else:
+        _summary(final)
+    _exit_for(final)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--target", "-t", help="Look only in this target's ledger.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@click.option("--watch", is_flag=True, help="Follow the run until it ends.")
+@friendly
+def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
+    """Show a run: its state, revisions, backup and steps."""
+    if watch:
+        final = api.wait(run_id, target, on_change=None if as_json else _progress_printer())
+        if as_json:
+            click.echo(json.dumps(final, indent=2))
+        else:
+            _summary(final)
+        _exit_for(final)
+    run = api.status(run_id, target)
+    if as_json:
+        click.echo(json.dumps(run, indent=2))
+        return
+    _summary(run)
+    table = Table("step", "revision", "state", "attempts", "started", "finished", "error")
+    for s in run["steps"]:
+        table.add_row(
+            s["kind"],
+            s["revision"] or "",
+            s["state"],
+            str(s["attempts"]),
+            (s["started_at"] or "")[11:19],
+            (s["finished_at"] or "")[11:19],
+            s["error"] or "",
+        )
+    out.print(table)
+    if run["state"] in TERMINAL:
+        _exit_for(run)
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@friendly
+def history(target: str | None, limit: int, as_json: bool) -> None:
+    """List a target's recent runs, newest first."""
+    runs = api.history(target, limit=limit)
+    if as_json:
+        click.echo(json.dumps(runs, indent=2))
+        return
+    table = Table("run", "kind", "state", "from", "to", "created", "error")
+    for r in runs:
+        table.add_row(
+            r["id"],
+            r["kind"],
+            r["state"],
+            r["from_revision"] or "base",
+            r["to_revision"] or "base",
+            (r["created_at"] or "")[:19],
+            (r["error"] or "")[:60],
+        )
+    out.print(table)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--target", "-t", help="Look only in this target's ledger.")
+@friendly
+def resume(run_id: str, target: str | None) -> None:
+    """Send an unfinished run to the workers again (after a worker died)."""
+    run = api.resume(run_id, target)
+    err.print(f"run {run['id']} ({run['state']}) sent to the workers again")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@friendly
+def worker(celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker for runbook's queue; extra arguments go to `celery worker`."""
+    settings = load_settings()
+    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", settings.queue]
+    if not any(a.startswith(("--loglevel", "-l")) for a in celery_args):
+        args += ["--loglevel", "INFO"]
+    os.execv(sys.executable, args + list(celery_args))
+
+
+@cli.command()
+@friendly
+def demo() -> None:
+    """Run the reference history against a scratch database with a real worker."""
+    from jobs.demo import run_demo
+
+    sys.exit(run_demo())
+
+
+def main() -> None:
+    cli(prog_name="runbook")
+
+
+if __name__ == "__main__":
+    main()

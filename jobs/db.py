@@ -1,0 +1,120 @@
+"""Connections to a target, with errors an operator can act on.
+
+Engines are cached per process and target; each carries ``lock_timeout`` so that no
+statement of ours queues production traffic behind it for long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from jobs.config import Target, redact
+from jobs.errors import TargetUnreachable
+
+# Advisory lock keys (one bigint namespace of runbook's own). The run lock is held by the
+# task executing a run, for the whole run; the admission lock serialises enqueue decisions.
+RUN_LOCK_KEY = 0x72756E626F6F6B01
+ADMISSION_LOCK_KEY = 0x72756E626F6F6B02
+
+_ENGINES: dict[tuple[str, str, int], Engine] = {}
+
+
+def engine(target: Target, *, lock_timeout_ms: int | None = None) -> Engine:
+    """A cached engine for ``target``; its sessions run with ``lock_timeout`` set."""
+    timeout = target.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms
+    key = (target.name, target.url.render_as_string(hide_password=False), timeout)
+    if key not in _ENGINES:
+        options = f"-c lock_timeout={timeout}"
+        if target.statement_timeout_ms:
+            options += f" -c statement_timeout={target.statement_timeout_ms}"
+        _ENGINES[key] = create_engine(
+            target.url,
+            poolclass=NullPool,
+            connect_args={
+                "options": options,
+                "connect_timeout": 5,
+                "application_name": f"runbook:{target.name}",
+            },
+        )
+    return _ENGINES[key]
+
+
+def describe_connect_error(target: Target, exc: BaseException) -> str:
+    """One line saying why ``target`` could not be reached, never echoing its password."""
+    raw = str(getattr(exc, "orig", None) or exc)
+    where = target.where
+    user = target.url.username or "(default user)"
+    low = raw.lower()
+    if "password authentication failed" in low or "no password supplied" in low:
+        return (
+            f"target {target.name!r}: login refused for user {user} at {where} "
+            "(password authentication failed); check the credentials in the target's URL"
+        )
+    if "does not exist" in low and "database" in low:
+        return (
+            f"target {target.name!r}: database {target.url.database!r} does not exist at "
+            f"{where}; create it or fix the URL"
+        )
+    if "role" in low and "does not exist" in low:
+        return f"target {target.name!r}: role {user!r} does not exist at {where}; fix the URL"
+    if any(
+        s in low
+        for s in ("connection refused", "could not connect", "timeout expired", "translate host")
+    ):
+        return (
+            f"target {target.name!r}: database at {where} is unreachable; check that "
+            "PostgreSQL is running and the URL's host and port are right"
+        )
+    first = redact(raw.strip().splitlines()[0] if raw.strip() else type(exc).__name__)
+    return f"target {target.name!r}: cannot connect to {where}: {first}"
+
+
+@contextmanager
+def connect(target: Target, *, autocommit: bool = False) -> Iterator[Connection]:
+    """A connection to ``target``, raising TargetUnreachable with a clear line on failure."""
+    eng = engine(target)
+    try:
+        conn = eng.connect()
+    except (OperationalError, DBAPIError, psycopg2.Error) as exc:
+        raise TargetUnreachable(describe_connect_error(target, exc)) from None
+    try:
+        if autocommit:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
+    finally:
+        conn.close()
+
+
+def server_version_num(conn: Connection) -> int:
+    return int(conn.execute(text("SHOW server_version_num")).scalar_one())
+
+
+@contextmanager
+def run_lock(target: Target, *, wait_s: float = 0.0, poll_s: float = 0.25) -> Iterator[bool]:
+    """Hold the target's run lock on a dedicated autocommit connection.
+
+    Polls ``pg_try_advisory_lock`` (never blocks inside Postgres) for up to ``wait_s``;
+    yields False when another session still holds it. Closing the connection releases it,
+    so a worker that dies frees the target for the redelivered task.
+    """
+    with connect(target, autocommit=True) as conn:
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:k)"), {"k": RUN_LOCK_KEY}
+            ).scalar_one()
+            if got or time.monotonic() >= deadline:
+                break
+            time.sleep(poll_s)
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": RUN_LOCK_KEY})

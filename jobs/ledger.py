@@ -1,0 +1,393 @@
+"""The ledger: runs and steps in schema ``runbook`` of the target database.
+
+This module owns all of the ledger's SQL. Postgres is the source of truth for a run; Redis
+only carries the messages. The schema is versioned and upgraded here, by runbook itself,
+and is excluded from every backup and restore.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from jobs.config import redact
+from jobs.db import ADMISSION_LOCK_KEY
+from jobs.errors import TargetBusy, UnknownRun
+from jobs.states import ENQUEUED, TERMINAL, check_transition
+
+SCHEMA = "runbook"
+
+# Each entry upgrades the ledger by one version; never edit one that has shipped.
+_MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE {SCHEMA}.runs (
+        id              text PRIMARY KEY,
+        target          text NOT NULL,
+        kind            text NOT NULL,
+        state           text NOT NULL,
+        from_revision   text,
+        to_revision     text,
+        current_revision text,
+        error           text,
+        options         jsonb NOT NULL DEFAULT '{{}}',
+        backup          jsonb,
+        fingerprint_before text,
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        started_at      timestamptz,
+        finished_at     timestamptz,
+        updated_at      timestamptz NOT NULL DEFAULT now(),
+        deliveries      integer NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_target_created ON {SCHEMA}.runs (target, created_at DESC);
+    CREATE TABLE {SCHEMA}.steps (
+        id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        run_id      text NOT NULL REFERENCES {SCHEMA}.runs (id) ON DELETE CASCADE,
+        kind        text NOT NULL,
+        revision    text NOT NULL DEFAULT '',
+        state       text NOT NULL,
+        started_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+        finished_at timestamptz,
+        attempts    integer NOT NULL DEFAULT 1,
+        error       text,
+        detail      jsonb NOT NULL DEFAULT '{{}}',
+        -- A run upgrades, verifies or downgrades a revision at most once: this is what
+        -- makes a redelivered task find its step instead of doing it twice.
+        UNIQUE (run_id, kind, revision)
+    );
+    """,
+]
+
+
+@dataclass
+class Step:
+    id: int
+    run_id: str
+    kind: str
+    revision: str
+    state: str
+    started_at: datetime
+    finished_at: datetime | None
+    attempts: int
+    error: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "revision": self.revision or None,
+            "state": self.state,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "attempts": self.attempts,
+            "error": self.error,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Run:
+    id: str
+    target: str
+    kind: str
+    state: str
+    from_revision: str | None
+    to_revision: str | None
+    current_revision: str | None
+    error: str | None
+    options: dict[str, Any]
+    backup: dict[str, Any] | None
+    fingerprint_before: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deliveries: int
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def step(self, kind: str, revision: str | None = None) -> Step | None:
+        for s in self.steps:
+            if s.kind == kind and s.revision == (revision or ""):
+                return s
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "target": self.target,
+            "kind": self.kind,
+            "state": self.state,
+            "from_revision": self.from_revision,
+            "to_revision": self.to_revision,
+            "current_revision": self.current_revision,
+            "backup": self.backup,
+            "steps": [s.as_dict() for s in self.steps],
+            "error": self.error,
+            "options": self.options,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "deliveries": self.deliveries,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def exists(conn: Connection) -> bool:
+    """Whether this database has a ledger (without creating one)."""
+    return bool(
+        conn.execute(
+            text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"{SCHEMA}.runs"}
+        ).scalar_one()
+    )
+
+
+def ensure(conn: Connection) -> None:
+    """Create or upgrade the ledger schema; safe to call concurrently. Commits."""
+    with _tx(conn):
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        conn.execute(
+            text(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.ledger_version (version integer NOT NULL)")
+        )
+        version = conn.execute(text(f"SELECT max(version) FROM {SCHEMA}.ledger_version")).scalar()
+        for number, ddl in enumerate(_MIGRATIONS, start=1):
+            if version is None or number > version:
+                conn.execute(text(ddl))
+                conn.execute(
+                    text(f"INSERT INTO {SCHEMA}.ledger_version (version) VALUES (:v)"),
+                    {"v": number},
+                )
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def admit(
+    conn: Connection,
+    *,
+    target: str,
+    kind: str,
+    from_revision: str | None,
+    to_revision: str | None,
+    options: dict[str, Any],
+) -> str:
+    """Record a new enqueued run, unless another run of the target is not finished.
+
+    The admission lock makes check-and-insert atomic against concurrent `apply`s.
+    """
+    run_id = new_run_id()
+    with _tx(conn):
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
+        holder = conn.execute(
+            text(
+                f"SELECT id, state FROM {SCHEMA}.runs WHERE state <> ALL(:terminal) "
+                "ORDER BY created_at LIMIT 1"
+            ),
+            {"terminal": sorted(TERMINAL)},
+        ).first()
+        if holder is not None:
+            raise TargetBusy(
+                f"target {target!r} is busy: run {holder.id} is {holder.state}; wait for it "
+                f"(runbook status {holder.id} --watch) or resume it (runbook resume {holder.id})",
+                holder=holder.id,
+            )
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.runs (id, target, kind, state, from_revision, "
+                "to_revision, current_revision, options) VALUES (:id, :target, :kind, :state, "
+                ":from_rev, :to_rev, :from_rev, CAST(:options AS jsonb))"
+            ),
+            {
+                "id": run_id,
+                "target": target,
+                "kind": kind,
+                "state": ENQUEUED,
+                "from_rev": from_revision,
+                "to_rev": to_revision,
+                "options": json.dumps(options),
+            },
+        )
+    return run_id
+
+
+_RUN_COLUMNS = (
+    "id, target, kind, state, from_revision, to_revision, current_revision, error, options, "
+    "backup, fingerprint_before, created_at, started_at, finished_at, deliveries"
+)
+
+
+def _run_from_row(row: Any) -> Run:
+    return Run(**row._mapping)
+
+
+def get_run(conn: Connection, run_id: str, *, with_steps: bool = True) -> Run:
+    """The run with ``run_id`` and its steps; UnknownRun when this ledger lacks it."""
+    row = conn.execute(
+        text(f"SELECT {_RUN_COLUMNS} FROM {SCHEMA}.runs WHERE id = :id"), {"id": run_id}
+    ).first()
+    if row is None:
+        raise UnknownRun(f"unknown run {run_id!r}; `runbook history` lists the runs")
+    run = _run_from_row(row)
+    if with_steps:
+        rows = conn.execute(
+            text(
+                "SELECT id, run_id, kind, revision, state, started_at, finished_at, attempts, "
+                f"error, detail FROM {SCHEMA}.steps WHERE run_id = :id ORDER BY id"
+            ),
+            {"id": run_id},
+        )
+        run.steps = [Step(**r._mapping) for r in rows]
+    if conn.in_transaction():
+        conn.commit()
+    return run
+
+
+def list_runs(conn: Connection, *, limit: int = 50) -> list[Run]:
+    rows = conn.execute(
+        text(f"SELECT {_RUN_COLUMNS} FROM {SCHEMA}.runs ORDER BY created_at DESC LIMIT :n"),
+        {"n": limit},
+    ).all()
+    if conn.in_transaction():
+        conn.commit()
+    return [_run_from_row(r) for r in rows]
+
+
+def transition(conn: Connection, run: Run, new_state: str, *, error: str | None = None) -> None:
+    """Move ``run`` to ``new_state`` if the transition table allows it. Commits."""
+    check_transition(run.state, new_state)
+    sets = ["state = :new", "updated_at = now()"]
+    if error is not None:
+        sets.append("error = :error")
+    if new_state in TERMINAL:
+        sets.append("finished_at = now()")
+    if run.started_at is None and new_state != ENQUEUED:
+        sets.append("started_at = coalesce(started_at, now())")
+    with _tx(conn):
+        updated = conn.execute(
+            text(f"UPDATE {SCHEMA}.runs SET {', '.join(sets)} WHERE id = :id AND state = :old"),
+            {"new": new_state, "old": run.state, "id": run.id, "error": _clean(error)},
+        ).rowcount
+    if updated != 1:
+        # Someone else moved it first (cancel, a duplicate task): re-read and refuse.
+        fresh = get_run(conn, run.id, with_steps=False)
+        check_transition(fresh.state, new_state)
+        return transition(conn, fresh, new_state, error=error)
+    run.state = new_state
+    if error is not None:
+        run.error = _clean(error)
+
+
+def update_run(conn: Connection, run: Run, **values: Any) -> None:
+    """Set plain columns of a run (current_revision, backup, fingerprint_before, ...)."""
+    allowed = {"current_revision", "backup", "fingerprint_before", "error"}
+    assert set(values) <= allowed, values
+    params = {k: (json.dumps(v) if k == "backup" else v) for k, v in values.items()}
+    sets = ", ".join(
+        f"{k} = CAST(:{k} AS jsonb)" if k == "backup" else f"{k} = :{k}" for k in values
+    )
+    with _tx(conn):
+        conn.execute(
+            text(f"UPDATE {SCHEMA}.runs SET {sets}, updated_at = now() WHERE id = :id"),
+            {**params, "id": run.id},
+        )
+    for k, v in values.items():
+        setattr(run, k, v)
+
+
+def count_delivery(conn: Connection, run: Run) -> None:
+    with _tx(conn):
+        run.deliveries = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.runs SET deliveries = deliveries + 1 WHERE id = :id "
+                "RETURNING deliveries"
+            ),
+            {"id": run.id},
+        ).scalar_one()
+
+
+def start_step(conn: Connection, run: Run, kind: str, revision: str | None = None) -> Step:
+    """Record that a step starts, or that an interrupted one starts again (attempts + 1)."""
+    rev = revision or ""
+    with _tx(conn):
+        row = conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.steps (run_id, kind, revision, state) "
+                "VALUES (:run, :kind, :rev, 'running') "
+                "ON CONFLICT (run_id, kind, revision) DO UPDATE SET "
+                "attempts = steps.attempts + 1, state = 'running', error = NULL, "
+                "started_at = clock_timestamp(), finished_at = NULL "
+                "RETURNING id, run_id, kind, revision, state, started_at, finished_at, "
+                "attempts, error, detail"
+            ),
+            {"run": run.id, "kind": kind, "rev": rev},
+        ).one()
+    step = Step(**row._mapping)
+    run.steps = [s for s in run.steps if s.id != step.id] + [step]
+    return step
+
+
+def set_step_detail(conn: Connection, step: Step, **detail: Any) -> None:
+    """Merge ``detail`` into a step's JSON detail, committed at once (survives a crash)."""
+    step.detail = {**step.detail, **detail}
+    with _tx(conn):
+        conn.execute(
+            text(f"UPDATE {SCHEMA}.steps SET detail = CAST(:d AS jsonb) WHERE id = :id"),
+            {"d": json.dumps(step.detail), "id": step.id},
+        )
+
+
+def bump_attempts(conn: Connection, step: Step, error: str) -> None:
+    """Count one more attempt of a running step (a retried lock timeout)."""
+    with _tx(conn):
+        step.attempts = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.steps SET attempts = attempts + 1, error = :e "
+                "WHERE id = :id RETURNING attempts"
+            ),
+            {"e": _clean(error), "id": step.id},
+        ).scalar_one()
+
+
+def finish_step(
+    conn: Connection, step: Step, state: str, *, error: str | None = None, **detail: Any
+) -> None:
+    step.detail = {**step.detail, **detail}
+    with _tx(conn):
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.steps SET state = :state, error = :error, "
+                "finished_at = clock_timestamp(), detail = CAST(:d AS jsonb) WHERE id = :id"
+            ),
+            {
+                "state": state,
+                "error": _clean(error),
+                "d": json.dumps(step.detail),
+                "id": step.id,
+            },
+        )
+    step.state = state
+    step.error = _clean(error)
+
+
+def _tx(conn: Connection) -> Any:
+    """A fresh transaction. Ledger writes commit inside their own block, so whatever is
+    still open here is a read left by SQLAlchemy's autobegin (or one a lock timeout
+    aborted): rolling it back loses nothing."""
+    if conn.in_transaction():
+        conn.rollback()
+    return conn.begin()
+
+
+def _clean(message: str | None) -> str | None:
+    return None if message is None else redact(message)

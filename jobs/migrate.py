@@ -1,0 +1,269 @@
+"""Driving an Alembic project through its Python API, one revision at a time.
+
+A project is loaded once per run (alembic.ini and the script directory); each upgrade or
+downgrade runs the project's own env.py on a connection runbook hands it through
+``config.attributes["connection"]`` (the Alembic cookbook's way) and, for env.py files that
+build their own engine, through ``sqlalchemy.url`` with the same session settings.
+"""
+
+from __future__ import annotations
+
+import logging.config
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection
+
+from jobs import db
+from jobs.config import Target, redact
+from jobs.errors import ProjectError, RevisionError
+
+log = logging.getLogger("runbook.migrate")
+
+LOCK_NOT_AVAILABLE = "55P03"
+MAX_BACKOFF_S = 10.0
+
+
+@contextmanager
+def _keep_logging() -> Iterator[None]:
+    """Stop a project's env.py ``fileConfig()`` from tearing down the worker's logging."""
+    original = logging.config.fileConfig
+    logging.config.fileConfig = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = original
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE behind an exception, looking through SQLAlchemy and Alembic wrappers."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        code = getattr(getattr(cur, "orig", None), "pgcode", None) or getattr(cur, "pgcode", None)
+        if code:
+            return str(code)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """One redacted line for an exception raised by a migration."""
+    if isinstance(exc, NotImplementedError):
+        msg = str(exc) or "downgrade raises NotImplementedError"
+        return redact(f"NotImplementedError: {msg}")
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip()
+    line = text_.splitlines()[0] if text_ else ""
+    return redact(f"{type(orig or exc).__name__}: {line}".rstrip(": "))
+
+
+@dataclass(frozen=True)
+class Revision:
+    id: str
+    down: str | None
+    message: str
+    path: str
+    module: ModuleType
+
+    @property
+    def verify_check(self) -> str | Callable[[Connection], Any] | None:
+        """The revision's own post-upgrade check (``verify = "SELECT …"`` or a callable)."""
+        return getattr(self.module, "verify", None)
+
+    @property
+    def irreversible(self) -> str | None:
+        """Why the downgrade cannot undo this revision, when the revision says so."""
+        value = getattr(self.module, "irreversible", None)
+        if value is True:
+            return "declared irreversible by the revision"
+        return str(value) if value else None
+
+
+class Project:
+    """An Alembic project on disk, as seen by one run."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        ini = target.alembic_ini
+        if not ini.is_file():
+            raise ProjectError(
+                f"target {target.name!r}: alembic.ini not found at {ini}; set alembic_ini "
+                "in runbook.toml to your project's alembic.ini"
+            )
+        self.config = Config(str(ini))
+        location = self.config.get_main_option("script_location")
+        if not location:
+            raise ProjectError(f"{ini}: no script_location in [alembic]; point it at migrations/")
+        try:
+            self.script = ScriptDirectory.from_config(self.config)
+        except CommandError as exc:
+            raise ProjectError(
+                f"{ini}: script directory {location!r} cannot be used ({exc}); fix script_location"
+            ) from None
+        try:
+            heads = self.script.get_heads()
+        except CommandError as exc:
+            raise ProjectError(f"{ini}: the revision history is broken ({exc})") from None
+        except Exception as exc:  # a revision file that does not import
+            raise ProjectError(
+                f"{ini}: a revision file cannot be loaded ({describe(exc)})"
+            ) from None
+        if len(heads) > 1:
+            raise ProjectError(
+                f"the Alembic history has {len(heads)} heads ({', '.join(sorted(heads))}); "
+                "merge them with `alembic merge heads` before applying"
+            )
+        self.head = heads[0] if heads else None
+
+    # -- revisions ---------------------------------------------------------------------------
+
+    def _script(self, rev: str) -> Script:
+        try:
+            script = self.script.get_revision(rev)
+        except CommandError:
+            script = None
+        if script is None:
+            raise RevisionError(
+                f"unknown revision {rev!r}; `alembic history` lists the known revisions"
+            )
+        return script
+
+    def revision(self, rev: str) -> Revision:
+        s = self._script(rev)
+        down = s.down_revision
+        if isinstance(down, tuple | list):
+            raise RevisionError(
+                f"revision {rev} merges branches; runbook applies linear histories only"
+            )
+        return Revision(
+            id=s.revision,
+            down=down,
+            message=(s.doc or "").strip().splitlines()[0] if s.doc else "",
+            path=s.path,
+            module=s.module,
+        )
+
+    def resolve(self, spec: str) -> str | None:
+        """A full revision id for ``spec`` (``head``, ``base``, an id or a unique prefix)."""
+        if spec == "base":
+            return None
+        if spec == "head":
+            if self.head is None:
+                raise RevisionError("the Alembic history has no revisions")
+            return self.head
+        try:
+            resolved = self.script.as_revision_number(spec)
+        except CommandError:
+            resolved = None
+        if not resolved or not isinstance(resolved, str):
+            raise RevisionError(
+                f"unknown revision {spec!r}; `alembic history` lists the known revisions"
+            )
+        return self._script(resolved).revision
+
+    def upgrade_path(self, current: str | None, to: str | None) -> list[Revision]:
+        """Revisions to apply, oldest first, to go from ``current`` up to ``to``.
+
+        RevisionError when ``to`` is behind or beside ``current``: apply only goes up.
+        """
+        if current == to:
+            return []
+        chain: list[Revision] = []
+        rev = to
+        while rev is not None and rev != current:
+            r = self.revision(rev)
+            chain.append(r)
+            rev = r.down
+        if rev != current:
+            raise RevisionError(
+                f"--to {to or 'base'} is behind the current revision {current}; apply only "
+                "goes up (use `alembic downgrade` or a rollback to go down)"
+            )
+        return list(reversed(chain))
+
+    # -- the database ------------------------------------------------------------------------
+
+    def current(self, conn: Connection) -> str | None:
+        """The revision the database is at (None for an empty history)."""
+        ctx = MigrationContext.configure(conn, opts={"version_table": self.target.version_table})
+        heads = ctx.get_current_heads()
+        if conn.in_transaction():
+            conn.commit()
+        if len(heads) > 1:
+            raise RevisionError(
+                f"the database records {len(heads)} revisions ({', '.join(heads)}); "
+                "runbook applies linear histories only"
+            )
+        rev = heads[0] if heads else None
+        if rev is not None:
+            try:
+                self._script(rev)
+            except RevisionError:
+                raise RevisionError(
+                    f"the database is at revision {rev!r}, which the scripts do not know "
+                    "(broken history); check out the matching code or `alembic stamp` it"
+                ) from None
+        return rev
+
+    def _run(self, fn: Callable[[Config, str], None], rev: str) -> None:
+        """Run an Alembic command on a fresh connection that carries lock_timeout."""
+        engine = db.engine(self.target)
+        url = engine.url.render_as_string(hide_password=False)
+        self.config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        with engine.connect() as conn:
+            self.config.attributes["connection"] = conn
+            try:
+                with _keep_logging():
+                    fn(self.config, rev)
+                if conn.in_transaction():
+                    conn.commit()
+            finally:
+                self.config.attributes.pop("connection", None)
+
+    def upgrade_one(self, rev: Revision) -> None:
+        self._run(command.upgrade, rev.id)
+
+    def downgrade_one(self, rev: Revision) -> None:
+        self._run(command.downgrade, rev.down or "base")
+
+
+def with_lock_retries(
+    target: Target,
+    action: Callable[[], None],
+    on_retry: Callable[[int, str, float], None],
+) -> None:
+    """Run ``action``; on a lock timeout (SQLSTATE 55P03) retry with exponential backoff.
+
+    Like GitLab's and pgroll's lock retries: each attempt waits at most ``lock_timeout`` for
+    its locks, so production queries are never queued behind our DDL for longer than that.
+    """
+    attempt = 0
+    while True:
+        try:
+            action()
+            return
+        except Exception as exc:
+            if sqlstate(exc) != LOCK_NOT_AVAILABLE or attempt >= target.lock_retries:
+                raise
+            attempt += 1
+            delay = min(target.lock_retry_backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+            on_retry(attempt, describe(exc), delay)
+            log.warning(
+                "target %s: lock timeout (attempt %d of %d); retrying in %.1fs",
+                target.name,
+                attempt,
+                target.lock_retries,
+                delay,
+            )
+            time.sleep(delay)

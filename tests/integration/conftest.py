@@ -1,0 +1,232 @@
+"""Real services for integration tests: Postgres, Redis and a real Celery worker process.
+
+A missing service skips these tests locally and fails them under CI (CI=true). Each test
+gets databases of its own; the worker re-reads the shared runbook.toml on every task, so a
+test adds its targets to that file and the running worker sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis as redis_lib
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_URL = os.environ.get(
+    "RUNBOOK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("RUNBOOK_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+SESSION = uuid.uuid4().hex[:8]
+QUEUE = f"runbook-test-{SESSION}"
+
+# The test process and the worker share these, set before worker.app is first imported.
+os.environ["CELERY_BROKER_URL"] = REDIS_URL
+os.environ["CELERY_RESULT_BACKEND"] = REDIS_URL
+os.environ["RUNBOOK_QUEUE"] = QUEUE
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI=true: integration tests must run)", pytrace=False)
+    pytest.skip(what)
+
+
+def _pg_ok() -> str | None:
+    try:
+        psycopg2.connect(ADMIN_URL, connect_timeout=3).close()
+        return None
+    except psycopg2.Error:
+        return (
+            f"PostgreSQL is not reachable at {ADMIN_URL}; start it (e.g. `docker compose up -d "
+            "postgres redis`)"
+        )
+
+
+def _redis_ok() -> str | None:
+    try:
+        redis_lib.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+        return None
+    except redis_lib.RedisError:
+        return (
+            f"Redis is not reachable at {REDIS_URL}; start it (e.g. `docker compose up -d redis`)"
+        )
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    for problem in (_pg_ok(), _redis_ok()):
+        if problem:
+            _missing(problem)
+
+
+def admin_exec(sql: str, dbname: str = "postgres") -> None:
+    conn = psycopg2.connect(ADMIN_URL.rsplit("/", 1)[0] + "/" + dbname)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def db_url(dbname: str, user: str = "postgres", password: str | None = None) -> str:
+    host = ADMIN_URL.split("@", 1)[1].rsplit("/", 1)[0]
+    auth = f"{user}:{password}" if password else user
+    return f"postgresql://{auth}@{host}/{dbname}"
+
+
+class Databases:
+    """Creates scratch databases and drops them when the test ends."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+
+    def create(self, template: str | None = None, owner: str | None = None) -> str:
+        name = f"rb_{SESSION}_{uuid.uuid4().hex[:8]}"
+        extra = f" TEMPLATE {template}" if template else ""
+        extra += f" OWNER {owner}" if owner else ""
+        admin_exec(f"CREATE DATABASE {name}{extra}")
+        self.created.append(name)
+        return name
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def databases(services: None) -> Iterator[Databases]:
+    dbs = Databases()
+    yield dbs
+    dbs.drop_all()
+
+
+class Config:
+    """The runbook.toml shared by the test process and the worker."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.targets: dict[str, dict[str, object]] = {}
+        self.write()
+
+    def add(self, name: str, **options: object) -> str:
+        self.targets[name] = options
+        self.write()
+        return name
+
+    def write(self) -> None:
+        lines = []
+        for name, options in self.targets.items():
+            lines.append(f"[targets.{name}]")
+            for key, value in options.items():
+                if isinstance(value, bool):
+                    lines.append(f"{key} = {'true' if value else 'false'}")
+                elif isinstance(value, int | float):
+                    lines.append(f"{key} = {value}")
+                else:
+                    lines.append(f"{key} = {json.dumps(str(value))}")
+            lines.append("")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines))
+        tmp.replace(self.path)
+
+
+@pytest.fixture(scope="session")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    path = tmp_path_factory.mktemp("config") / "runbook.toml"
+    os.environ["RUNBOOK_CONFIG"] = str(path)
+    return Config(path)
+
+
+class Worker:
+    def __init__(self, config: Config, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, concurrency: int = 2) -> None:
+        env = dict(os.environ, RUNBOOK_CONFIG=str(self.config.path), PYTHONUNBUFFERED="1")
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "-Q",
+                QUEUE,
+                "-c",
+                str(concurrency),
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"test-{SESSION}-{uuid.uuid4().hex[:4]}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log_text()[-3000:]}")
+            if "ready." in self.log_text():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker did not become ready:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def worker(
+    services: None, config: Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    w = Worker(config, tmp_path_factory.mktemp("worker") / "worker.log")
+    w.start()
+    yield w
+    w.stop()
+    redis_lib.Redis.from_url(REDIS_URL).delete(QUEUE)
+
+
+def runbook_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `runbook` command as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=REPO,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

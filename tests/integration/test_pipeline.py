@@ -1,0 +1,296 @@
+"""The run, end to end: real Postgres, Redis and a real worker process."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from jobs import api
+from jobs.config import load_settings
+from tests.integration.conftest import Config, Databases, Worker, db_url, runbook_cli
+from tests.projects import Rev, write_project
+
+pytestmark = pytest.mark.integration
+
+GOOD = [
+    Rev(
+        "a1",
+        "op.execute('CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL)')",
+        "op.execute('DROP TABLE accounts')",
+        extra="verify = \"SELECT to_regclass('accounts') IS NOT NULL\"",
+    ),
+    Rev(
+        "a2",
+        "op.add_column('accounts', sa.Column('email', sa.Text(), nullable=True))",
+        "op.drop_column('accounts', 'email')",
+    ),
+    Rev(
+        "a3",
+        "op.create_index('accounts_email', 'accounts', ['email'])",
+        "op.drop_index('accounts_email', table_name='accounts')",
+    ),
+]
+
+
+def schema_dump(dbname: str) -> str:
+    out = subprocess.run(
+        ["pg_dump", "--schema-only", "--exclude-schema=runbook", "-d", db_url(dbname)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # pg_dump 15.14+ brackets its output with \\restrict lines holding a random key.
+    skip = ("--", "\\restrict", "\\unrestrict")
+    return "\n".join(line for line in out.splitlines() if not line.startswith(skip))
+
+
+def query(dbname: str, sql: str) -> list[tuple]:
+    conn = psycopg2.connect(db_url(dbname))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.commit()
+        conn.close()
+
+
+def add_target(
+    config: Config, databases: Databases, tmp_path: Path, revisions: list[Rev], **options: object
+) -> tuple[str, str]:
+    dbname = databases.create()
+    ini = write_project(tmp_path / "project", revisions)
+    name = f"t_{dbname}"
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(ini),
+        backup_dir=str(tmp_path / "backups"),
+        **options,
+    )
+    return name, dbname
+
+
+def test_apply_to_head_records_every_step(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    target, dbname = add_target(config, databases, tmp_path, GOOD)
+    result = runbook_cli("apply", "--target", target, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    assert run["state"] == "succeeded"
+    assert (run["from_revision"], run["to_revision"], run["current_revision"]) == (None, "a3", "a3")
+    kinds = [(s["kind"], s["revision"], s["state"]) for s in run["steps"]]
+    assert kinds == [("backup", None, "succeeded")] + [
+        (k, r, "succeeded") for r in ("a1", "a2", "a3") for k in ("upgrade", "verify")
+    ]
+    assert all(s["started_at"] and s["finished_at"] and s["attempts"] == 1 for s in run["steps"])
+    backup = Path(run["backup"]["path"])
+    assert backup.exists() and backup.stat().st_size == run["backup"]["size"] > 0
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert run["backup"]["verified"] is True and len(run["backup"]["sha256"]) == 64
+    assert query(dbname, "SELECT version_num FROM alembic_version") == [("a3",)]
+    # The ledger is in the target, and no backup holds it.
+    listing = subprocess.run(
+        ["pg_restore", "--list", str(backup)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "runbook" not in listing.replace("runbook:", "")
+    # Applying again has nothing to do.
+    again = runbook_cli("apply", "--target", target)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_failing_third_revision_rolls_back_to_identical_schema(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev(
+            "b0",
+            "op.execute('CREATE TABLE base (id int PRIMARY KEY, note text)')",
+            "op.execute('DROP TABLE base')",
+        ),
+        Rev(
+            "b1",
+            "op.execute('CREATE TABLE orders (id int PRIMARY KEY, base_id int REFERENCES base)')",
+            "op.execute('DROP TABLE orders')",
+        ),
+        Rev(
+            "b2",
+            "op.add_column('base', sa.Column('flag', sa.Boolean(), server_default='false'))\n"
+            "op.create_index('base_flag', 'base', ['flag'])",
+            "op.drop_index('base_flag', table_name='base')\nop.drop_column('base', 'flag')",
+        ),
+        Rev(
+            "b3",
+            "op.execute('CREATE TABLE doomed (id int)')\nop.execute('SELECT 1/0')",
+            "op.execute('DROP TABLE doomed')",
+        ),
+    ]
+    target, dbname = add_target(config, databases, tmp_path, revisions)
+    settings = load_settings()
+    first = api.enqueue(target, "b0", settings=settings)
+    assert first and api.wait(first, target, timeout_s=60)["state"] == "succeeded"
+    query(dbname, "INSERT INTO base SELECT g, 'row ' || g FROM generate_series(1, 50) g")
+    before = schema_dump(dbname)
+
+    result = runbook_cli("apply", "--target", target, "--wait", "--json")
+    assert result.returncode == 1
+    run = json.loads(result.stdout)
+    assert run["state"] == "rolled_back"
+    assert "upgrade b3 failed" in run["error"] and "division by zero" in run["error"]
+    steps = [(s["kind"], s["revision"], s["state"]) for s in run["steps"]]
+    assert ("upgrade", "b3", "failed") in steps
+    assert steps[-2:] == [("downgrade", "b2", "succeeded"), ("downgrade", "b1", "succeeded")]
+    assert run["current_revision"] == "b0"
+    assert schema_dump(dbname) == before
+    assert query(dbname, "SELECT count(*), sum(id) FROM base") == [(50, 1275)]
+
+
+def test_failed_verify_check_rolls_back_that_revision_too(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = GOOD[:2] + [
+        Rev(
+            "a3",
+            "op.execute('CREATE TABLE audit (id int)')",
+            "op.execute('DROP TABLE audit')",
+            extra='verify = "SELECT count(*) > 0 FROM audit"',
+        ),
+    ]
+    target, dbname = add_target(config, databases, tmp_path, revisions, backup=False)
+    run_id = api.enqueue(target)
+    assert run_id
+    run = api.wait(run_id, target, timeout_s=60)
+    assert run["state"] == "rolled_back", (run["error"], run["steps"])
+    assert "verify check returned False" in run["error"]
+    assert [s["revision"] for s in run["steps"] if s["kind"] == "downgrade"] == ["a3", "a2", "a1"]
+    assert query(dbname, "SELECT to_regclass('accounts'), to_regclass('audit')") == [(None, None)]
+    assert run["options"] == {"backup": False}
+
+
+def test_impossible_downgrade_stops_failed_with_the_backup_named(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev(
+            "e1",
+            "op.execute(\"CREATE TYPE mood AS ENUM ('sad', 'ok')\")",
+            "op.execute('DROP TYPE mood')",
+        ),
+        Rev(
+            "e2",
+            "with op.get_context().autocommit_block():\n"
+            "    op.execute(\"ALTER TYPE mood ADD VALUE IF NOT EXISTS 'happy'\")",
+            "raise NotImplementedError('PostgreSQL cannot remove an ENUM value')",
+        ),
+        Rev("e3", "op.execute('SELECT 1/0')"),
+    ]
+    target, dbname = add_target(config, databases, tmp_path, revisions)
+    result = runbook_cli("apply", "--target", target, "--wait", "--json")
+    assert result.returncode == 1
+    run = json.loads(result.stdout)
+    assert run["state"] == "failed"
+    assert (
+        "downgrade e2 failed: NotImplementedError: PostgreSQL cannot remove an ENUM value"
+        in run["error"]
+    )
+    assert run["backup"]["path"] in run["error"]
+    assert run["current_revision"] == "e2"
+    assert query(dbname, "SELECT enum_range(NULL::mood)::text") == [("{sad,ok,happy}",)]
+
+
+def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev(
+            "l1",
+            "op.execute('CREATE TABLE busy (id int PRIMARY KEY)')",
+            "op.execute('DROP TABLE busy')",
+        ),
+        Rev(
+            "l2",
+            "op.add_column('busy', sa.Column('extra', sa.Text()))",
+            "op.drop_column('busy', 'extra')",
+        ),
+    ]
+    target, dbname = add_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
+        backup=False,
+        lock_timeout="200ms",
+        lock_retries=20,
+        lock_retry_backoff=0.2,
+    )
+    first = api.enqueue(target, "l1")
+    assert first and api.wait(first, target, timeout_s=60)["state"] == "succeeded"
+
+    holder = psycopg2.connect(db_url(dbname))
+    with holder.cursor() as cur:  # an application transaction sitting on the table
+        cur.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+    run_id = api.enqueue(target)
+    assert run_id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        step = next(
+            (s for s in api.status(run_id, target)["steps"] if s["kind"] == "upgrade"), None
+        )
+        if step and step["attempts"] >= 3:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(
+            f"the upgrade was not retried while the lock was held: {api.status(run_id, target)}"
+        )
+    busy = runbook_cli("apply", "--target", target)
+    assert busy.returncode == 2
+    assert run_id in busy.stderr and busy.stderr.count("\n") == 1
+    holder.rollback()
+    holder.close()
+    run = api.wait(run_id, target, timeout_s=60)
+    assert run["state"] == "succeeded"
+    upgrade = next(s for s in run["steps"] if s["kind"] == "upgrade")
+    assert upgrade["attempts"] >= 3
+    assert query(
+        dbname,
+        "SELECT count(*) FROM information_schema.columns "
+        "WHERE table_name = 'busy' AND column_name = 'extra'",
+    ) == [(1,)]
+
+
+def test_duplicate_delivery_does_nothing_twice(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    target, dbname = add_target(config, databases, tmp_path, GOOD, backup=False)
+    run_id = api.enqueue(target)
+    assert run_id
+    settings = load_settings()
+    threads = [
+        threading.Thread(target=api._send, args=(settings, run_id, settings.target(target)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run = api.wait(run_id, target, timeout_s=60)
+    assert run["state"] == "succeeded"
+    time.sleep(1.5)  # let the extra deliveries finish
+    run = api.status(run_id, target)
+    assert [s["attempts"] for s in run["steps"]] == [1] * 6
+    assert len(run["steps"]) == 6
+    # A delivery after the end finds the run finished and changes nothing.
+    api._send(settings, run_id, settings.target(target))
+    time.sleep(1.0)
+    assert api.status(run_id, target)["steps"] == run["steps"]
+    resume = runbook_cli("resume", run_id)
+    assert resume.returncode == 2 and "already ended (succeeded)" in resume.stderr

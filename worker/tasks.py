@@ -1,0 +1,33 @@
+"""Thin task wrappers: resolve the target by name on the worker side and delegate to jobs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from jobs.config import load_settings, redact
+from jobs.coordinator import execute
+from jobs.errors import RunbookError
+from worker.app import app
+
+log = logging.getLogger("runbook.worker")
+
+
+@app.task(name="runbook.execute_run", bind=True)
+def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
+    """Carry a run as far as it goes. Arguments are names only, never URLs."""
+
+    def progress(info: dict[str, Any]) -> None:
+        if self.request.id:
+            self.update_state(state="PROGRESS", meta=info)
+
+    try:
+        settings = load_settings()
+        return execute(settings, run_id, target, progress=progress).as_dict()
+    except RunbookError as exc:
+        # Refused (unknown target, unknown run): nothing to retry, say why in the result.
+        message = redact(str(exc))
+        log.error("run %s on target %s refused: %s", run_id, target, message)
+        return {"run_id": run_id, "target": target, "state": "refused", "error": message}
