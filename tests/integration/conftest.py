@@ -218,6 +218,17 @@ def worker(
     redis_lib.Redis.from_url(REDIS_URL).delete(QUEUE)
 
 
+def schema_dump(dbname: str, *, with_ledger: bool = False) -> str:
+    """pg_dump --schema-only of a database, without the lines that differ on every call."""
+    cmd = ["pg_dump", "--schema-only", "-d", db_url(dbname)]
+    if not with_ledger:
+        cmd.append("--exclude-schema=runbook")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    # pg_dump 15.14+ brackets its output with \\restrict lines holding a random key.
+    skip = ("--", "\\restrict", "\\unrestrict")
+    return "\n".join(line for line in out.splitlines() if not line.startswith(skip))
+
+
 def runbook_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
@@ -230,3 +241,97 @@ def runbook_cli(
         text=True,
         timeout=timeout,
     )
+
+
+class PrivatePostgres:
+    """A PostgreSQL instance of a test's own, with password (scram) authentication.
+
+    The shared server trusts every local login, so wrong-password and secret-leak tests need
+    their own. initdb refuses root, so the cluster runs as the postgres OS user.
+    """
+
+    def __init__(self, port: int) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bins or not shutil.which("runuser"):
+            _missing("no PostgreSQL server binaries to start a private instance")
+        self.bin = Path(bins[-1])
+        self.port = port
+        self.root = Path(tempfile.mkdtemp(prefix="rb-pg-", dir="/tmp"))
+        self.root.chmod(0o755)
+        shutil.chown(self.root, "postgres", "postgres")
+        self.data = self.root / "data"
+        self._as_pg(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+        )
+        self._as_pg(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {self.root} -c listen_addresses=127.0.0.1",
+            "start",
+        )
+
+    def _as_pg(self, *cmd: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *cmd],
+            check=True,
+            capture_output=True,
+            cwd=self.root,
+        )
+
+    def admin(self, sql: str, dbname: str = "postgres") -> None:
+        conn = psycopg2.connect(host=str(self.root), port=self.port, user="postgres", dbname=dbname)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        import shutil
+
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def private_pg(services: None) -> Iterator[PrivatePostgres]:
+    import socket
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = PrivatePostgres(port)
+    yield pg
+    pg.stop()

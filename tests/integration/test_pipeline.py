@@ -14,7 +14,14 @@ import pytest
 
 from jobs import api
 from jobs.config import load_settings
-from tests.integration.conftest import Config, Databases, Worker, db_url, runbook_cli
+from tests.integration.conftest import (
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    runbook_cli,
+    schema_dump,
+)
 from tests.projects import Rev, write_project
 
 pytestmark = pytest.mark.integration
@@ -37,18 +44,6 @@ GOOD = [
         "op.drop_index('accounts_email', table_name='accounts')",
     ),
 ]
-
-
-def schema_dump(dbname: str) -> str:
-    out = subprocess.run(
-        ["pg_dump", "--schema-only", "--exclude-schema=runbook", "-d", db_url(dbname)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    # pg_dump 15.14+ brackets its output with \\restrict lines holding a random key.
-    skip = ("--", "\\restrict", "\\unrestrict")
-    return "\n".join(line for line in out.splitlines() if not line.startswith(skip))
 
 
 def query(dbname: str, sql: str) -> list[tuple]:

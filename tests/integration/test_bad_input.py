@@ -1,0 +1,258 @@
+"""Bad input: one line on stderr, exit 2, nothing enqueued and nothing changed.
+
+Table-driven: each case writes its own runbook.toml for one scratch database sitting at
+revision a2 of a three-revision project, runs the real CLI, and compares the database
+(schema, alembic_version, absence of a ledger) before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+
+from jobs import api
+from jobs.config import load_settings
+from tests.integration.conftest import Config, Databases, Worker, db_url, runbook_cli, schema_dump
+from tests.projects import Rev, write_project
+
+pytestmark = pytest.mark.integration
+
+REVS = [
+    Rev("a1", "op.execute('CREATE TABLE t1 (id int PRIMARY KEY)')", "op.execute('DROP TABLE t1')"),
+    Rev("a2", "op.execute('CREATE TABLE t2 (id int PRIMARY KEY)')", "op.execute('DROP TABLE t2')"),
+    Rev("a3", "op.execute('CREATE TABLE t3 (id int PRIMARY KEY)')", "op.execute('DROP TABLE t3')"),
+]
+
+
+def toml(targets: dict[str, dict[str, object]]) -> str:
+    lines = []
+    for name, options in targets.items():
+        lines.append(f"[targets.{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+def fake_pg_dump(tmp: Path, script: str) -> str:
+    path = tmp / "fake_pg_dump"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    expect: str
+    options: Callable[[Path], dict[str, object]] = lambda tmp: {}
+    raw_config: Callable[[Path], str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    Case("unknown target", ["apply", "--target", "nope"], "unknown target 'nope'"),
+    Case("unknown revision", ["apply", "--to", "zzz"], "unknown revision 'zzz'"),
+    Case("--to behind current", ["apply", "--to", "a1"], "behind the current revision a2"),
+    Case(
+        "malformed URL",
+        ["apply"],
+        "url is malformed",
+        options=lambda tmp: {"url": "postgresql://u@127.0.0.1:notaport/db"},
+    ),
+    Case(
+        "URL of another database kind",
+        ["apply"],
+        "not a PostgreSQL URL",
+        options=lambda tmp: {"url": "mysql://root@127.0.0.1/db"},
+    ),
+    Case(
+        "database unreachable",
+        ["apply"],
+        "is unreachable",
+        options=lambda tmp: {"url": "postgresql://postgres@127.0.0.1:1/db"},
+    ),
+    Case(
+        "database missing",
+        ["apply"],
+        "does not exist",
+        options=lambda tmp: {"url": db_url("rb_no_such_database")},
+    ),
+    Case(
+        "missing alembic.ini",
+        ["apply"],
+        "alembic.ini not found",
+        options=lambda tmp: {"alembic_ini": str(tmp / "nowhere" / "alembic.ini")},
+    ),
+    Case(
+        "missing script directory",
+        ["apply"],
+        "script directory",
+        options=lambda tmp: {
+            "alembic_ini": str(_ini(tmp, "[alembic]\nscript_location = /nonexistent/migrations\n"))
+        },
+    ),
+    Case(
+        "multiple heads",
+        ["apply"],
+        "has 2 heads",
+        options=lambda tmp: {
+            "alembic_ini": str(write_project(tmp / "heads", [*REVS, Rev("b1", "pass", down="a2")]))
+        },
+    ),
+    Case(
+        "pg_dump missing",
+        ["apply"],
+        "pg_dump not found",
+        options=lambda tmp: {"pg_dump": "/nonexistent/pg_dump"},
+    ),
+    Case(
+        "pg_dump failing",
+        ["apply"],
+        "does not run (exit 3)",
+        options=lambda tmp: {"pg_dump": fake_pg_dump(tmp, "exit 3")},
+    ),
+    Case(
+        "pg_dump older than the server",
+        ["apply"],
+        "cannot dump a PostgreSQL",
+        options=lambda tmp: {"pg_dump": fake_pg_dump(tmp, "echo 'pg_dump (PostgreSQL) 9.6.24'")},
+    ),
+    Case(
+        "backup dir not writable",
+        ["apply"],
+        "is not writable",
+        options=lambda tmp: {"backup_dir": str(_file(tmp) / "sub")},
+    ),
+    Case("invalid TOML", ["apply"], "invalid TOML", raw_config=lambda tmp: "[targets.x\nurl = 1\n"),
+    Case(
+        "unknown option",
+        ["apply"],
+        "unknown option 'lock_timout'",
+        options=lambda tmp: {"lock_timout": "2s"},
+    ),
+    Case(
+        "bad lock_timeout",
+        ["apply"],
+        "lock_timeout: expected a duration",
+        options=lambda tmp: {"lock_timeout": "fast"},
+    ),
+    Case(
+        "url_env not set",
+        ["apply"],
+        "environment variable RB_UNSET_URL (url_env) is not set",
+        raw_config=lambda tmp: toml({"x": {"url_env": "RB_UNSET_URL"}}),
+    ),
+    Case(
+        "config file missing",
+        ["apply"],
+        "does not exist (RUNBOOK_CONFIG)",
+        env={"RUNBOOK_CONFIG": "/nonexistent/runbook.toml"},
+    ),
+    Case(
+        "broker unreachable",
+        ["apply"],
+        "broker at redis://127.0.0.1:1/0 is unreachable",
+        env={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"},
+    ),
+    Case("unknown run (status)", ["status", "0123456789abcdef"], "unknown run '0123456789abcdef'"),
+    Case("unknown run (resume)", ["resume", "0123456789abcdef"], "unknown run '0123456789abcdef'"),
+]
+
+
+def _ini(tmp: Path, text: str) -> Path:
+    path = tmp / "bad" / "alembic.ini"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _file(tmp: Path) -> Path:
+    path = tmp / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+def snapshot(dbname: str) -> str:
+    return (
+        schema_dump(dbname, with_ledger=True)
+        + subprocess.run(
+            ["psql", "-At", "-d", db_url(dbname), "-c", "SELECT version_num FROM alembic_version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
+def upgrade(ini: Path, dbname: str, rev: str) -> None:
+    cfg = AlembicConfig(str(ini))
+    cfg.set_main_option(
+        "sqlalchemy.url", db_url(dbname).replace("postgresql://", "postgresql+psycopg2://")
+    )
+    command.upgrade(cfg, rev)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(
+    case: Case, databases: Databases, tmp_path: Path
+) -> None:
+    dbname = databases.create()
+    ini = write_project(tmp_path / "project", REVS)
+    upgrade(ini, dbname, "a2")
+    before = snapshot(dbname)
+    options: dict[str, object] = {
+        "url": db_url(dbname),
+        "alembic_ini": str(ini),
+        "backup_dir": str(tmp_path / "backups"),
+    }
+    options.update(case.options(tmp_path))
+    config = tmp_path / "runbook.toml"
+    config.write_text(case.raw_config(tmp_path) if case.raw_config else toml({"x": options}))
+    env = {"RUNBOOK_CONFIG": str(config), **case.env}
+
+    result = runbook_cli(*case.args, env=env, timeout=60)
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("runbook: error: "), (
+        result.stderr
+    )
+    assert case.expect in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    assert snapshot(dbname) == before  # no ledger schema either: nothing was recorded
+
+
+def test_worker_meeting_bad_configuration_fails_the_run_with_the_same_line(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    dbname = databases.create()
+    ini = write_project(tmp_path / "project", REVS)
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), alembic_ini=str(ini), backup_dir=str(tmp_path / "b"))
+    # Enqueue onto a queue no worker reads, then break the configuration, then resume the
+    # run onto the live worker: it meets the problem the CLI would have refused.
+    settings = load_settings()
+    parked = dataclasses.replace(settings, queue=f"{settings.queue}-parked")
+    run_id = api.enqueue(name, settings=parked)
+    assert run_id
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(tmp_path / "gone" / "alembic.ini"),
+        backup_dir=str(tmp_path / "b"),
+    )
+    cli = runbook_cli("apply", "--target", name)
+    assert cli.returncode == 2
+    assert runbook_cli("resume", run_id, "--target", name).returncode == 0
+    run = api.wait(run_id, name, timeout_s=60)
+    assert run["state"] == "failed"
+    assert f"runbook: error: {run['error']}\n" == cli.stderr
+    assert run["steps"] == []
