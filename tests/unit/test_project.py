@@ -1,0 +1,83 @@
+"""Reading an Alembic project: heads, revisions, the upgrade path (files only, no database)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from jobs.config import Target
+from jobs.errors import ProjectError, RevisionError
+from jobs.migrate import Project, describe, sqlstate
+from tests.projects import Rev, trivial_history, write_project
+
+
+def target_for(ini: Path) -> Target:
+    return Target(
+        name="t",
+        url=make_url("postgresql+psycopg2://h/db"),
+        alembic_ini=ini,
+        backup_dir=ini.parent / "b",
+    )
+
+
+def test_upgrade_path_goes_up_one_revision_at_a_time(tmp_path: Path) -> None:
+    project = Project(target_for(write_project(tmp_path, trivial_history(5))))
+    assert project.head == "r0005"
+    assert [r.id for r in project.upgrade_path(None, "r0005")] == [
+        "r0001",
+        "r0002",
+        "r0003",
+        "r0004",
+        "r0005",
+    ]
+    assert [r.id for r in project.upgrade_path("r0002", project.resolve("head"))] == [
+        "r0003",
+        "r0004",
+        "r0005",
+    ]
+    assert project.upgrade_path("r0003", "r0003") == []
+    assert project.resolve("r0004") == "r0004"
+    with pytest.raises(RevisionError, match="behind the current revision r0004"):
+        project.upgrade_path("r0004", "r0002")
+    with pytest.raises(RevisionError, match="unknown revision 'nope'"):
+        project.resolve("nope")
+
+
+def test_revision_attributes_verify_and_irreversible(tmp_path: Path) -> None:
+    ini = write_project(
+        tmp_path,
+        [
+            Rev("a", "pass", extra='verify = "SELECT true"'),
+            Rev("b", "pass", extra='irreversible = "drops data"'),
+        ],
+    )
+    project = Project(target_for(ini))
+    assert project.revision("a").verify_check == "SELECT true"
+    assert project.revision("a").irreversible is None
+    assert project.revision("b").irreversible == "drops data"
+
+
+def test_several_heads_are_refused(tmp_path: Path) -> None:
+    ini = write_project(tmp_path, [Rev("a", "pass"), Rev("b", "pass"), Rev("c", "pass", down="a")])
+    with pytest.raises(ProjectError, match="has 2 heads"):
+        Project(target_for(ini))
+
+
+def test_describe_and_sqlstate_look_through_wrappers() -> None:
+    class PgError(Exception):
+        pgcode = "55P03"
+
+    class Wrapped(Exception):
+        orig = PgError("canceling statement due to lock timeout")
+
+    try:
+        try:
+            raise Wrapped("outer")
+        except Wrapped as inner:
+            raise RuntimeError("alembic") from inner
+    except RuntimeError as exc:
+        assert sqlstate(exc) == "55P03"
+    assert describe(Wrapped()) == "PgError: canceling statement due to lock timeout"
+    assert describe(NotImplementedError("no way back")) == "NotImplementedError: no way back"
