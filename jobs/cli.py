@@ -22,8 +22,15 @@ from jobs.config import load_settings, redact
 from jobs.errors import RunbookError
 from jobs.states import SUCCEEDED, TERMINAL
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+def _console(stderr: bool) -> Console:
+    # Markup off: run output holds brackets. Piped output is not wrapped at 80 columns.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 200
+    return Console(stderr=stderr, highlight=False, markup=False, width=width, soft_wrap=True)
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -66,15 +73,15 @@ def _progress_printer() -> Callable[[dict[str, Any]], None]:
     last_state: list[str] = []
 
     def show(run: dict[str, Any]) -> None:
-        if not last_state or last_state[-1] != run["state"]:
-            err.print(f"run {run['id']} [{run['target']}]: {run['state']}")
-            last_state.append(run["state"])
         for step in run["steps"]:
             key = (step["kind"], step["revision"])
             mark = (step["state"], step["attempts"])
             if seen.get(key) != mark:
                 seen[key] = mark
                 err.print(f"  {_step_line(step)}")
+        if not last_state or last_state[-1] != run["state"]:
+            err.print(f"run {run['id']} [{run['target']}]: {run['state']}")
+            last_state.append(run["state"])
 
     return show
 
