@@ -18,6 +18,7 @@ from jobs.config import Settings, Target, load_settings, redact
 from jobs.errors import BrokerUnavailable, RunbookError, TargetUnreachable, UnknownRun
 from jobs.ledger import Run
 from jobs.migrate import Project
+from jobs.states import CANCELLED, ENQUEUED
 
 EXECUTE_TASK = "runbook.execute_run"
 
@@ -169,3 +170,23 @@ def resume(
     _check_broker(settings)
     _send(settings, run.id, t)
     return run.as_dict()
+
+
+def cancel(
+    run_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Cancel a run that no worker has started (e.g. its message was lost with Redis).
+
+    A running migration is not interrupted half-way: it ends by itself, or rolls back.
+    """
+    t, run = _find(_settings(settings), run_id, target)
+    if run.terminal:
+        raise RunbookError(f"run {run_id} already ended ({run.state}); nothing to cancel")
+    if run.state != ENQUEUED:
+        raise RunbookError(
+            f"run {run_id} is {run.state}; a started migration is not cut off half-way: wait "
+            f"for it (runbook status {run_id} --watch)"
+        )
+    with db.connect(t) as conn:
+        ledger.transition(conn, run, CANCELLED, error="cancelled by an operator")
+        return ledger.get_run(conn, run_id).as_dict()

@@ -22,6 +22,7 @@ from jobs.config import load_settings, redact
 from jobs.errors import RunbookError
 from jobs.states import SUCCEEDED, TERMINAL
 
+
 def _console(stderr: bool) -> Console:
     # Markup off: run output holds brackets. Piped output is not wrapped at 80 columns.
     stream = sys.stderr if stderr else sys.stdout
@@ -213,6 +214,16 @@ def resume(run_id: str, target: str | None) -> None:
     """Send an unfinished run to the workers again (after a worker died)."""
     run = api.resume(run_id, target)
     err.print(f"run {run['id']} ({run['state']}) sent to the workers again")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--target", "-t", help="Look only in this target's ledger.")
+@friendly
+def cancel(run_id: str, target: str | None) -> None:
+    """Cancel a run that no worker has started yet."""
+    run = api.cancel(run_id, target)
+    err.print(f"run {run['id']} {run['state']}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

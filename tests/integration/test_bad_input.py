@@ -15,12 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
 from jobs import api
 from jobs.config import load_settings
-from tests.integration.conftest import Config, Databases, Worker, db_url, runbook_cli, schema_dump
+from tests.integration.conftest import (
+    REDIS_URL,
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    runbook_cli,
+    schema_dump,
+)
 from tests.projects import Rev, write_project
 
 pytestmark = pytest.mark.integration
@@ -256,3 +265,26 @@ def test_worker_meeting_bad_configuration_fails_the_run_with_the_same_line(
     assert run["state"] == "failed"
     assert f"runbook: error: {run['error']}\n" == cli.stderr
     assert run["steps"] == []
+    redis_lib.Redis.from_url(REDIS_URL).delete(parked.queue)
+
+
+def test_cancel_an_enqueued_run_frees_the_target(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    dbname = databases.create()
+    ini = write_project(tmp_path / "project", REVS)
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), alembic_ini=str(ini), backup=False)
+    settings = load_settings()
+    lost = api.enqueue(name, settings=dataclasses.replace(settings, queue="nobody-reads-this"))
+    assert lost
+    busy = runbook_cli("apply", "--target", name)
+    assert busy.returncode == 2 and f"run {lost} is enqueued" in busy.stderr
+    done = runbook_cli("cancel", lost)
+    assert done.returncode == 0 and "cancelled" in done.stderr
+    again = runbook_cli("cancel", lost)
+    assert again.returncode == 2 and "already ended (cancelled)" in again.stderr
+    run_id = api.enqueue(name)
+    assert run_id and api.wait(run_id, name, timeout_s=60)["state"] == "succeeded"
+    assert api.status(lost, name)["state"] == "cancelled"
+    redis_lib.Redis.from_url(REDIS_URL).delete("nobody-reads-this")
