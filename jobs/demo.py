@@ -327,10 +327,16 @@ class DemoWorker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise DemoError(f"the worker exited at start (code {self.proc.returncode})")
+                raise DemoError(
+                    f"the worker exited at start (code {self.proc.returncode}); its log ends "
+                    f"with:\n{self.log_tail()}"
+                )
             if app.control.ping(destination=[self.nodename], timeout=0.5):
                 return
-        raise DemoError(f"the worker did not answer a ping within {timeout_s:.0f}s")
+        raise DemoError(
+            f"the worker did not answer a ping within {timeout_s:.0f}s; its log ends with:\n"
+            f"{self.log_tail()}"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -487,22 +493,54 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-@contextmanager
-def _terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit, so the worker is stopped on `kill` or `docker stop` too."""
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`) end the demo by raising
+    KeyboardInterrupt or SystemExit, so that its ``finally`` stops the worker; while it
+    cleans up they are held, and raised once the cleanup is done."""
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+
+    @staticmethod
+    def _raise(signum: int) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.holding:
+            self.pending = signum
+            return
+        self._raise(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous: dict[int, Any] = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending is not None:
+                signum, self.pending = self.pending, None
+                self._raise(signum)
+
+
+_SIGNALS = _Signals()
 
 
 def _follow(
@@ -605,8 +643,9 @@ def _demo(workdir: Path) -> int:
                 timeout_s,
             )
         finally:
-            worker.stop()
-            _forget_queue(broker, queue)
+            with _SIGNALS.held():
+                worker.stop()
+                _forget_queue(broker, queue)
     counts = _large_table_counts(url)
     _summary(final, dbname, url, time.monotonic() - started, counts)
     if final["state"] != SUCCEEDED:
@@ -622,7 +661,7 @@ def run_demo() -> int:
     """Run the demo; the process exit code (0 only when the run succeeded)."""
     workdir = Path(tempfile.mkdtemp(prefix="runbook-demo-"))
     try:
-        with _terminate_as_exit():
+        with _SIGNALS.installed():
             return _demo(workdir)
     except RunbookError as exc:
         err.print(f"runbook demo: {redact(str(exc))}", markup=False)

@@ -1,0 +1,59 @@
+# runbook's developer commands. Everything runs from the project's own virtualenv (.venv),
+# created and kept in step with pyproject.toml by the install stamp below.
+#
+#   make demo    the whole pipeline against a scratch database, with a real worker
+#   make test    lint, then the unit and integration tests (real Postgres, Redis, worker)
+#   make lint    ruff check, ruff format --check, mypy
+#   make bench   the benchmarks
+#   make clean   remove the virtualenv and caches (backups/ is left alone)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+SERVICES_HINT := start it with \`docker compose up -d postgres redis\`
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench clean services
+
+help:
+	@echo "make demo | test | lint | bench | clean"
+
+# The install stamp: (re)created when pyproject.toml changes, or when there is no .venv.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(VENV): $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/runbook demo
+
+# One line per missing service. Integration tests then skip locally and fail under CI=true
+# (tests/integration/conftest.py decides); unit tests run either way.
+services: $(STAMP)
+	@for svc in "PostgreSQL 127.0.0.1 5432" "Redis 127.0.0.1 6379"; do \
+	  set -- $$svc; \
+	  $(BIN)/python -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()' $$2 $$3 2>/dev/null \
+	    || echo "$$1 is not running on $$2:$$3; $(SERVICES_HINT) (integration tests skip without it, and fail under CI=true)"; \
+	done
+
+test: $(STAMP) lint services
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_apply.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
