@@ -128,23 +128,24 @@ def wait(
     target: str | None = None,
     *,
     timeout_s: float | None = None,
-    poll_s: float = 0.25,
+    poll_s: float = 1.0,
     on_change: Callable[[dict[str, Any]], None] | None = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """Follow a run in the ledger until it ends; its final record."""
+    """Follow a run in the ledger until it ends; its final record.
+
+    Woken by the ledger's notifications; ``poll_s`` is only the fallback re-read interval.
+    """
     settings = _settings(settings)
     t, _ = _find(settings, run_id, target)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: Any = None
-    with db.connect(t) as conn:
+    with db.connect(t, autocommit=True) as conn:
+        ledger.listen(conn)
         while True:
             run = ledger.get_run(conn, run_id)
             snapshot = run.as_dict()
-            marker = (
-                run.state,
-                [(s["kind"], s["revision"], s["state"], s["attempts"]) for s in snapshot["steps"]],
-            )
+            marker = (run.state, [(s.kind, s.revision, s.state, s.attempts) for s in run.steps])
             if marker != last and on_change is not None:
                 on_change(snapshot)
             last = marker
@@ -152,7 +153,7 @@ def wait(
                 return snapshot
             if deadline is not None and time.monotonic() > deadline:
                 raise RunbookError(f"run {run_id} is still {run.state} after {timeout_s:.0f}s")
-            time.sleep(poll_s)
+            ledger.wait_for_change(conn, run_id, poll_s)
 
 
 def resume(

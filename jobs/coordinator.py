@@ -23,7 +23,7 @@ from jobs.config import Settings, Target, redact
 from jobs.errors import DowngradeImpossible, RunbookError, StepFailed
 from jobs.ledger import Run, Step
 from jobs.migrate import Project, Revision, describe, with_lock_retries
-from jobs.verify import fingerprint, verify_revision
+from jobs.verify import digest, schema_lines, verify_revision
 
 log = logging.getLogger("runbook.coordinator")
 
@@ -90,10 +90,10 @@ class Coordinator:
         self._report(step)
         return step
 
-    def _fingerprint(self, step: Step | None = None) -> str:
-        """The schema fingerprint, retried like DDL: reading column defaults takes a share
-        lock on each table, which an application's ACCESS EXCLUSIVE lock blocks."""
-        result: list[str] = []
+    def _schema(self, step: Step | None = None) -> list[str]:
+        """The schema lines, read with lock retries like DDL: reading column defaults takes
+        a share lock on each table, which an application's ACCESS EXCLUSIVE lock blocks."""
+        result: list[list[str]] = []
 
         def on_retry(attempt: int, error: str, delay: float) -> None:
             if step is not None:
@@ -101,12 +101,23 @@ class Coordinator:
                 self._report(step)
 
         def read() -> None:
-            if self.conn.in_transaction():
+            if self.conn.in_transaction():  # a lock timeout aborted the last one
                 self.conn.rollback()
-            result.append(fingerprint(self.conn, self.target.version_table))
+            result.append(schema_lines(self.conn, self.target.version_table))
 
         with_lock_retries(self.target, read, on_retry)
         return result[-1]
+
+    def _fingerprint(self, step: Step | None = None) -> str:
+        return digest(self._schema(step))
+
+    def _before(self, rev: Revision) -> str | None:
+        """The fingerprint the schema had before ``rev`` went up in this run: what its
+        downgrade must bring back. The previous revision's verify step recorded it."""
+        if rev.down == self.run.from_revision:
+            return self.run.fingerprint_before
+        previous = self.run.step("verify", rev.down)
+        return previous.detail.get("fingerprint") if previous else None
 
     def _end(self, step: Step, state: str, error: str | None = None, **detail: Any) -> None:
         ledger.finish_step(self.conn, step, state, error=error, **detail)
@@ -158,15 +169,8 @@ class Coordinator:
             self._report(step)
 
         def attempt() -> None:
-            if self.conn.in_transaction():  # a lock timeout may have aborted the last one
-                self.conn.rollback()
-            if "fingerprint_before" not in step.detail:
-                # Reading column defaults takes a share lock on each table, so this waits
-                # behind an application's ACCESS EXCLUSIVE lock too: retried like the DDL.
-                before = fingerprint(self.conn, self.target.version_table)
-                ledger.set_step_detail(self.conn, step, fingerprint_before=before)
-                if self.run.fingerprint_before is None:  # the run's first revision
-                    ledger.update_run(self.conn, self.run, fingerprint_before=before)
+            if self.run.fingerprint_before is None:  # the run's first revision
+                ledger.update_run(self.conn, self.run, fingerprint_before=self._fingerprint(step))
             self.project.upgrade_one(rev)
 
         try:
@@ -175,20 +179,17 @@ class Coordinator:
             error = f"upgrade {rev.id} failed: {describe(exc)}"
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
-        ledger.update_run(self.conn, self.run, current_revision=rev.id)
-        self._end(step, st.STEP_SUCCEEDED)
+        self.run.current_revision = rev.id
+        ledger.finish_step(self.conn, step, st.STEP_SUCCEEDED, current_revision=rev.id)
+        self._report(step)
 
     def verify(self, rev: Revision) -> None:
         step = self._begin("verify", rev.id)
         if step is None:
             return
-
-        def note(**detail: Any) -> None:
-            ledger.set_step_detail(self.conn, step, **detail)
-
         try:
-            verify_revision(self.conn, self.project, self.target, rev, note)
-            after = self._fingerprint(step)
+            lines = self._schema(step)
+            checked = verify_revision(self.conn, self.project, self.target, rev, lines)
         except RunbookError as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise StepFailed(str(exc)) from None
@@ -196,7 +197,7 @@ class Coordinator:
             error = f"verify {rev.id} failed: {describe(exc)}"
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
-        self._end(step, st.STEP_SUCCEEDED, fingerprint=after)
+        self._end(step, st.STEP_SUCCEEDED, fingerprint=digest(lines), **checked)
 
     # -- rollback ----------------------------------------------------------------------------
 
@@ -215,7 +216,7 @@ class Coordinator:
                         f"the database is at {current}, which this run did not apply; "
                         "refusing to downgrade it"
                     )
-                self.downgrade(self.project.revision(current), applied[current])
+                self.downgrade(self.project.revision(current))
             now = self._fingerprint()
             if run.fingerprint_before and now != run.fingerprint_before:
                 raise DowngradeImpossible(
@@ -240,7 +241,7 @@ class Coordinator:
             )
             return st.FAILED
 
-    def downgrade(self, rev: Revision, upgrade_step: Step) -> None:
+    def downgrade(self, rev: Revision) -> None:
         step = self._begin("downgrade", rev.id)
         if step is None:  # recorded as done, yet the database is still there: refuse to loop
             raise DowngradeImpossible(f"downgrade of {rev.id} ran but did not take effect")
@@ -258,7 +259,7 @@ class Coordinator:
             error = f"downgrade {rev.id} failed: {describe(exc)}"
             self._end(step, st.STEP_FAILED, error)
             raise DowngradeImpossible(error) from None
-        expected = upgrade_step.detail.get("fingerprint_before")
+        expected = self._before(rev)
         now = self._fingerprint(step)
         if expected and now != expected:
             error = f"downgrade of {rev.id} did not bring the schema back to before its upgrade"
@@ -300,19 +301,29 @@ def execute(
             # A worker that meets bad configuration ends the run with the CLI's own line.
             ledger.transition(conn, run, st.FAILED, error=str(exc))
             return Outcome(run.id, target.name, run.state, run.error)
-        if run.state == st.RUNNING:
-            try:
-                coordinator.forward()
-                ledger.transition(conn, run, st.SUCCEEDED)
-            except Exception as exc:
-                error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
-                if conn.in_transaction():
-                    conn.rollback()
-                if any(s.kind == "upgrade" for s in run.steps):
-                    ledger.transition(conn, run, st.ROLLING_BACK, error=error)
-                else:  # nothing was changed yet (the backup failed): nothing to roll back
-                    ledger.transition(conn, run, st.FAILED, error=error)
-        if run.state == st.ROLLING_BACK:
-            ledger.transition(conn, run, coordinator.rollback())
-        report({"run_id": run.id, "target": target.name, "state": run.state})
-        return Outcome(run.id, target.name, run.state, run.error)
+        try:
+            return _drive(conn, coordinator, run, target, report)
+        finally:
+            coordinator.project.close()
+
+
+def _drive(
+    conn: Connection, coordinator: Coordinator, run: Run, target: Target, report: Progress
+) -> Outcome:
+    """Forward, then rollback if forward failed; the run's outcome."""
+    if run.state == st.RUNNING:
+        try:
+            coordinator.forward()
+            ledger.transition(conn, run, st.SUCCEEDED)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
+            if conn.in_transaction():
+                conn.rollback()
+            if any(s.kind == "upgrade" for s in run.steps):
+                ledger.transition(conn, run, st.ROLLING_BACK, error=error)
+            else:  # nothing was changed yet (the backup failed): nothing to roll back
+                ledger.transition(conn, run, st.FAILED, error=error)
+    if run.state == st.ROLLING_BACK:
+        ledger.transition(conn, run, coordinator.rollback())
+    report({"run_id": run.id, "target": target.name, "state": run.state})
+    return Outcome(run.id, target.name, run.state, run.error)

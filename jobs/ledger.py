@@ -8,6 +8,8 @@ and is excluded from every backup and restore.
 from __future__ import annotations
 
 import json
+import select
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +23,9 @@ from jobs.errors import TargetBusy, UnknownRun
 from jobs.states import ENQUEUED, TERMINAL, check_transition
 
 SCHEMA = "runbook"
+# Every change to a run or its steps is announced here (payload: the run id), so that
+# `wait` and `status --watch` follow a run without polling it.
+CHANNEL = "runbook_runs"
 
 # Each entry upgrades the ledger by one version; never edit one that has shipped.
 _MIGRATIONS: list[str] = [
@@ -274,6 +279,7 @@ def transition(conn: Connection, run: Run, new_state: str, *, error: str | None 
     if run.started_at is None and new_state != ENQUEUED:
         sets.append("started_at = coalesce(started_at, now())")
     with _tx(conn):
+        _notify(conn, run.id)
         updated = conn.execute(
             text(f"UPDATE {SCHEMA}.runs SET {', '.join(sets)} WHERE id = :id AND state = :old"),
             {"new": new_state, "old": run.state, "id": run.id, "error": _clean(error)},
@@ -297,6 +303,7 @@ def update_run(conn: Connection, run: Run, **values: Any) -> None:
         f"{k} = CAST(:{k} AS jsonb)" if k == "backup" else f"{k} = :{k}" for k in values
     )
     with _tx(conn):
+        _notify(conn, run.id)
         conn.execute(
             text(f"UPDATE {SCHEMA}.runs SET {sets}, updated_at = now() WHERE id = :id"),
             {**params, "id": run.id},
@@ -307,6 +314,7 @@ def update_run(conn: Connection, run: Run, **values: Any) -> None:
 
 def count_delivery(conn: Connection, run: Run) -> None:
     with _tx(conn):
+        _notify(conn, run.id)
         run.deliveries = conn.execute(
             text(
                 f"UPDATE {SCHEMA}.runs SET deliveries = deliveries + 1 WHERE id = :id "
@@ -320,6 +328,7 @@ def start_step(conn: Connection, run: Run, kind: str, revision: str | None = Non
     """Record that a step starts, or that an interrupted one starts again (attempts + 1)."""
     rev = revision or ""
     with _tx(conn):
+        _notify(conn, run.id)
         row = conn.execute(
             text(
                 f"INSERT INTO {SCHEMA}.steps (run_id, kind, revision, state) "
@@ -341,6 +350,7 @@ def set_step_detail(conn: Connection, step: Step, **detail: Any) -> None:
     """Merge ``detail`` into a step's JSON detail, committed at once (survives a crash)."""
     step.detail = {**step.detail, **detail}
     with _tx(conn):
+        _notify(conn, step.run_id)
         conn.execute(
             text(f"UPDATE {SCHEMA}.steps SET detail = CAST(:d AS jsonb) WHERE id = :id"),
             {"d": json.dumps(step.detail), "id": step.id},
@@ -350,6 +360,7 @@ def set_step_detail(conn: Connection, step: Step, **detail: Any) -> None:
 def bump_attempts(conn: Connection, step: Step, error: str) -> None:
     """Count one more attempt of a running step (a retried lock timeout)."""
     with _tx(conn):
+        _notify(conn, step.run_id)
         step.attempts = conn.execute(
             text(
                 f"UPDATE {SCHEMA}.steps SET attempts = attempts + 1, error = :e "
@@ -360,10 +371,18 @@ def bump_attempts(conn: Connection, step: Step, error: str) -> None:
 
 
 def finish_step(
-    conn: Connection, step: Step, state: str, *, error: str | None = None, **detail: Any
+    conn: Connection,
+    step: Step,
+    state: str,
+    *,
+    error: str | None = None,
+    current_revision: str | None = None,
+    **detail: Any,
 ) -> None:
+    """Close a step; with ``current_revision``, move the run's revision in the same commit."""
     step.detail = {**step.detail, **detail}
     with _tx(conn):
+        _notify(conn, step.run_id)
         conn.execute(
             text(
                 f"UPDATE {SCHEMA}.steps SET state = :state, error = :error, "
@@ -376,8 +395,39 @@ def finish_step(
                 "id": step.id,
             },
         )
+        if current_revision is not None:
+            conn.execute(
+                text(
+                    f"UPDATE {SCHEMA}.runs SET current_revision = :rev, updated_at = now() "
+                    "WHERE id = :id"
+                ),
+                {"rev": current_revision, "id": step.run_id},
+            )
     step.state = state
     step.error = _clean(error)
+
+
+def _notify(conn: Connection, run_id: str) -> None:
+    conn.execute(text("SELECT pg_notify(:ch, :id)"), {"ch": CHANNEL, "id": run_id})
+
+
+def listen(conn: Connection) -> None:
+    """Subscribe an autocommit connection to run changes (see wait_for_change)."""
+    conn.execute(text(f"LISTEN {CHANNEL}"))
+
+
+def wait_for_change(conn: Connection, run_id: str, timeout_s: float) -> None:
+    """Return when ``run_id`` changed, or after ``timeout_s`` (a safety net for a lost
+    notification: the caller re-reads the run either way)."""
+    raw: Any = conn.connection.dbapi_connection
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([raw], [], [], left)[0]:
+            raw.poll()
+            hit = any(n.payload == run_id for n in raw.notifies)
+            raw.notifies.clear()
+            if hit:
+                return
 
 
 def _tx(conn: Connection) -> Any:

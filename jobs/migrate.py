@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
+from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import ProgrammingError
 
 from jobs import db
 from jobs.config import Target, redact
@@ -30,6 +30,7 @@ from jobs.errors import ProjectError, RevisionError
 log = logging.getLogger("runbook.migrate")
 
 LOCK_NOT_AVAILABLE = "55P03"
+UNDEFINED_TABLE = "42P01"
 MAX_BACKOFF_S = 10.0
 
 
@@ -125,6 +126,11 @@ class Project:
                 "merge them with `alembic merge heads` before applying"
             )
         self.head = heads[0] if heads else None
+        self._conn: Connection | None = None
+        # For env.py files that build their own engine: same URL, same session settings.
+        url = target.url.update_query_dict({"options": f"-c lock_timeout={target.lock_timeout_ms}"})
+        raw = url.render_as_string(hide_password=False)
+        self.config.set_main_option("sqlalchemy.url", raw.replace("%", "%%"))
 
     # -- revisions ---------------------------------------------------------------------------
 
@@ -196,10 +202,16 @@ class Project:
 
     def current(self, conn: Connection) -> str | None:
         """The revision the database is at (None for an empty history)."""
-        ctx = MigrationContext.configure(conn, opts={"version_table": self.target.version_table})
-        heads = ctx.get_current_heads()
-        if conn.in_transaction():
-            conn.commit()
+        table = conn.dialect.identifier_preparer.quote(self.target.version_table)
+        try:
+            heads = list(conn.execute(text(f"SELECT version_num FROM {table}")).scalars())
+        except ProgrammingError as exc:
+            if sqlstate(exc) != UNDEFINED_TABLE:
+                raise
+            heads = []  # no upgrade ever ran
+        finally:
+            if conn.in_transaction():
+                conn.rollback()
         if len(heads) > 1:
             raise RevisionError(
                 f"the database records {len(heads)} revisions ({', '.join(heads)}); "
@@ -216,26 +228,49 @@ class Project:
                 ) from None
         return rev
 
-    def _run(self, fn: Callable[[Config, str], None], rev: str) -> None:
-        """Run an Alembic command on a fresh connection that carries lock_timeout."""
-        engine = db.engine(self.target)
-        url = engine.url.render_as_string(hide_password=False)
-        self.config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-        with engine.connect() as conn:
-            self.config.attributes["connection"] = conn
-            try:
-                with _keep_logging():
-                    fn(self.config, rev)
-                if conn.in_transaction():
-                    conn.commit()
-            finally:
-                self.config.attributes.pop("connection", None)
+    def _connection(self) -> Connection:
+        """The run's migration connection (with lock_timeout), opened once and reused."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = db.engine(self.target).connect()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _run(self, destination: str, upgrade: bool) -> None:
+        """What ``alembic.command.upgrade`` / ``downgrade`` do, on the already loaded script
+        directory: the command functions would re-read every revision file per revision."""
+        script = self.script
+
+        def plan(heads: Any, _context: Any) -> Any:
+            if upgrade:
+                return script._upgrade_revs(destination, heads)
+            return script._downgrade_revs(destination, heads)
+
+        conn = self._connection()
+        self.config.attributes["connection"] = conn
+        try:
+            with (
+                _keep_logging(),
+                EnvironmentContext(self.config, script, fn=plan, destination_rev=destination),
+            ):
+                script.run_env()
+            if conn.in_transaction():
+                conn.commit()
+        except BaseException:
+            if not conn.closed and not conn.invalidated and conn.in_transaction():
+                conn.rollback()
+            raise
+        finally:
+            self.config.attributes.pop("connection", None)
 
     def upgrade_one(self, rev: Revision) -> None:
-        self._run(command.upgrade, rev.id)
+        self._run(rev.id, upgrade=True)
 
     def downgrade_one(self, rev: Revision) -> None:
-        self._run(command.downgrade, rev.down or "base")
+        self._run(rev.down or "base", upgrade=False)
 
 
 def with_lock_retries(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -76,29 +77,40 @@ SELECT format('extension %s', extname) FROM pg_extension
 
 def schema_lines(conn: Connection, version_table: str = "alembic_version") -> list[str]:
     """The schema of every user schema, as sorted text lines."""
-    rows = conn.execute(text(_FINGERPRINT_SQL), {"version_table": version_table})
+    # Prepared once per session: planning this query costs about as much as running it.
+    if not conn.info.get("runbook_schema_prepared"):
+        sql = _FINGERPRINT_SQL.replace(":version_table", "$1")
+        conn.execute(text(f"PREPARE runbook_schema(text) AS {sql}"))
+        conn.info["runbook_schema_prepared"] = True
+    rows = conn.execute(text("EXECUTE runbook_schema(:vt)"), {"vt": version_table})
     lines = sorted(str(r[0]) for r in rows)
     if conn.in_transaction():
         conn.commit()
     return lines
 
 
+def digest(lines: list[str]) -> str:
+    """sha256 of schema lines: equal fingerprints mean equal schemas."""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def fingerprint(conn: Connection, version_table: str = "alembic_version") -> str:
-    """sha256 of :func:`schema_lines`: equal fingerprints mean equal schemas."""
-    return hashlib.sha256("\n".join(schema_lines(conn, version_table)).encode()).hexdigest()
+    """The schema fingerprint of the database ``conn`` is connected to."""
+    return digest(schema_lines(conn, version_table))
 
 
-def invalid_indexes(conn: Connection) -> list[str]:
-    rows = conn.execute(
-        text(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i "
-            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE NOT i.indisvalid AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-        )
-    ).all()
-    if conn.in_transaction():
-        conn.commit()
-    return [str(r[0]) for r in rows]
+_INDEX_LINE = re.compile(r"^index CREATE (?:UNIQUE )?INDEX (\S+) ON (?:ONLY )?(\S+) ")
+
+
+def invalid_indexes(lines: list[str]) -> list[str]:
+    """Indexes a failed CREATE INDEX CONCURRENTLY left behind, from :func:`schema_lines`."""
+    found = []
+    for line in lines:
+        match = _INDEX_LINE.match(line)
+        if match and line.endswith(" valid=false"):
+            schema = match.group(2).rsplit(".", 1)[0]
+            found.append(f"{schema}.{match.group(1)}")
+    return found
 
 
 def _revision_check(conn: Connection, rev: Revision) -> None:
@@ -136,23 +148,23 @@ def check_health(url: str, *, tries: int = 3, timeout_s: float = 5.0, pause_s: f
 
 
 def verify_revision(
-    conn: Connection,
-    project: Project,
-    target: Target,
-    rev: Revision,
-    note: Callable[..., None],
-) -> None:
-    """Every post-upgrade check for ``rev``; VerifyFailed names the first that fails."""
+    conn: Connection, project: Project, target: Target, rev: Revision, lines: list[str]
+) -> dict[str, Any]:
+    """Every post-upgrade check for ``rev`` against the schema ``lines`` read after it;
+    VerifyFailed names the first that fails. Returns what was checked, for the ledger."""
     current = project.current(conn)
     if current != rev.id:
         raise VerifyFailed(f"after upgrading to {rev.id} the database is at {current}")
-    bad = invalid_indexes(conn)
+    bad = invalid_indexes(lines)
     if bad:
         raise VerifyFailed(
             f"invalid index {', '.join(bad)} after {rev.id}; drop it and create it again "
             "(CREATE INDEX CONCURRENTLY)"
         )
     _revision_check(conn, rev)
-    note(revision_check="passed" if rev.verify_check is not None else "none declared")
+    checked: dict[str, Any] = {
+        "revision_check": "passed" if rev.verify_check is not None else "none declared"
+    }
     if target.health_url:
-        note(health=check_health(target.health_url))
+        checked["health"] = check_health(target.health_url)
+    return checked
