@@ -67,11 +67,28 @@ class Rev:
     down: str | None | object = ...  # default: the previous revision in the list
 
 
-def write_project(root: Path, revisions: list[Rev], url: str = "") -> Path:
+# An env.py that ignores a handed-over connection and builds its own engine from
+# sqlalchemy.url, as many projects' env.py files do.
+ENV_PY_OWN_ENGINE = """
+from alembic import context
+from sqlalchemy import engine_from_config
+from sqlalchemy.pool import NullPool
+
+config = context.config
+engine = engine_from_config(config.get_section(config.config_ini_section), poolclass=NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
+"""
+
+
+def write_project(root: Path, revisions: list[Rev], url: str = "", env_py: str = ENV_PY) -> Path:
     """Write alembic.ini, env.py and one file per revision under ``root``; the ini's path."""
     versions = root / "migrations" / "versions"
     versions.mkdir(parents=True, exist_ok=True)
-    (root / "migrations" / "env.py").write_text(ENV_PY)
+    (root / "migrations" / "env.py").write_text(env_py)
     ini = root / "alembic.ini"
     ini.write_text(
         "[alembic]\nscript_location = %(here)s/migrations\n"

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import psycopg2
@@ -22,7 +23,7 @@ from tests.integration.conftest import (
     runbook_cli,
     schema_dump,
 )
-from tests.projects import Rev, write_project
+from tests.projects import ENV_PY_OWN_ENGINE, Rev, write_project
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +290,71 @@ def test_duplicate_delivery_does_nothing_twice(
     assert api.status(run_id, target)["steps"] == run["steps"]
     resume = runbook_cli("resume", run_id)
     assert resume.returncode == 2 and "already ended (succeeded)" in resume.stderr
+
+
+def test_env_py_with_its_own_engine_gets_the_url_and_lock_timeout(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev("o1", "op.execute('CREATE TABLE own (id int)')", "op.execute('DROP TABLE own')"),
+        # The session this env.py opened must carry runbook's lock_timeout too.
+        Rev(
+            "o2",
+            "op.execute('CREATE TABLE seen AS SELECT current_setting(\\'lock_timeout\\') AS v')",
+            "op.execute('DROP TABLE seen')",
+            extra="def verify(connection):\n"
+            "    return connection.execute(sa.text('SELECT count(*) FROM seen')).scalar() == 1\n",
+        ),
+    ]
+    dbname = databases.create()
+    ini = write_project(tmp_path / "own", revisions, env_py=ENV_PY_OWN_ENGINE)
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), alembic_ini=str(ini), backup=False, lock_timeout="750ms")
+    run_id = api.enqueue(name)
+    assert run_id
+    run = api.wait(run_id, name, timeout_s=60)
+    assert run["state"] == "succeeded", run["error"]
+    assert query(dbname, "SELECT v FROM seen") == [("750ms",)]
+    assert run["steps"][-1]["detail"]["revision_check"] == "passed"  # the callable verify
+
+
+class Health(BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_health_url_is_checked_after_each_revision(
+    status: int, worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    handler = type("H", (Health,), {"status": status})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target, dbname = add_target(
+            config,
+            databases,
+            tmp_path,
+            GOOD[:2],
+            backup=False,
+            health_url=f"http://127.0.0.1:{server.server_port}/health",
+        )
+        run_id = api.enqueue(target)
+        assert run_id
+        run = api.wait(run_id, target, timeout_s=60)
+    finally:
+        server.shutdown()
+    verifies = [s for s in run["steps"] if s["kind"] == "verify"]
+    if status == 200:
+        assert run["state"] == "succeeded"
+        assert [s["detail"]["health"] for s in verifies] == [200, 200]
+    else:
+        assert run["state"] == "rolled_back"
+        assert "did not answer 2xx (HTTP 503)" in run["error"]
+        assert query(dbname, "SELECT to_regclass('accounts')") == [(None,)]
