@@ -1,6 +1,6 @@
 """Benchmark: apply N trivial revisions with plain Alembic vs. through runbook.
 
-    .venv/bin/python bench/bench_apply.py [--revisions 60] [--repeats 3]
+    .venv/bin/python bench/bench_apply.py [--revisions 60] [--repeats 5]
 
 (a) alembic: ``python -m alembic -c <ini> upgrade head`` in a subprocess, wall time of the
     whole command;
@@ -308,7 +308,7 @@ def fmt(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--revisions", type=int, default=60, help="revisions to apply (60)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side (5)")
     parser.add_argument(
         "--poll",
         type=float,
