@@ -8,16 +8,28 @@ assert final["state"] == "succeeded"
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
 from jobs import backup as backups
-from jobs import db, ledger
+from jobs import db, ledger, vault
 from jobs.config import Settings, Target, load_settings, redact
-from jobs.errors import BrokerUnavailable, RunbookError, TargetUnreachable, UnknownRun
+from jobs.errors import (
+    BackupError,
+    BrokerUnavailable,
+    RevisionError,
+    RunbookError,
+    TargetUnreachable,
+    UnknownRun,
+)
 from jobs.ledger import Run
-from jobs.migrate import Project
+from jobs.migrate import Project, Revision
 from jobs.states import CANCELLED, ENQUEUED
 
 EXECUTE_TASK = "runbook.execute_run"
@@ -47,6 +59,54 @@ def _send(settings: Settings, run_id: str, target: Target) -> None:
     app.send_task(EXECUTE_TASK, args=[run_id, target.name], queue=settings.queue)
 
 
+def _check_scratch(conn: Connection, target: Target) -> None:
+    """A verified backup restores into a scratch database: the role must be able to make one."""
+    if not (target.backup and target.verify_restore):
+        return
+    can = conn.execute(
+        text("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+    ).scalar()
+    if conn.in_transaction():
+        conn.rollback()
+    if not can:
+        raise BackupError(
+            f"target {target.name!r}: role {target.url.username} cannot create the scratch "
+            "database a backup is verified in (no CREATEDB); grant it, or set "
+            "verify_restore = false"
+        )
+
+
+def _admit(
+    settings: Settings,
+    t: Target,
+    conn: Connection,
+    *,
+    kind: str,
+    from_revision: str | None,
+    to_revision: str | None,
+    options: dict[str, Any],
+    backup: bool,
+    irreversible: dict[str, str] | None = None,
+) -> str:
+    """Last checks, then record the run and queue it. Nothing is written before this."""
+    if backup:
+        backups.check_prerequisites(t, db.server_version_num(conn))
+        _check_scratch(conn, t)
+    _check_broker(settings)
+    ledger.ensure(conn)
+    run_id = ledger.admit(
+        conn,
+        target=t.name,
+        kind=kind,
+        from_revision=from_revision,
+        to_revision=to_revision,
+        options=options,
+        irreversible=irreversible,
+    )
+    _send(settings, run_id, t)
+    return run_id
+
+
 def enqueue(
     target: str | None = None,
     to: str = "head",
@@ -66,23 +126,162 @@ def enqueue(
     take_backup = t.backup if backup is None else backup
     with db.connect(t) as conn:
         current = project.current(conn)
-        project.upgrade_path(current, to_rev)
-        if current == to_rev:
+        path = project.upgrade_path(current, to_rev)
+        if not path:
             return None
-        if take_backup:
-            backups.check_prerequisites(t, db.server_version_num(conn))
-        _check_broker(settings)
-        ledger.ensure(conn)
-        run_id = ledger.admit(
+        return _admit(
+            settings,
+            t,
             conn,
-            target=t.name,
             kind="apply",
             from_revision=current,
             to_revision=to_rev,
             options={"backup": take_backup},
+            backup=take_backup,
+            irreversible={r.id: r.irreversible for r in path if r.irreversible},
         )
-    _send(settings, run_id, t)
-    return run_id
+
+
+def enqueue_backup(target: str | None = None, *, settings: Settings | None = None) -> str:
+    """Queue a run that takes, verifies and records one backup of the target."""
+    settings = _settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    with db.connect(t) as conn:
+        current = project.current(conn)
+        return _admit(
+            settings,
+            t,
+            conn,
+            kind="backup",
+            from_revision=current,
+            to_revision=current,
+            options={"backup": True},
+            backup=True,
+        )
+
+
+_DROP_TABLE = re.compile(r"DROP TABLE (?:IF EXISTS )?([\w.\"]+)", re.IGNORECASE)
+_DROP_COLUMN = re.compile(
+    r"ALTER TABLE (?:ONLY )?([\w.\"]+) DROP COLUMN (?:IF EXISTS )?([\w\"]+)", re.IGNORECASE
+)
+
+
+def data_loss(conn: Connection, project: Project, revisions: list[Revision]) -> list[str]:
+    """What the downgrades of ``revisions`` would destroy: tables and columns holding rows."""
+    found = []
+    for rev in revisions:
+        sql = project.downgrade_sql(rev)
+        drops: list[tuple[str, str | None]] = [
+            (m.group(1), None) for m in _DROP_TABLE.finditer(sql)
+        ]
+        drops += [(m.group(1), m.group(2)) for m in _DROP_COLUMN.finditer(sql)]
+        for table, column in drops:
+            where = f" WHERE {column} IS NOT NULL" if column else ""
+            try:
+                rows = conn.execute(text(f"SELECT count(*) FROM {table}{where}")).scalar_one()
+            except DBAPIError:
+                rows = 0  # not there (yet): nothing to lose
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+            if rows:
+                what = f"column {table}.{column}" if column else f"table {table}"
+                found.append(f"the downgrade of {rev.id} drops {what} holding {rows} rows")
+    return found
+
+
+def enqueue_rollback(
+    target: str | None = None,
+    to: str = "base",
+    *,
+    accept_data_loss: bool = False,
+    settings: Settings | None = None,
+) -> str | None:
+    """Queue an operator rollback down to ``to``, one revision per step (§4.2).
+
+    A downgrade that would drop a table or column holding rows is refused unless
+    ``accept_data_loss``; even then the run takes a verified backup first.
+    """
+    settings = _settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    to_rev = project.resolve(to)
+    with db.connect(t) as conn:
+        current = project.current(conn)
+        if current == to_rev:
+            return None
+        try:
+            path = project.upgrade_path(to_rev, current)
+        except RevisionError:
+            raise RevisionError(
+                f"--to {to_rev or 'base'} is not behind the current revision {current}; "
+                "rollback only goes down (use apply to go up)"
+            ) from None
+        losses = data_loss(conn, project, list(reversed(path)))
+        if losses and not accept_data_loss:
+            raise RunbookError(
+                f"{'; '.join(losses)}; pass --accept-data-loss to go ahead (a verified backup "
+                "is taken first)"
+            )
+        if losses and not t.backup:
+            raise RunbookError(
+                f"{losses[0]}; --accept-data-loss needs a backup, and target {t.name!r} has "
+                "backup = false"
+            )
+        return _admit(
+            settings,
+            t,
+            conn,
+            kind="rollback",
+            from_revision=current,
+            to_revision=to_rev,
+            options={"backup": t.backup, "data_loss": losses},
+            backup=t.backup,
+            irreversible={r.id: r.irreversible for r in path if r.irreversible},
+        )
+
+
+def enqueue_restore(
+    backup_id: str,
+    target: str | None = None,
+    *,
+    tables: list[str] | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Queue a restore of a recorded backup: the whole database, or only ``tables``."""
+    settings = _settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    with db.connect(t) as conn:
+        found = vault.usable_backup(conn, t, backup_id)
+        held = backups.archive_tables(t, Path(found.path))
+        for name in tables or []:
+            qualified = name if "." in name else f"public.{name}"
+            if qualified not in held:
+                raise RunbookError(f"backup {backup_id} holds no table {name}")
+        current = project.current(conn)
+        return _admit(
+            settings,
+            t,
+            conn,
+            kind="restore",
+            from_revision=current,
+            to_revision=found.revision if not tables else current,
+            options={"backup": True, "backup_id": backup_id, "tables": tables or []},
+            backup=True,
+        )
+
+
+def list_backups(
+    target: str | None = None, *, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """The target's backups, newest first."""
+    t = _settings(settings).target(target)
+    with db.connect(t) as conn:
+        if not ledger.exists(conn):
+            return []
+        return [b.as_dict() for b in ledger.list_backups(conn, t.name)]
 
 
 def _find(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:

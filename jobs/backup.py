@@ -13,26 +13,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.config import Target, redact
 from jobs.errors import BackupError
-from jobs.ledger import SCHEMA as LEDGER_SCHEMA
-
-
-@dataclass(frozen=True)
-class BackupInfo:
-    path: str
-    size: int
-    sha256: str
-    verified: bool
-    verification: str
-    taken_at: str
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def libpq_env(target: Target) -> dict[str, str]:
@@ -127,42 +112,32 @@ def list_entries(target: Target, path: Path) -> int:
     return sum(1 for line in out.stdout.splitlines() if line and not line.startswith(";"))
 
 
-def take_backup(target: Target, run_id: str) -> BackupInfo:
-    """``pg_dump -Fc`` of ``target`` into its backup_dir, mode 0600, checked and hashed."""
-    pg_dump = _tool(target, "pg_dump", target.pg_dump)
+def archive_tables(target: Target, path: Path) -> set[str]:
+    """The tables ("schema.name") a dump holds, from ``pg_restore --list``."""
+    pg_restore = _tool(target, "pg_restore", target.pg_restore)
+    out = subprocess.run(
+        [pg_restore, "--list", str(path)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise BackupError(f"pg_restore --list cannot read {path}; the backup is corrupt")
+    found = set()
+    for line in out.stdout.splitlines():
+        # "215; 1259 16390 TABLE public staffs postgres"
+        match = re.match(r"^\d+; \d+ \d+ TABLE (\S+) (\S+) ", line)
+        if match:
+            found.add(f"{match.group(1)}.{match.group(2)}")
+    return found
+
+
+def new_backup_file(target: Target, run_id: str) -> tuple[Path, str]:
+    """Create the run's empty backup file, mode 0600, in backup_dir; its path and time."""
     _check_dir_writable(target)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = target.backup_dir / f"{target.name}-{stamp}-{run_id}.dump"
+    now = datetime.now(UTC)
+    path = target.backup_dir / f"{target.name}-{now.strftime('%Y%m%dT%H%M%SZ')}-{run_id}.dump"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
         raise BackupError(f"cannot create {path} ({exc.strerror}); check backup_dir") from None
     os.fchmod(fd, 0o600)
-    cmd = [
-        pg_dump,
-        "--format=custom",
-        f"--lock-wait-timeout={max(target.lock_timeout_ms, 1000)}",
-        f"--exclude-schema={LEDGER_SCHEMA}",
-        "--no-password",
-    ]
-    with os.fdopen(fd, "wb") as out:
-        proc = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.PIPE, env=libpq_env(target), check=False
-        )
-    if proc.returncode != 0:
-        path.unlink(missing_ok=True)
-        lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
-        raise BackupError(redact(f"pg_dump failed (exit {proc.returncode}): {lines[0]}"))
-    size = path.stat().st_size
-    if size == 0:
-        path.unlink(missing_ok=True)
-        raise BackupError("pg_dump wrote an empty file; the backup cannot be trusted")
-    entries = list_entries(target, path)
-    return BackupInfo(
-        path=str(path),
-        size=size,
-        sha256=sha256_file(path),
-        verified=True,  # size > 0 and pg_restore --list parsed it (raises otherwise)
-        verification=f"pg_restore --list read {entries} entries",
-        taken_at=datetime.now(UTC).isoformat(),
-    )
+    os.close(fd)
+    return path, now.isoformat()

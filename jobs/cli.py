@@ -145,6 +145,97 @@ def apply(target: str | None, to: str, wait: bool, as_json: bool, no_backup: boo
     _exit_for(final)
 
 
+def _follow(run_id: str | None, target: str | None, wait: bool, as_json: bool, what: str) -> None:
+    """Print the run id, or follow the run to its end; exit by its outcome."""
+    if run_id is None:
+        if as_json:
+            click.echo(json.dumps({"id": None, "state": "noop"}))
+        else:
+            err.print(f"nothing to do: {what}")
+        return
+    if not wait:
+        click.echo(json.dumps({"id": run_id, "state": "enqueued"}) if as_json else run_id)
+        return
+    if not as_json:
+        click.echo(run_id)
+    final = api.wait(run_id, target, on_change=None if as_json else _progress_printer())
+    if as_json:
+        click.echo(json.dumps(final, indent=2))
+    else:
+        _summary(final)
+    _exit_for(final)
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@friendly
+def backup(target: str | None, wait: bool, as_json: bool) -> None:
+    """Take a verified backup of TARGET now (a run of its own)."""
+    _follow(api.enqueue_backup(target), target, wait, as_json, "")
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the backups as JSON.")
+@friendly
+def backups(target: str | None, as_json: bool) -> None:
+    """List a target's backups, newest first."""
+    found = api.list_backups(target)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table = Table("id", "run", "taken", "size", "sha256", "verified", "copies", "revision")
+    for b in found:
+        verified = "restore" if isinstance(b["verification"].get("restore"), dict) else "list"
+        table.add_row(
+            b["id"],
+            b["run"] or "",
+            (b["taken_at"] or "")[:19],
+            str(b["size"]),
+            b["sha256"][:12],
+            verified if b["verified"] else "no",
+            str(len(b["copies"])),
+            b["revision"] or "base",
+        )
+    out.print(table)
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--to", "to", required=True, help="Revision to go down to (or base).")
+@click.option(
+    "--accept-data-loss",
+    is_flag=True,
+    help="Allow downgrades that drop tables or columns holding rows (backup first).",
+)
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@friendly
+def rollback(
+    target: str | None, to: str, accept_data_loss: bool, wait: bool, as_json: bool
+) -> None:
+    """Downgrade TARGET to a revision, one revision per step, backup first."""
+    run_id = api.enqueue_rollback(target, to, accept_data_loss=accept_data_loss)
+    _follow(run_id, target, wait, as_json, f"the target is already at {to}")
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--backup", "backup_id", required=True, help="Backup id (runbook backups).")
+@click.option("--table", "tables", multiple=True, help="Restore only this table (repeatable).")
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@friendly
+def restore(
+    target: str | None, backup_id: str, tables: tuple[str, ...], wait: bool, as_json: bool
+) -> None:
+    """Restore a backup into TARGET (whole, or some tables), verified, backup first."""
+    run_id = api.enqueue_restore(backup_id, target, tables=list(tables))
+    _follow(run_id, target, wait, as_json, "")
+
+
 @cli.command()
 @click.argument("run_id")
 @click.option("--target", "-t", help="Look only in this target's ledger.")

@@ -100,6 +100,13 @@ class Target:
     pg_dump: str = "pg_dump"
     pg_restore: str = "pg_restore"
     version_table: str = "alembic_version"
+    verify_restore: bool = True
+    verify_restore_max_bytes: int = 1 << 30
+    backup_copy_to: str | None = None
+    keep_backups: int = 10
+    before_run: str | None = None
+    after_run: str | None = None
+    hook_timeout_s: float = 60.0
 
     @property
     def safe_url(self) -> str:
@@ -159,6 +166,13 @@ _TARGET_KEYS = {
     "pg_dump",
     "pg_restore",
     "version_table",
+    "verify_restore",
+    "verify_restore_max_bytes",
+    "backup_copy_to",
+    "keep_backups",
+    "before_run",
+    "after_run",
+    "hook_timeout",
 }
 
 
@@ -208,9 +222,22 @@ def _build_target(name: str, raw: dict[str, object], base: Path) -> Target:
     backoff = raw.get("lock_retry_backoff", 0.5)
     if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
         raise ConfigError(f"{where}: lock_retry_backoff must be seconds >= 0, got {backoff!r}")
-    backup = raw.get("backup", True)
-    if not isinstance(backup, bool):
-        raise ConfigError(f"{where}: backup must be true or false, got {backup!r}")
+
+    def flag(key: str, default: bool) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+
+    def optional_text(key: str) -> str | None:
+        value = raw.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+
+    backup = flag("backup", True)
     statement_timeout = raw.get("statement_timeout")
     return Target(
         name=name,
@@ -230,6 +257,14 @@ def _build_target(name: str, raw: dict[str, object], base: Path) -> Target:
         pg_dump=str(raw.get("pg_dump", "pg_dump")),
         pg_restore=str(raw.get("pg_restore", "pg_restore")),
         version_table=str(raw.get("version_table", "alembic_version")),
+        verify_restore=flag("verify_restore", True),
+        verify_restore_max_bytes=integer("verify_restore_max_bytes", 1 << 30, 0),
+        backup_copy_to=optional_text("backup_copy_to"),
+        keep_backups=integer("keep_backups", 10, 1),
+        before_run=optional_text("before_run"),
+        after_run=optional_text("after_run"),
+        hook_timeout_s=_duration_ms(raw.get("hook_timeout", "60s"), f"{where}: hook_timeout")
+        / 1000,
     )
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection
 
-from jobs import backup as backups
-from jobs import db, ledger
+from jobs import db, hooks, ledger, restore, vault
 from jobs import states as st
 from jobs.config import Settings, Target, redact
 from jobs.errors import DowngradeImpossible, RunbookError, StepFailed
@@ -28,6 +28,9 @@ from jobs.verify import digest, schema_lines, verify_revision
 log = logging.getLogger("runbook.coordinator")
 
 Progress = Callable[[dict[str, Any]], None]
+
+# Steps after which the target may differ from before the run: a failure must roll back.
+CHANGING_STEPS = frozenset({"upgrade", "downgrade", "restore"})
 
 
 @dataclass
@@ -48,15 +51,6 @@ class Outcome:
             "error": self.error,
             "note": self.note,
         }
-
-
-def restore_from_backup(conn: Connection, target: Target, run: Run, reason: str) -> bool:
-    """Seam for rollback-by-restore: bring the target back from the run's backup.
-
-    Returns True when the target was restored. Until restore is implemented, nothing is
-    restored and the run ends ``failed`` with the backup's path in its error.
-    """
-    return False
 
 
 class Coordinator:
@@ -114,10 +108,12 @@ class Coordinator:
     def _before(self, rev: Revision) -> str | None:
         """The fingerprint the schema had before ``rev`` went up in this run: what its
         downgrade must bring back. The previous revision's verify step recorded it."""
-        if rev.down == self.run.from_revision:
+        if self.run.kind == "apply" and rev.down == self.run.from_revision:
             return self.run.fingerprint_before
         previous = self.run.step("verify", rev.down)
-        return previous.detail.get("fingerprint") if previous else None
+        if previous is not None:
+            return previous.detail.get("fingerprint")
+        return ledger.recorded_fingerprint(self.conn, rev.down)
 
     def _end(self, step: Step, state: str, error: str | None = None, **detail: Any) -> None:
         ledger.finish_step(self.conn, step, state, error=error, **detail)
@@ -126,25 +122,105 @@ class Coordinator:
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self) -> None:
+        """The run's work, by kind; raises StepFailed (or any error) to start a rollback."""
         run = self.run
-        path = self.project.upgrade_path(run.from_revision, run.to_revision)
-        if run.options.get("backup", True):
+        self.hook("before_run")
+        if run.kind == "backup":
             self.backup()
-        for rev in path:
-            self.upgrade(rev)
-            self.verify(rev)
+        elif run.kind == "apply":
+            path = self.project.upgrade_path(run.from_revision, run.to_revision)
+            if not run.irreversible:
+                plan = {r.id: r.irreversible for r in path if r.irreversible}
+                ledger.update_run(self.conn, run, irreversible=plan)
+            if run.options.get("backup", True):
+                self.backup()
+            for rev in path:
+                self.upgrade(rev)
+                self.verify(rev)
+        elif run.kind == "rollback":
+            path = self.project.upgrade_path(run.to_revision, run.from_revision)
+            if run.options.get("backup", True):
+                self.backup()  # fresh and verified: what a failed rollback is restored from
+            if run.fingerprint_before is None:
+                ledger.update_run(self.conn, run, fingerprint_before=self._fingerprint())
+            for rev in reversed(path):
+                self.downgrade(rev)
+                self.check_at(rev.down)
+        elif run.kind == "restore":
+            self.backup()  # the state being replaced stays recoverable
+            self.restore(run.options["backup_id"], run.options.get("tables") or [])
+        else:
+            raise StepFailed(f"unknown run kind {run.kind!r}")
+
+    def hook(self, which: str, state: str | None = None) -> None:
+        """Run the target's before_run / after_run hook, recorded as a step."""
+        command = getattr(self.target, which)
+        if not command:
+            return
+        step = self._begin("hook", which)
+        if step is None:
+            return
+        try:
+            answer = hooks.run_hook(
+                self.target, which, command, self.run.id, state or self.run.state
+            )
+        except hooks.HookFailed as exc:
+            self._end(step, st.STEP_FAILED, str(exc))
+            raise
+        self._end(step, st.STEP_SUCCEEDED, **answer)
+
+    def check_at(self, revision: str | None) -> None:
+        """After a downgrade step: the database must be at ``revision``."""
+        current = self.project.current(self.conn)
+        if current != revision:
+            raise StepFailed(f"after the downgrade the database is at {current}, not {revision}")
+        ledger.update_run(self.conn, self.run, current_revision=current)
 
     def backup(self) -> None:
         step = self._begin("backup")
         if step is None:
             return
         try:
-            info = backups.take_backup(self.target, self.run.id)
+            revision = self.project.current(self.conn)
+            info = vault.take_backup(self.target, self.run.id)
+            ledger.record_backup(
+                self.conn, info.ledger_row(self.target.name, self.run.id, revision)
+            )
+            removed = vault.apply_retention(self.conn, self.target)
         except RunbookError as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise StepFailed(str(exc)) from None
         ledger.update_run(self.conn, self.run, backup=info.as_dict())
-        self._end(step, st.STEP_SUCCEEDED, size=info.size, sha256=info.sha256)
+        self._end(
+            step,
+            st.STEP_SUCCEEDED,
+            backup_id=info.id,
+            size=info.size,
+            sha256=info.sha256,
+            verification=info.verification,
+            copies=info.copies,
+            retention_removed=removed,
+        )
+
+    def restore(self, backup_id: str, tables: list[str]) -> None:
+        """Restore a backup (whole, or some tables) and prove the result equals it."""
+        step = self._begin("restore", backup_id)
+        if step is None:
+            return
+        try:
+            backup = vault.usable_backup(self.conn, self.target, backup_id)
+            path = Path(backup.path)
+            if tables:
+                done = restore.restore_tables(self.target, path, tables)
+            else:
+                done = restore.restore_database(self.target, path)
+            checked = vault.check_restored(
+                self.conn, backup, tables, self.project.current(self.conn)
+            )
+        except RunbookError as exc:
+            self._end(step, st.STEP_FAILED, str(exc))
+            raise StepFailed(str(exc)) from None
+        self._end(step, st.STEP_SUCCEEDED, restore=done, checked=checked)
 
     def upgrade(self, rev: Revision) -> None:
         step = self._begin("upgrade", rev.id)
@@ -202,8 +278,17 @@ class Coordinator:
     # -- rollback ----------------------------------------------------------------------------
 
     def rollback(self) -> str:
-        """Downgrade what this run applied, newest first; returns the terminal state."""
+        """Undo what the run changed; returns the terminal state.
+
+        An apply downgrades what it applied, newest first, each checked by the schema
+        fingerprint; an operator rollback or restore that failed is restored from the fresh
+        backup it took first. When downgrades cannot undo the run, the backup is restored.
+        """
         run = self.run
+        if run.kind != "apply":
+            if any(s.kind in ("downgrade", "restore") for s in run.steps):
+                return self.restore_after(f"the {run.kind} failed: {run.error}")
+            return st.FAILED
         applied = {s.revision: s for s in run.steps if s.kind == "upgrade"}
         try:
             while True:
@@ -225,28 +310,44 @@ class Coordinator:
                 )
             return st.ROLLED_BACK
         except DowngradeImpossible as exc:
-            reason = str(exc)
-            if restore_from_backup(self.conn, self.target, run, reason):
+            return self.restore_after(str(exc))
+
+    def restore_after(self, reason: str) -> str:
+        """A downgrade cannot undo the run: restore the run's backup, checked; the end state."""
+        run = self.run
+        backup_id = (run.backup or {}).get("id")
+        if backup_id:
+            try:
+                self.restore(backup_id, [])
+                ledger.update_run(
+                    self.conn,
+                    run,
+                    error=f"{run.error or 'run failed'}; restored from backup "
+                    f"{backup_id} because {reason}",
+                    current_revision=self.project.current(self.conn),
+                )
                 return st.RESTORED
-            where = (run.backup or {}).get("path")
-            hint = (
-                f"restore the backup {where} (pg_restore --clean --if-exists)"
-                if where
-                else "no backup was taken for this run"
-            )
-            ledger.update_run(
-                self.conn,
-                run,
-                error=redact(f"{run.error or 'run failed'}; rollback stopped: {reason}; {hint}"),
-            )
-            return st.FAILED
+            except StepFailed as failed:
+                reason = f"{reason}; restoring backup {backup_id} failed too: {failed}"
+        where = (run.backup or {}).get("path")
+        hint = (
+            f"the backup is {where} (runbook restore --backup {backup_id})"
+            if where
+            else "no backup was taken for this run"
+        )
+        ledger.update_run(
+            self.conn,
+            run,
+            error=redact(f"{run.error or 'run failed'}; rollback stopped: {reason}; {hint}"),
+        )
+        return st.FAILED
 
     def downgrade(self, rev: Revision) -> None:
         step = self._begin("downgrade", rev.id)
         if step is None:  # recorded as done, yet the database is still there: refuse to loop
             raise DowngradeImpossible(f"downgrade of {rev.id} ran but did not take effect")
-        if rev.irreversible:
-            error = f"{rev.id} cannot be downgraded: {rev.irreversible}"
+        if rev.declared_irreversible:
+            error = f"{rev.id} cannot be downgraded: {rev.declared_irreversible}"
             self._end(step, st.STEP_FAILED, error)
             raise DowngradeImpossible(error)
         try:
@@ -264,6 +365,8 @@ class Coordinator:
         if expected and now != expected:
             error = f"downgrade of {rev.id} did not bring the schema back to before its upgrade"
             self._end(step, st.STEP_FAILED, error, fingerprint=now)
+            found = {**self.run.irreversible, rev.id: "its downgrade did not restore the schema"}
+            ledger.update_run(self.conn, self.run, irreversible=found)
             raise DowngradeImpossible(error)
         self._end(step, st.STEP_SUCCEEDED, fingerprint=now)
 
@@ -310,20 +413,28 @@ def execute(
 def _drive(
     conn: Connection, coordinator: Coordinator, run: Run, target: Target, report: Progress
 ) -> Outcome:
-    """Forward, then rollback if forward failed; the run's outcome."""
+    """Forward, then rollback if forward failed, then the after_run hook; the outcome."""
+    final: str | None = None
     if run.state == st.RUNNING:
         try:
             coordinator.forward()
-            ledger.transition(conn, run, st.SUCCEEDED)
+            final = st.SUCCEEDED
         except Exception as exc:
             error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
             if conn.in_transaction():
                 conn.rollback()
-            if any(s.kind == "upgrade" for s in run.steps):
+            if any(s.kind in CHANGING_STEPS for s in run.steps):
                 ledger.transition(conn, run, st.ROLLING_BACK, error=error)
-            else:  # nothing was changed yet (the backup failed): nothing to roll back
-                ledger.transition(conn, run, st.FAILED, error=error)
+            else:  # nothing was changed yet (a hook or the backup failed): nothing to undo
+                ledger.update_run(conn, run, error=error)
+                final = st.FAILED
     if run.state == st.ROLLING_BACK:
-        ledger.transition(conn, run, coordinator.rollback())
+        final = coordinator.rollback()
+    assert final is not None
+    try:
+        coordinator.hook("after_run", final)  # whatever the outcome
+    except hooks.HookFailed as exc:
+        ledger.update_run(conn, run, error=f"{run.error + '; ' if run.error else ''}{exc}")
+    ledger.transition(conn, run, final)
     report({"run_id": run.id, "target": target.name, "state": run.state})
     return Outcome(run.id, target.name, run.state, run.error)

@@ -65,6 +65,27 @@ _MIGRATIONS: list[str] = [
         UNIQUE (run_id, kind, revision)
     );
     """,
+    f"""
+    -- What the plan knows before a run starts: revisions whose downgrade cannot undo them.
+    ALTER TABLE {SCHEMA}.runs ADD COLUMN irreversible jsonb NOT NULL DEFAULT '{{}}';
+    CREATE TABLE {SCHEMA}.backups (
+        id          text PRIMARY KEY,
+        target      text NOT NULL,
+        run_id      text REFERENCES {SCHEMA}.runs (id) ON DELETE SET NULL,
+        path        text NOT NULL,
+        size        bigint NOT NULL,
+        sha256      text NOT NULL,
+        taken_at    timestamptz NOT NULL DEFAULT now(),
+        verified    boolean NOT NULL,
+        verification jsonb NOT NULL DEFAULT '{{}}',
+        -- per table: rows and content checksum of the dumped snapshot
+        tables      jsonb NOT NULL DEFAULT '{{}}',
+        copies      jsonb NOT NULL DEFAULT '[]',
+        revision    text,
+        deleted_at  timestamptz
+    );
+    CREATE INDEX backups_target_taken ON {SCHEMA}.backups (target, taken_at DESC);
+    """,
 ]
 
 
@@ -111,6 +132,7 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     deliveries: int
+    irreversible: dict[str, str] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -140,6 +162,7 @@ class Run:
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
             "deliveries": self.deliveries,
+            "irreversible": self.irreversible,
         }
 
 
@@ -186,6 +209,7 @@ def admit(
     from_revision: str | None,
     to_revision: str | None,
     options: dict[str, Any],
+    irreversible: dict[str, str] | None = None,
 ) -> str:
     """Record a new enqueued run, unless another run of the target is not finished.
 
@@ -210,8 +234,9 @@ def admit(
         conn.execute(
             text(
                 f"INSERT INTO {SCHEMA}.runs (id, target, kind, state, from_revision, "
-                "to_revision, current_revision, options) VALUES (:id, :target, :kind, :state, "
-                ":from_rev, :to_rev, :from_rev, CAST(:options AS jsonb))"
+                "to_revision, current_revision, options, irreversible) VALUES (:id, :target, "
+                ":kind, :state, :from_rev, :to_rev, :from_rev, CAST(:options AS jsonb), "
+                "CAST(:irreversible AS jsonb))"
             ),
             {
                 "id": run_id,
@@ -221,6 +246,7 @@ def admit(
                 "from_rev": from_revision,
                 "to_rev": to_revision,
                 "options": json.dumps(options),
+                "irreversible": json.dumps(irreversible or {}),
             },
         )
     return run_id
@@ -228,7 +254,7 @@ def admit(
 
 _RUN_COLUMNS = (
     "id, target, kind, state, from_revision, to_revision, current_revision, error, options, "
-    "backup, fingerprint_before, created_at, started_at, finished_at, deliveries"
+    "backup, fingerprint_before, created_at, started_at, finished_at, deliveries, irreversible"
 )
 
 
@@ -296,12 +322,11 @@ def transition(conn: Connection, run: Run, new_state: str, *, error: str | None 
 
 def update_run(conn: Connection, run: Run, **values: Any) -> None:
     """Set plain columns of a run (current_revision, backup, fingerprint_before, ...)."""
-    allowed = {"current_revision", "backup", "fingerprint_before", "error"}
+    allowed = {"current_revision", "backup", "fingerprint_before", "error", "irreversible"}
     assert set(values) <= allowed, values
-    params = {k: (json.dumps(v) if k == "backup" else v) for k, v in values.items()}
-    sets = ", ".join(
-        f"{k} = CAST(:{k} AS jsonb)" if k == "backup" else f"{k} = :{k}" for k in values
-    )
+    jsonb = {"backup", "irreversible"}
+    params = {k: (json.dumps(v) if k in jsonb else v) for k, v in values.items()}
+    sets = ", ".join(f"{k} = CAST(:{k} AS jsonb)" if k in jsonb else f"{k} = :{k}" for k in values)
     with _tx(conn):
         _notify(conn, run.id)
         conn.execute(
@@ -405,6 +430,112 @@ def finish_step(
             )
     step.state = state
     step.error = _clean(error)
+
+
+@dataclass
+class Backup:
+    id: str
+    target: str
+    run_id: str | None
+    path: str
+    size: int
+    sha256: str
+    taken_at: datetime
+    verified: bool
+    verification: dict[str, Any]
+    tables: dict[str, Any]
+    copies: list[dict[str, Any]]
+    revision: str | None
+    deleted_at: datetime | None
+
+    def as_dict(self, *, with_tables: bool = False) -> dict[str, Any]:
+        out = {
+            "id": self.id,
+            "target": self.target,
+            "run": self.run_id,
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+            "taken_at": _iso(self.taken_at),
+            "verified": self.verified,
+            "verification": self.verification,
+            "copies": self.copies,
+            "revision": self.revision,
+            "deleted_at": _iso(self.deleted_at),
+        }
+        if with_tables:
+            out["tables"] = self.tables
+        return out
+
+
+_BACKUP_COLUMNS = (
+    "id, target, run_id, path, size, sha256, taken_at, verified, verification, tables, "
+    "copies, revision, deleted_at"
+)
+
+
+def record_backup(conn: Connection, backup: Backup) -> None:
+    with _tx(conn):
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.backups ({_BACKUP_COLUMNS}) VALUES (:id, :target, "
+                ":run_id, :path, :size, :sha256, :taken_at, :verified, CAST(:verification AS "
+                "jsonb), CAST(:tables AS jsonb), CAST(:copies AS jsonb), :revision, :deleted_at)"
+            ),
+            {
+                **backup.__dict__,
+                "verification": json.dumps(backup.verification),
+                "tables": json.dumps(backup.tables),
+                "copies": json.dumps(backup.copies),
+            },
+        )
+
+
+def get_backup(conn: Connection, backup_id: str) -> Backup | None:
+    row = conn.execute(
+        text(f"SELECT {_BACKUP_COLUMNS} FROM {SCHEMA}.backups WHERE id = :id"), {"id": backup_id}
+    ).first()
+    if conn.in_transaction():
+        conn.rollback()
+    return Backup(**row._mapping) if row else None
+
+
+def list_backups(conn: Connection, target: str, *, include_deleted: bool = False) -> list[Backup]:
+    rows = conn.execute(
+        text(
+            f"SELECT {_BACKUP_COLUMNS} FROM {SCHEMA}.backups WHERE target = :t "
+            + ("" if include_deleted else "AND deleted_at IS NULL ")
+            + "ORDER BY taken_at DESC"
+        ),
+        {"t": target},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return [Backup(**r._mapping) for r in rows]
+
+
+def mark_backup_deleted(conn: Connection, backup_id: str) -> None:
+    with _tx(conn):
+        conn.execute(
+            text(f"UPDATE {SCHEMA}.backups SET deleted_at = now() WHERE id = :id"),
+            {"id": backup_id},
+        )
+
+
+def recorded_fingerprint(conn: Connection, revision: str | None) -> str | None:
+    """The schema fingerprint a past run's verify step recorded at ``revision``."""
+    if revision is None:
+        return None
+    value = conn.execute(
+        text(
+            f"SELECT detail->>'fingerprint' FROM {SCHEMA}.steps WHERE kind = 'verify' "
+            "AND revision = :rev AND state = 'succeeded' ORDER BY id DESC LIMIT 1"
+        ),
+        {"rev": revision},
+    ).scalar()
+    if conn.in_transaction():
+        conn.rollback()
+    return str(value) if value else None
 
 
 def _notify(conn: Connection, run_id: str) -> None:

@@ -8,7 +8,11 @@ build their own engine, through ``sqlalchemy.url`` with the same session setting
 
 from __future__ import annotations
 
+import ast
+import inspect
+import io
 import logging.config
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -83,12 +87,48 @@ class Revision:
         return getattr(self.module, "verify", None)
 
     @property
-    def irreversible(self) -> str | None:
-        """Why the downgrade cannot undo this revision, when the revision says so."""
+    def declared_irreversible(self) -> str | None:
+        """The revision's own ``irreversible = "why"`` (or True)."""
         value = getattr(self.module, "irreversible", None)
-        if value is True:
-            return "declared irreversible by the revision"
-        return str(value) if value else None
+        if value:
+            return "declared irreversible by the revision" if value is True else str(value)
+        return None
+
+    @property
+    def irreversible(self) -> str | None:
+        """Why the downgrade may not undo this revision, as far as reading it can tell: the
+        revision says so, has no downgrade, or its downgrade raises or does nothing (right
+        for a data-only revision: the fingerprint check after a downgrade decides)."""
+        if self.declared_irreversible:
+            return self.declared_irreversible
+        downgrade = getattr(self.module, "downgrade", None)
+        if not callable(downgrade):
+            return "the revision has no downgrade()"
+        return _downgrade_problem(downgrade)
+
+
+def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
+    """'raises …' or 'does nothing' for a downgrade whose body says so, else None."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef):
+        return None
+    body = [
+        node
+        for node in func.body
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+    ]
+    if all(isinstance(node, ast.Pass) for node in body):
+        return "its downgrade() does nothing"
+    for node in body:
+        if isinstance(node, ast.Raise):
+            exc = node.exc
+            name = ast.unparse(exc.func if isinstance(exc, ast.Call) else exc) if exc else "raise"
+            return f"its downgrade() raises {name}"
+    return None
 
 
 class Project:
@@ -265,6 +305,36 @@ class Project:
             raise
         finally:
             self.config.attributes.pop("connection", None)
+
+    def downgrade_sql(self, rev: Revision) -> str:
+        """The SQL ``rev``'s downgrade would run, rendered offline (no database touched)."""
+        script = self.script
+        destination = rev.down or "base"
+        buffer = io.StringIO()
+
+        def plan(heads: Any, _context: Any) -> Any:
+            return script._downgrade_revs(destination, heads)
+
+        self.config.attributes.pop("connection", None)
+        try:
+            with (
+                _keep_logging(),
+                EnvironmentContext(
+                    self.config,
+                    script,
+                    fn=plan,
+                    as_sql=True,
+                    starting_rev=rev.id,
+                    destination_rev=destination,
+                    output_buffer=buffer,
+                ),
+            ):
+                script.run_env()
+        except Exception as exc:
+            raise RevisionError(
+                f"cannot render the downgrade of {rev.id} offline ({describe(exc)})"
+            ) from None
+        return buffer.getvalue()
 
     def upgrade_one(self, rev: Revision) -> None:
         self._run(rev.id, upgrade=True)

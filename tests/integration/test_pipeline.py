@@ -171,7 +171,7 @@ def test_failed_verify_check_rolls_back_that_revision_too(
     assert run["options"] == {"backup": False}
 
 
-def test_impossible_downgrade_stops_failed_with_the_backup_named(
+def test_impossible_downgrade_ends_restored_from_the_run_backup(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
     revisions = [
@@ -192,14 +192,15 @@ def test_impossible_downgrade_stops_failed_with_the_backup_named(
     result = runbook_cli("apply", "--target", target, "--wait", "--json")
     assert result.returncode == 1
     run = json.loads(result.stdout)
-    assert run["state"] == "failed"
-    assert (
+    assert run["state"] == "restored"
+    assert run["irreversible"]["e2"] == "its downgrade() raises NotImplementedError"
+    down = next(s for s in run["steps"] if s["kind"] == "downgrade")
+    assert down["error"] == (
         "downgrade e2 failed: NotImplementedError: PostgreSQL cannot remove an ENUM value"
-        in run["error"]
     )
-    assert run["backup"]["path"] in run["error"]
-    assert run["current_revision"] == "e2"
-    assert query(dbname, "SELECT enum_range(NULL::mood)::text") == [("{sad,ok,happy}",)]
+    assert f"restored from backup {run['backup']['id']}" in run["error"]
+    assert run["current_revision"] is None
+    assert query(dbname, "SELECT to_regtype('mood')") == [(None,)]
 
 
 def test_lock_timeout_is_retried_and_a_second_apply_is_refused(

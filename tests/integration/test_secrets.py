@@ -34,7 +34,7 @@ REVS = [
 def make_role_db(pg: PrivatePostgres, password: str) -> tuple[str, str]:
     suffix = secrets.token_hex(4)
     role, dbname = f"app_{suffix}", f"appdb_{suffix}"
-    pg.admin(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    pg.admin(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'")
     pg.admin(f"CREATE DATABASE {dbname} OWNER {role}")
     return role, dbname
 

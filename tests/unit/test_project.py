@@ -49,14 +49,20 @@ def test_revision_attributes_verify_and_irreversible(tmp_path: Path) -> None:
     ini = write_project(
         tmp_path,
         [
-            Rev("a", "pass", extra='verify = "SELECT true"'),
+            Rev("a", "pass", "op.execute('SELECT 1')", extra='verify = "SELECT true"'),
             Rev("b", "pass", extra='irreversible = "drops data"'),
+            Rev("c", "pass", "pass"),
+            Rev("d", "pass", "raise NotImplementedError('no way back')"),
         ],
     )
     project = Project(target_for(ini))
     assert project.revision("a").verify_check == "SELECT true"
     assert project.revision("a").irreversible is None
     assert project.revision("b").irreversible == "drops data"
+    assert project.revision("b").declared_irreversible == "drops data"
+    assert project.revision("c").irreversible == "its downgrade() does nothing"
+    assert project.revision("c").declared_irreversible is None
+    assert project.revision("d").irreversible == "its downgrade() raises NotImplementedError"
 
 
 def test_several_heads_are_refused(tmp_path: Path) -> None:
