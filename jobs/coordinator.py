@@ -186,7 +186,8 @@ class Coordinator:
             ledger.record_backup(
                 self.conn, info.ledger_row(self.target.name, self.run.id, revision)
             )
-            removed = vault.apply_retention(self.conn, self.target)
+            keep = {self.run.options.get("backup_id") or ""}
+            removed = vault.apply_retention(self.conn, self.target, keep)
         except RunbookError as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise StepFailed(str(exc)) from None

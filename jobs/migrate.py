@@ -35,6 +35,7 @@ log = logging.getLogger("runbook.migrate")
 
 LOCK_NOT_AVAILABLE = "55P03"
 UNDEFINED_TABLE = "42P01"
+INSUFFICIENT_PRIVILEGE = "42501"
 MAX_BACKOFF_S = 10.0
 
 
@@ -246,6 +247,12 @@ class Project:
         try:
             heads = list(conn.execute(text(f"SELECT version_num FROM {table}")).scalars())
         except ProgrammingError as exc:
+            if sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+                raise ProjectError(
+                    f"target {self.target.name!r}: role {self.target.url.username} may not read "
+                    f"{self.target.version_table} (permission denied); use the role that owns "
+                    "the schema"
+                ) from None
             if sqlstate(exc) != UNDEFINED_TABLE:
                 raise
             heads = []  # no upgrade ever ran

@@ -108,10 +108,13 @@ def take_backup(target: Target, run_id: str) -> BackupInfo:
     )
 
 
-def apply_retention(conn: Connection, target: Target) -> list[str]:
-    """Remove all but the newest ``keep_backups`` backups of the target (files and copies)."""
+def apply_retention(conn: Connection, target: Target, keep: set[str] | None = None) -> list[str]:
+    """Remove all but the newest ``keep_backups`` backups of the target (files and copies);
+    never one in ``keep`` (the backup a restore run is about to use)."""
     removed = []
     for old in ledger.list_backups(conn, target.name)[target.keep_backups :]:
+        if old.id in (keep or set()):
+            continue
         Path(old.path).unlink(missing_ok=True)
         for copy in old.copies:
             try:

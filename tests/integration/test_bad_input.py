@@ -201,10 +201,11 @@ def snapshot(dbname: str) -> str:
     )
 
 
-def upgrade(ini: Path, dbname: str, rev: str) -> None:
+def upgrade(ini: Path, dbname: str, rev: str, user: str = "postgres") -> None:
     cfg = AlembicConfig(str(ini))
     cfg.set_main_option(
-        "sqlalchemy.url", db_url(dbname).replace("postgresql://", "postgresql+psycopg2://")
+        "sqlalchemy.url",
+        db_url(dbname, user=user).replace("postgresql://", "postgresql+psycopg2://"),
     )
     command.upgrade(cfg, rev)
 
@@ -288,3 +289,44 @@ def test_cancel_an_enqueued_run_frees_the_target(
     assert run_id and api.wait(run_id, name, timeout_s=60)["state"] == "succeeded"
     assert api.status(lost, name)["state"] == "cancelled"
     redis_lib.Redis.from_url(REDIS_URL).delete("nobody-reads-this")
+
+
+@pytest.mark.parametrize("owns_schema", [True, False], ids=["no CREATEDB", "no privilege"])
+def test_a_role_without_the_rights_it_needs_is_refused_up_front(
+    owns_schema: bool, databases: Databases, tmp_path: Path
+) -> None:
+    from tests.integration.conftest import admin_exec
+
+    role = f"rb_weak_{tmp_path.name[-6:].replace('-', '_')}"
+    admin_exec(f"DROP ROLE IF EXISTS {role}")
+    admin_exec(f"CREATE ROLE {role} LOGIN")
+    try:
+        dbname = databases.create(owner=role)
+        ini = write_project(tmp_path / "project", REVS)
+        upgrade(ini, dbname, "a2", user=role if owns_schema else "postgres")
+        before = snapshot(dbname)
+        config = tmp_path / "runbook.toml"
+        options = {
+            "url": db_url(dbname, user=role),
+            "alembic_ini": str(ini),
+            "backup_dir": str(tmp_path / "b"),
+        }
+        config.write_text(toml({"x": options}))
+        result = runbook_cli("apply", env={"RUNBOOK_CONFIG": str(config)}, timeout=60)
+        assert result.returncode == 2
+        if owns_schema:
+            expected = (
+                f"role {role} cannot create the scratch database a backup is verified "
+                "in (no CREATEDB); grant it, or set verify_restore = false"
+            )
+        else:
+            expected = (
+                f"role {role} may not read alembic_version (permission denied); use "
+                "the role that owns the schema"
+            )
+        assert result.stderr == f"runbook: error: target 'x': {expected}\n"
+        assert snapshot(dbname) == before
+    finally:
+        databases.drop_all()
+        databases.created.clear()
+        admin_exec(f"DROP ROLE IF EXISTS {role}")

@@ -215,6 +215,10 @@ def test_operator_rollback_refuses_data_loss_then_keeps_it_in_a_verified_backup(
     ]
     assert run["steps"][0]["kind"] == "backup"
     assert query(dbname, "SELECT to_regclass('push_subscriptions')") == [(None,)]
+    ahead = runbook_cli("rollback", "--target", name, "--to", "head")
+    assert (
+        ahead.returncode == 2 and "is not behind the current revision y7z8a9b0c1d2" in ahead.stderr
+    )
     backup = Path(run["backup"]["path"])
     assert stat.S_IMODE(backup.stat().st_mode) == 0o600
     assert isinstance(run["backup"]["verification"]["restore"], dict)
@@ -318,3 +322,53 @@ def test_hooks_run_around_the_run_and_after_run_whatever_the_outcome(
     ]
     hooks = [(s["kind"], s["revision"], s["state"]) for s in run["steps"] if s["kind"] == "hook"]
     assert hooks == [("hook", "before_run", "succeeded"), ("hook", "after_run", "succeeded")]
+
+
+def test_backup_runs_copy_retention_and_restore_from_the_copy(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev(
+            "k1",
+            "op.execute('CREATE TABLE notes (id int PRIMARY KEY, body text)')",
+            "op.execute('DROP TABLE notes')",
+        )
+    ]
+    dbname = databases.create()
+    name = f"t_{dbname}"
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+        backup_dir=str(tmp_path / "local"),
+        backup_copy_to=str(tmp_path / "elsewhere"),
+        keep_backups=2,
+    )
+    first = api.enqueue(name)
+    assert first and api.wait(first, name, timeout_s=60)["state"] == "succeeded"
+    query(dbname, "INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 30) g")
+
+    ids = []
+    for _ in range(2):
+        result = runbook_cli("backup", "--target", name, "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        run = json.loads(result.stdout)
+        assert run["kind"] == "backup" and run["state"] == "succeeded"
+        (copy,) = run["backup"]["copies"]
+        assert copy["sha256"] == run["backup"]["sha256"]
+        assert Path(copy["location"]).parent == tmp_path / "elsewhere"
+        ids.append(run["backup"]["id"])
+    listed = api.list_backups(name)
+    assert [b["id"] for b in listed] == list(reversed(ids))  # the apply's backup was removed
+    assert len(list((tmp_path / "local").glob("*.dump"))) == 2
+    assert len(list((tmp_path / "elsewhere").iterdir())) == 2
+
+    # The local file is lost; the copy brings it back for a restore.
+    query(dbname, "DELETE FROM notes WHERE id > 10")
+    Path(listed[0]["path"]).unlink()
+    result = runbook_cli("restore", "--target", name, "--backup", ids[-1], "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    assert run["state"] == "succeeded", run["error"]
+    assert query(dbname, "SELECT count(*) FROM notes") == [(30,)]
+    assert Path(listed[0]["path"]).exists()
