@@ -257,7 +257,9 @@ class Coordinator:
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
         self.run.current_revision = rev.id
-        ledger.finish_step(self.conn, step, st.STEP_SUCCEEDED, current_revision=rev.id)
+        ledger.finish_step(
+            self.conn, step, st.STEP_SUCCEEDED, current_revision=rev.id, file_sha256=rev.sha256
+        )
         self._report(step)
 
     def verify(self, rev: Revision) -> None:

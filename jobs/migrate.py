@@ -9,6 +9,7 @@ build their own engine, through ``sqlalchemy.url`` with the same session setting
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import io
 import logging.config
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -86,6 +88,11 @@ class Revision:
     def verify_check(self) -> str | Callable[[Connection], Any] | None:
         """The revision's own post-upgrade check (``verify = "SELECT …"`` or a callable)."""
         return getattr(self.module, "verify", None)
+
+    @property
+    def sha256(self) -> str:
+        """The revision file's sha256: an applied revision edited later is drift."""
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
 
     @property
     def declared_irreversible(self) -> str | None:
@@ -313,13 +320,24 @@ class Project:
         finally:
             self.config.attributes.pop("connection", None)
 
+    def upgrade_sql(self, rev: Revision) -> str:
+        """The SQL ``rev``'s upgrade would run, rendered offline (no database touched)."""
+        return self._render(rev, upgrade=True)
+
     def downgrade_sql(self, rev: Revision) -> str:
         """The SQL ``rev``'s downgrade would run, rendered offline (no database touched)."""
+        return self._render(rev, upgrade=False)
+
+    def _render(self, rev: Revision, *, upgrade: bool) -> str:
+        """One revision's SQL in Alembic's offline (``--sql``) mode; RevisionError when the
+        revision cannot be rendered without a database (it reads data, say)."""
         script = self.script
-        destination = rev.down or "base"
+        start, destination = (rev.down, rev.id) if upgrade else (rev.id, rev.down or "base")
         buffer = io.StringIO()
 
         def plan(heads: Any, _context: Any) -> Any:
+            if upgrade:
+                return script._upgrade_revs(destination, heads)
             return script._downgrade_revs(destination, heads)
 
         self.config.attributes.pop("connection", None)
@@ -331,15 +349,16 @@ class Project:
                     script,
                     fn=plan,
                     as_sql=True,
-                    starting_rev=rev.id,
+                    starting_rev=start,
                     destination_rev=destination,
                     output_buffer=buffer,
                 ),
             ):
                 script.run_env()
         except Exception as exc:
+            which = "upgrade" if upgrade else "downgrade"
             raise RevisionError(
-                f"cannot render the downgrade of {rev.id} offline ({describe(exc)})"
+                f"cannot render the {which} of {rev.id} offline ({describe(exc)})"
             ) from None
         return buffer.getvalue()
 
