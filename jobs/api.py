@@ -8,6 +8,7 @@ assert final["state"] == "succeeded"
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -129,6 +130,8 @@ def enqueue(
         path = project.upgrade_path(current, to_rev)
         if not path:
             return None
+        if t.require_rehearsal:
+            _check_rehearsed(conn, t, current, to_rev, path)
         return _admit(
             settings,
             t,
@@ -140,6 +143,22 @@ def enqueue(
             backup=take_backup,
             irreversible={r.id: r.irreversible for r in path if r.irreversible},
         )
+
+
+def _check_rehearsed(
+    conn: Connection, t: Target, current: str | None, to_rev: str | None, path: list[Revision]
+) -> None:
+    """require_rehearsal: a succeeded rehearsal of exactly these revision files must exist."""
+    hint = f"run `runbook rehearse --target {t.name} --to {to_rev}` first"
+    found = ledger.latest_rehearsal(conn, current, to_rev) if ledger.exists(conn) else None
+    if found is None or found["state"] != "succeeded":
+        raise RunbookError(
+            f"target {t.name!r} requires a rehearsal of {current or 'base'} -> {to_rev}; {hint}"
+        )
+    rehearsed = {r["revision"]: r.get("sha256") for r in found.get("revisions", [])}
+    changed = [r.id for r in path if rehearsed.get(r.id) != r.sha256]
+    if changed:
+        raise RunbookError(f"revision {changed[0]} changed since rehearsal {found['run']}; {hint}")
 
 
 def enqueue_backup(target: str | None = None, *, settings: Settings | None = None) -> str:
@@ -270,6 +289,53 @@ def enqueue_restore(
             to_revision=found.revision if not tables else current,
             options={"backup": True, "backup_id": backup_id, "tables": tables or []},
             backup=True,
+        )
+
+
+def enqueue_rehearse(
+    target: str | None = None, to: str = "head", *, settings: Settings | None = None
+) -> str | None:
+    """Queue a rehearsal of the pending revisions on a scratch copy of the target."""
+    settings = _settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    to_rev = project.resolve(to)
+    with db.connect(t) as conn:
+        current = project.current(conn)
+        if not project.upgrade_path(current, to_rev):
+            return None
+        _check_scratch(conn, dataclasses.replace(t, backup=True, verify_restore=True))
+        return _admit(
+            settings,
+            t,
+            conn,
+            kind="rehearse",
+            from_revision=current,
+            to_revision=to_rev,
+            options={"backup": True},
+            backup=True,
+        )
+
+
+def enqueue_stamp(
+    revision: str, target: str | None = None, *, settings: Settings | None = None
+) -> str:
+    """Queue a stamp: record ``revision`` in the version table without migrating (§8)."""
+    settings = _settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    to_rev = project.resolve(revision)
+    with db.connect(t) as conn:
+        recorded = project.recorded(conn)
+        return _admit(
+            settings,
+            t,
+            conn,
+            kind="stamp",
+            from_revision=recorded[0] if recorded else None,
+            to_revision=to_rev,
+            options={"backup": False},
+            backup=False,
         )
 
 

@@ -237,6 +237,29 @@ def restore(
 
 
 @cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--to", "to", default="head", show_default=True, help="Revision to rehearse up to.")
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@friendly
+def rehearse(target: str | None, to: str, wait: bool, as_json: bool) -> None:
+    """Rehearse the pending revisions (up, down, up) on a scratch copy of TARGET."""
+    run_id = api.enqueue_rehearse(target, to)
+    _follow(run_id, target, wait, as_json, f"no revision is pending up to {to}")
+
+
+@cli.command()
+@click.argument("revision")
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--wait", is_flag=True, help="Follow the run to its end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@friendly
+def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
+    """Record REVISION in the version table without migrating (the runbook's §8 fix)."""
+    _follow(api.enqueue_stamp(revision, target), target, wait, as_json, "")
+
+
+@cli.command()
 @click.argument("run_id")
 @click.option("--target", "-t", help="Look only in this target's ledger.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")

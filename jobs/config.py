@@ -53,6 +53,12 @@ def _duration_ms(value: object, what: str) -> int:
     return int(ms)
 
 
+def _names(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{what}: expected a list of rule names, got {value!r}")
+    return tuple(value)
+
+
 def normalize_url(raw: str, what: str = "database URL") -> URL:
     """Parse a PostgreSQL URL and pin the psycopg2 driver.
 
@@ -107,6 +113,10 @@ class Target:
     before_run: str | None = None
     after_run: str | None = None
     hook_timeout_s: float = 60.0
+    require_rehearsal: bool = False
+    lint_allow: tuple[str, ...] = ()
+    preflight_wait_s: float = 30.0
+    long_running_s: float = 60.0
 
     @property
     def safe_url(self) -> str:
@@ -173,6 +183,10 @@ _TARGET_KEYS = {
     "before_run",
     "after_run",
     "hook_timeout",
+    "require_rehearsal",
+    "lint_allow",
+    "preflight_wait",
+    "long_running",
 }
 
 
@@ -264,6 +278,12 @@ def _build_target(name: str, raw: dict[str, object], base: Path) -> Target:
         before_run=optional_text("before_run"),
         after_run=optional_text("after_run"),
         hook_timeout_s=_duration_ms(raw.get("hook_timeout", "60s"), f"{where}: hook_timeout")
+        / 1000,
+        require_rehearsal=flag("require_rehearsal", False),
+        lint_allow=_names(raw.get("lint_allow", []), f"{where}: lint_allow"),
+        preflight_wait_s=_duration_ms(raw.get("preflight_wait", "30s"), f"{where}: preflight_wait")
+        / 1000,
+        long_running_s=_duration_ms(raw.get("long_running", "60s"), f"{where}: long_running")
         / 1000,
     )
 

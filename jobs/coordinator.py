@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from jobs import db, hooks, ledger, restore, vault
+from jobs import rehearse as rehearsal
 from jobs import states as st
 from jobs.config import Settings, Target, redact
 from jobs.errors import DowngradeImpossible, RunbookError, StepFailed
@@ -149,6 +150,10 @@ class Coordinator:
         elif run.kind == "restore":
             self.backup()  # the state being replaced stays recoverable
             self.restore(run.options["backup_id"], run.options.get("tables") or [])
+        elif run.kind == "rehearse":
+            self.rehearse()
+        elif run.kind == "stamp":
+            self.stamp(run.to_revision)
         else:
             raise StepFailed(f"unknown run kind {run.kind!r}")
 
@@ -168,6 +173,60 @@ class Coordinator:
             self._end(step, st.STEP_FAILED, str(exc))
             raise
         self._end(step, st.STEP_SUCCEEDED, **answer)
+
+    def rehearse(self) -> None:
+        """Up, down, up on a scratch copy restored from the latest verified backup at the
+        current revision (a fresh one when there is none); the target is not touched."""
+        run = self.run
+        latest = next(
+            (
+                b
+                for b in ledger.list_backups(self.conn, self.target.name)
+                if b.verified and b.revision == run.from_revision
+            ),
+            None,
+        )
+        if latest is None:
+            self.backup()
+            latest = ledger.get_backup(self.conn, (run.backup or {})["id"])
+        step = self._begin("rehearse", run.to_revision)
+        if step is None:
+            return
+        try:
+            assert latest is not None
+            backup = vault.usable_backup(self.conn, self.target, latest.id)
+            result = rehearsal.rehearse(self.target, Path(backup.path), run.to_revision)
+        except RunbookError as exc:
+            self._end(step, st.STEP_FAILED, str(exc))
+            raise StepFailed(str(exc)) from None
+        result["backup_id"] = latest.id
+        if not result["complete"]:
+            failed: dict[str, Any] = next(
+                (r for r in result["revisions"] if r.get("up_error") or r.get("again_error")),
+                {},
+            )
+            error = (
+                f"rehearsal: {failed.get('revision')} failed to upgrade: "
+                f"{failed.get('up_error') or failed.get('again_error')}"
+            )
+            self._end(step, st.STEP_FAILED, error, **result)
+            raise StepFailed(error)
+        self._end(step, st.STEP_SUCCEEDED, **result)
+
+    def stamp(self, revision: str | None) -> None:
+        """Record ``revision`` in the version table without running migrations (§8)."""
+        step = self._begin("stamp", revision)
+        if step is None:
+            return
+        before = self.project.recorded(self.conn)
+        try:
+            self.project.stamp(revision)
+        except Exception as exc:
+            error = f"stamp {revision or 'base'} failed: {describe(exc)}"
+            self._end(step, st.STEP_FAILED, error)
+            raise StepFailed(error) from None
+        ledger.update_run(self.conn, self.run, current_revision=revision)
+        self._end(step, st.STEP_SUCCEEDED, before=before, after=self.project.recorded(self.conn))
 
     def check_at(self, revision: str | None) -> None:
         """After a downgrade step: the database must be at ``revision``."""

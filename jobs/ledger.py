@@ -522,6 +522,27 @@ def mark_backup_deleted(conn: Connection, backup_id: str) -> None:
         )
 
 
+def latest_rehearsal(
+    conn: Connection, from_revision: str | None, to_revision: str | None
+) -> dict[str, Any] | None:
+    """The newest rehearsal of exactly these revisions: its run id, state and findings."""
+    row = conn.execute(
+        text(
+            f"SELECT r.id, r.state, r.finished_at, s.detail FROM {SCHEMA}.runs r "
+            f"JOIN {SCHEMA}.steps s ON s.run_id = r.id AND s.kind = 'rehearse' "
+            "WHERE r.kind = 'rehearse' AND r.state IN ('succeeded', 'failed') "
+            "AND r.from_revision IS NOT DISTINCT FROM :f AND r.to_revision IS NOT DISTINCT FROM :t "
+            "ORDER BY r.created_at DESC LIMIT 1"
+        ),
+        {"f": from_revision, "t": to_revision},
+    ).first()
+    if conn.in_transaction():
+        conn.rollback()
+    if row is None:
+        return None
+    return {"run": row.id, "state": row.state, "finished_at": _iso(row.finished_at), **row.detail}
+
+
 def recorded_fingerprint(conn: Connection, revision: str | None) -> str | None:
     """The schema fingerprint a past run's verify step recorded at ``revision``."""
     if revision is None:

@@ -293,6 +293,43 @@ class Project:
             self._conn.close()
             self._conn = None
 
+    def stamp(self, revision: str | None) -> None:
+        """``alembic stamp --purge``: record ``revision`` without running migrations. Purge,
+        because the usual reason to stamp is a version table holding an unknown revision."""
+        script = self.script
+        destination = revision or "base"
+
+        def plan(heads: Any, _context: Any) -> Any:
+            return script._stamp_revs((destination,), heads)
+
+        conn = self._connection()
+        self.config.attributes["connection"] = conn
+        try:
+            with (
+                _keep_logging(),
+                EnvironmentContext(
+                    self.config, script, fn=plan, destination_rev=(destination,), purge=True
+                ),
+            ):
+                script.run_env()
+            if conn.in_transaction():
+                conn.commit()
+        finally:
+            self.config.attributes.pop("connection", None)
+
+    def recorded(self, conn: Connection) -> list[str]:
+        """The version table's rows as they are, known to the scripts or not."""
+        table = conn.dialect.identifier_preparer.quote(self.target.version_table)
+        try:
+            return [
+                str(v) for v in conn.execute(text(f"SELECT version_num FROM {table}")).scalars()
+            ]
+        except ProgrammingError:
+            return []
+        finally:
+            if conn.in_transaction():
+                conn.rollback()
+
     def _run(self, destination: str, upgrade: bool) -> None:
         """What ``alembic.command.upgrade`` / ``downgrade`` do, on the already loaded script
         directory: the command functions would re-read every revision file per revision."""

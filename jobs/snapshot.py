@@ -12,6 +12,7 @@ the table list and the row counts are still checked.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -351,3 +352,20 @@ def verify_by_restore(target: Target, path: Path, expected: Mapping[str, Any]) -
         "checksummed": sum(1 for s in tables.values() if s.get("checksum") is not None),
         "scratch_restore": "ok",
     }
+
+
+@contextmanager
+def scratch_copy(target: Target, path: Path) -> Iterator[Target]:
+    """A scratch database restored from ``path``, as a Target of its own; dropped after.
+
+    The target itself is never touched: this is where a rehearsal runs the migrations.
+    """
+    scratch = _scratch_name()
+    _create_scratch(target, scratch)
+    try:
+        _restore(target, path, scratch)
+        yield dataclasses.replace(
+            target, name=f"{target.name}.rehearsal", url=target.url.set(database=scratch)
+        )
+    finally:
+        _drop_scratch(target, scratch)

@@ -1,0 +1,142 @@
+"""Rehearsal on a scratch copy, require_rehearsal, and stamp (real Postgres, Redis, worker)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from jobs import api
+from migrations.seed import seed
+from tests.integration.conftest import (
+    REPO,
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    runbook_cli,
+    schema_dump,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_rehearsal_reports_the_enum_downgrade_and_leaves_the_target_untouched(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    root = tmp_path / "app"
+    shutil.copytree(
+        REPO / "migrations", root / "migrations", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    dbname = databases.create()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alembic",
+            "-c",
+            str(root / "alembic.ini"),
+            "upgrade",
+            "w5x6y7z8a9b0",
+        ],
+        env={"DATABASE_URL": db_url(dbname), "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+    )
+    conn = psycopg2.connect(db_url(dbname))
+    with conn:
+        seed(conn, large_rows=1000)
+    conn.close()
+    name = f"t_{dbname}"
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(root / "alembic.ini"),
+        backup_dir=str(tmp_path / "b"),
+        require_rehearsal=True,
+    )
+    before = schema_dump(dbname)
+
+    refused = runbook_cli("apply", "--target", name)
+    assert refused.returncode == 2 and "requires a rehearsal" in refused.stderr
+
+    result = runbook_cli("rehearse", "--target", name, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    assert run["state"] == "succeeded", run["error"]
+    step = next(s for s in run["steps"] if s["kind"] == "rehearse")
+    detail = step["detail"]
+    assert detail["complete"] is True
+    assert list(detail["irreversible"]) == ["x6y7z8a9b0c1"]
+    assert "NotImplementedError" in detail["irreversible"]["x6y7z8a9b0c1"]
+    revisions = {r["revision"]: r for r in detail["revisions"]}
+    assert len(revisions) == 8 and revisions["z8a9b0c1d2e3"]["reversible"] is True
+    assert all(r["up_s"] >= 0 for r in revisions.values())
+    assert schema_dump(dbname) == before  # the target was never touched
+    scratch = subprocess.run(
+        [
+            "psql",
+            "-At",
+            "-d",
+            db_url("postgres"),
+            "-c",
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'runbook_scratch_%'",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert scratch.strip() == "0"
+
+    # Now apply may run; an edited revision file invalidates the rehearsal.
+    edited = (
+        root
+        / "migrations"
+        / "versions"
+        / "b0c1d2e3f4g5_add_threshold_fields_to_notification_preferences.py"
+    )
+    edited.write_text(edited.read_text() + "\n# edited after the rehearsal\n")
+    stale = runbook_cli("apply", "--target", name)
+    assert stale.returncode == 2 and "changed since rehearsal" in stale.stderr
+    edited.write_text(edited.read_text().replace("\n# edited after the rehearsal\n", ""))
+    ok = runbook_cli("apply", "--target", name, "--wait", "--json")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_stamp_fixes_a_version_table_holding_an_unknown_revision(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    from tests.projects import Rev, write_project
+
+    revisions = [Rev("s1", "op.execute('CREATE TABLE s (id int)')", "op.execute('DROP TABLE s')")]
+    dbname = databases.create()
+    name = f"t_{dbname}"
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+        backup=False,
+    )
+    run_id = api.enqueue(name)
+    assert run_id and api.wait(run_id, name, timeout_s=60)["state"] == "succeeded"
+    conn = psycopg2.connect(db_url(dbname))
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE alembic_version SET version_num = 'deadbeef0000'")
+    conn.close()
+    broken = runbook_cli("apply", "--target", name)
+    assert (
+        broken.returncode == 2 and "'deadbeef0000', which the scripts do not know" in broken.stderr
+    )
+
+    result = runbook_cli("stamp", "s1", "--target", name, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)
+    assert run["kind"] == "stamp" and run["state"] == "succeeded"
+    assert run["steps"][0]["detail"] == {"before": ["deadbeef0000"], "after": ["s1"]}
+    again = runbook_cli("apply", "--target", name)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
