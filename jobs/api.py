@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from jobs import backup as backups
 from jobs import db, ledger, vault
+from jobs import plan as planning
 from jobs.config import Settings, Target, load_settings, redact
 from jobs.errors import (
     BackupError,
@@ -108,11 +109,46 @@ def _admit(
     return run_id
 
 
+def plan(
+    target: str | None = None, to: str = "head", *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """What an apply to ``to`` would do: SQL, lint, irreversibility, tables, last rehearsal."""
+    t = _settings(settings).target(target)
+    project = Project(t)
+    to_rev = project.resolve(to)
+    with db.connect(t) as conn:
+        result = planning.build_plan(t, project, conn, to_rev)
+        result["rehearsal"] = (
+            ledger.latest_rehearsal(conn, result["current"], to_rev)
+            if ledger.exists(conn)
+            else None
+        )
+    return result
+
+
+def _check_lint(t: Target, found: dict[str, Any]) -> None:
+    """apply --strict: no lint error the target has not allowed (lint_allow)."""
+    errors = [
+        (rev["id"], f)
+        for rev in found["revisions"]
+        for f in rev.get("lint") or []
+        if f["level"] == "error" and f["rule"] not in t.lint_allow
+    ]
+    if errors:
+        rev, first = errors[0]
+        more = f" (and {len(errors) - 1} more; see runbook plan)" if len(errors) > 1 else ""
+        raise RunbookError(
+            f"--strict: {rev}: {first['rule']}: {first['message']}{more}; fix the revision "
+            f"or add the rule to lint_allow for target {t.name!r}"
+        )
+
+
 def enqueue(
     target: str | None = None,
     to: str = "head",
     *,
     backup: bool | None = None,
+    strict: bool = False,
     settings: Settings | None = None,
 ) -> str | None:
     """Check everything that can be checked, record the run and queue it; its id.
@@ -132,6 +168,8 @@ def enqueue(
             return None
         if t.require_rehearsal:
             _check_rehearsed(conn, t, current, to_rev, path)
+        if strict:
+            _check_lint(t, planning.build_plan(t, project, conn, to_rev))
         return _admit(
             settings,
             t,

@@ -115,11 +115,16 @@ def cli() -> None:
 @click.option("--wait", is_flag=True, help="Follow the run to its end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @click.option("--no-backup", is_flag=True, help="Skip the backup step (recorded on the run).")
+@click.option("--strict", is_flag=True, help="Refuse when the plan has lint errors not allowed.")
 @friendly
-def apply(target: str | None, to: str, wait: bool, as_json: bool, no_backup: bool) -> None:
+def apply(
+    target: str | None, to: str, wait: bool, as_json: bool, no_backup: bool, strict: bool
+) -> None:
     """Enqueue a run that brings TARGET up to a revision, one revision at a time."""
     settings = load_settings()
-    run_id = api.enqueue(target, to, backup=False if no_backup else None, settings=settings)
+    run_id = api.enqueue(
+        target, to, backup=False if no_backup else None, strict=strict, settings=settings
+    )
     if run_id is None:
         name = settings.target(target).name
         if as_json:
@@ -234,6 +239,31 @@ def restore(
     """Restore a backup into TARGET (whole, or some tables), verified, backup first."""
     run_id = api.enqueue_restore(backup_id, target, tables=list(tables))
     _follow(run_id, target, wait, as_json, "")
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--to", "to", default="head", show_default=True, help="Revision to plan up to.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@friendly
+def plan(target: str | None, to: str, as_json: bool) -> None:
+    """Show what an apply would do: SQL, lint findings, irreversible revisions, tables."""
+    from jobs.plan import format_plan
+
+    found = api.plan(target, to)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    out.print(format_plan(found))
+    rehearsal = found.get("rehearsal")
+    if rehearsal:
+        irreversible = ", ".join(rehearsal.get("irreversible") or {}) or "none"
+        out.print(
+            f"last rehearsal: run {rehearsal['run']} {rehearsal['state']} "
+            f"({rehearsal.get('finished_at') or ''}); downgrades that failed: {irreversible}"
+        )
+    else:
+        out.print("no rehearsal of these revisions yet (runbook rehearse)")
 
 
 @cli.command()

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from jobs import db, hooks, ledger, restore, vault
+from jobs import db, hooks, ledger, plan, preflight, restore, vault
 from jobs import rehearse as rehearsal
 from jobs import states as st
 from jobs.config import Settings, Target, redact
@@ -131,8 +131,9 @@ class Coordinator:
         elif run.kind == "apply":
             path = self.project.upgrade_path(run.from_revision, run.to_revision)
             if not run.irreversible:
-                plan = {r.id: r.irreversible for r in path if r.irreversible}
-                ledger.update_run(self.conn, run, irreversible=plan)
+                found = {r.id: r.irreversible for r in path if r.irreversible}
+                ledger.update_run(self.conn, run, irreversible=found)
+            self.preflight(path)
             if run.options.get("backup", True):
                 self.backup()
             for rev in path:
@@ -156,6 +157,34 @@ class Coordinator:
             self.stamp(run.to_revision)
         else:
             raise StepFailed(f"unknown run kind {run.kind!r}")
+
+    def preflight(self, path: list[Revision]) -> None:
+        """The run's preconditions, checked before the backup (recorded as a step)."""
+        step = self._begin("preflight")
+        if step is None:
+            return
+        tables: list[str] = []
+        for rev in path:
+            try:
+                sql = self.project.upgrade_sql(rev)
+            except RunbookError:
+                continue  # cannot render offline: its tables are unknown
+            tables += [t for t in plan.tables_in(sql) if t != self.target.version_table]
+        try:
+            checked = preflight.preflight(
+                self.conn,
+                self.target,
+                self.project,
+                self.run.from_revision,
+                self.run.to_revision,
+                sorted(set(tables)),
+                backup=bool(self.run.options.get("backup", True)),
+            )
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, RunbookError) else f"preflight: {describe(exc)}"
+            self._end(step, st.STEP_FAILED, error)
+            raise StepFailed(error) from None
+        self._end(step, st.STEP_SUCCEEDED, **checked)
 
     def hook(self, which: str, state: str | None = None) -> None:
         """Run the target's before_run / after_run hook, recorded as a step."""

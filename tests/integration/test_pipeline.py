@@ -84,7 +84,7 @@ def test_apply_to_head_records_every_step(
     assert run["state"] == "succeeded"
     assert (run["from_revision"], run["to_revision"], run["current_revision"]) == (None, "a3", "a3")
     kinds = [(s["kind"], s["revision"], s["state"]) for s in run["steps"]]
-    assert kinds == [("backup", None, "succeeded")] + [
+    assert kinds == [("preflight", None, "succeeded"), ("backup", None, "succeeded")] + [
         (k, r, "succeeded") for r in ("a1", "a2", "a3") for k in ("upgrade", "verify")
     ]
     assert all(s["started_at"] and s["finished_at"] and s["attempts"] == 1 for s in run["steps"])
@@ -231,9 +231,24 @@ def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
     first = api.enqueue(target, "l1")
     assert first and api.wait(first, target, timeout_s=60)["state"] == "succeeded"
 
+    # An application query holding a lock for a few seconds (active, so preflight lets the
+    # run start; an idle-in-transaction holder would be refused by preflight instead).
     holder = psycopg2.connect(db_url(dbname))
-    with holder.cursor() as cur:  # an application transaction sitting on the table
-        cur.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+
+    def hold() -> None:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6)")
+        holder.rollback()
+
+    holding = threading.Thread(target=hold)
+    holding.start()
+    while not query(
+        dbname,
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = "
+        "l.relation WHERE c.relname = 'busy' AND l.mode = "
+        "'AccessExclusiveLock' AND l.granted",
+    )[0][0]:
+        time.sleep(0.05)
     run_id = api.enqueue(target)
     assert run_id
     deadline = time.monotonic() + 30
@@ -251,7 +266,7 @@ def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
     busy = runbook_cli("apply", "--target", target)
     assert busy.returncode == 2
     assert run_id in busy.stderr and busy.stderr.count("\n") == 1
-    holder.rollback()
+    holding.join()
     holder.close()
     run = api.wait(run_id, target, timeout_s=60)
     assert run["state"] == "succeeded"
@@ -283,8 +298,8 @@ def test_duplicate_delivery_does_nothing_twice(
     assert run["state"] == "succeeded"
     time.sleep(1.5)  # let the extra deliveries finish
     run = api.status(run_id, target)
-    assert [s["attempts"] for s in run["steps"]] == [1] * 6
-    assert len(run["steps"]) == 6
+    assert [s["attempts"] for s in run["steps"]] == [1] * 7  # preflight, then 3 x up + verify
+    assert len(run["steps"]) == 7
     # A delivery after the end finds the run finished and changes nothing.
     api._send(settings, run_id, settings.target(target))
     time.sleep(1.0)
