@@ -126,6 +126,23 @@ def plan(
     return result
 
 
+def check(target: str | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
+    """Drift: models against the live schema, and applied revision files edited since."""
+    from jobs import drift
+
+    t = _settings(settings).target(target)
+    return drift.check(t, Project(t))
+
+
+def doctor(target: str | None = None, *, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """The runbook's §8 troubleshooting, automated: one finding per problem, with its fix."""
+    from jobs import doctor as diagnosis
+
+    t = _settings(settings).target(target)
+    with db.connect(t) as conn:
+        return [dict(f) for f in diagnosis.diagnose(t, conn)]
+
+
 def _check_lint(t: Target, found: dict[str, Any]) -> None:
     """apply --strict: no lint error the target has not allowed (lint_allow)."""
     errors = [

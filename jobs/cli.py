@@ -268,6 +268,50 @@ def plan(target: str | None, to: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@friendly
+def check(target: str | None, as_json: bool) -> None:
+    """Drift: models vs the live schema, and applied revisions edited since. Exit 1 on drift."""
+    found = api.check(target)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        for line in found["schema"]:
+            out.print(f"schema: {line}")
+        for e in found["edited"]:
+            out.print(
+                f"edited: revision {e['revision']} ({e['path']}) changed since run "
+                f"{e['run_id']} applied it"
+            )
+        if found.get("pending"):
+            out.print(
+                f"note: {len(found['pending'])} revisions are not applied yet; the schema "
+                "differences include what they will change"
+            )
+        if not found["drift"]:
+            out.print("no drift")
+    sys.exit(1 if found["drift"] else 0)
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@friendly
+def doctor(target: str | None, as_json: bool) -> None:
+    """Diagnose the runbook's common migration errors (§8); each finding with its fix."""
+    findings = api.doctor(target)
+    if as_json:
+        click.echo(json.dumps(findings, indent=2))
+    else:
+        for f in findings:
+            out.print(f"{f['code']}: {f['message']} — fix: {f['fix']}")
+        if not findings:
+            out.print("no problems found")
+    sys.exit(1 if findings else 0)
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
 @click.option("--to", "to", default="head", show_default=True, help="Revision to rehearse up to.")
 @click.option("--wait", is_flag=True, help="Follow the run to its end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")

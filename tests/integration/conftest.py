@@ -131,6 +131,8 @@ class Config:
             for key, value in options.items():
                 if isinstance(value, bool):
                     lines.append(f"{key} = {'true' if value else 'false'}")
+                elif isinstance(value, list):
+                    lines.append(f"{key} = {json.dumps(value)}")
                 elif isinstance(value, int | float):
                     lines.append(f"{key} = {value}")
                 else:
