@@ -63,6 +63,7 @@ def test_sigkilled_worker_mid_upgrade_is_redelivered_and_the_run_completes(
     k2 = next(s for s in run["steps"] if s["kind"] == "upgrade" and s["revision"] == "k2")
     assert k2["attempts"] >= 2
     assert [(s["kind"], s["revision"]) for s in run["steps"]] == [
+        ("preflight", None),
         ("upgrade", "k1"),
         ("verify", "k1"),
         ("upgrade", "k2"),
