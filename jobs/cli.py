@@ -125,29 +125,9 @@ def apply(
     run_id = api.enqueue(
         target, to, backup=False if no_backup else None, strict=strict, settings=settings
     )
-    if run_id is None:
-        name = settings.target(target).name
-        if as_json:
-            click.echo(json.dumps({"id": None, "target": name, "state": "noop"}))
-        else:
-            err.print(f"target {name} is already at {to}; nothing to do")
-        return
-    if not wait:
-        if as_json:
-            click.echo(json.dumps({"id": run_id, "state": "enqueued"}))
-        else:
-            click.echo(run_id)
-        return
-    if not as_json:
-        click.echo(run_id)
-    final = api.wait(
-        run_id, target, on_change=None if as_json else _progress_printer(), settings=settings
+    _follow(
+        run_id, target, wait, as_json, f"target {settings.target(target).name} is already at {to}"
     )
-    if as_json:
-        click.echo(json.dumps(final, indent=2))
-    else:
-        _summary(final)
-    _exit_for(final)
 
 
 def _follow(run_id: str | None, target: str | None, wait: bool, as_json: bool, what: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -218,6 +220,49 @@ def worker(
     yield w
     w.stop()
     redis_lib.Redis.from_url(REDIS_URL).delete(QUEUE)
+
+
+def query(dbname: str, sql: str) -> list[tuple[Any, ...]]:
+    """Run one statement in ``dbname`` (committed); its rows, if it returns any."""
+    conn = psycopg2.connect(db_url(dbname))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.commit()
+        conn.close()
+
+
+def reference_copy(tmp_path: Path, extra: str | None = None) -> Path:
+    """A copy of the reference project (alembic.ini, migrations/), plus an ``extra`` revision
+    file when given; the copy's alembic.ini."""
+    root = tmp_path / "app"
+    shutil.copytree(
+        REPO / "migrations", root / "migrations", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    if extra:
+        (root / "migrations" / "versions" / "extra_revision.py").write_text(extra)
+    return root / "alembic.ini"
+
+
+def seeded_reference_db(databases: Databases, ini: Path, large_rows: int = 2000) -> str:
+    """A new database at the reference history's first revision (plain alembic CLI), seeded."""
+    from migrations.seed import seed
+
+    dbname = databases.create()
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "w5x6y7z8a9b0"],
+        env={"DATABASE_URL": db_url(dbname), "PATH": "/usr/bin:/bin"},
+        check=True,
+        capture_output=True,
+    )
+    conn = psycopg2.connect(db_url(dbname))
+    with conn:
+        seed(conn, large_rows=large_rows)
+    conn.close()
+    return dbname
 
 
 def schema_dump(dbname: str, *, with_ledger: bool = False) -> str:

@@ -14,10 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from tests.integration.conftest import ADMIN_URL, REDIS_URL, admin_exec, db_url
+from tests.integration.conftest import ADMIN_URL, REDIS_URL, admin_exec, query
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +48,6 @@ def run_demo(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
-
-
-def query(dbname: str, sql: str) -> list[tuple]:
-    conn = psycopg2.connect(db_url(dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def test_demo_runs_the_reference_history_to_head(services: None, tmp_path: Path) -> None:

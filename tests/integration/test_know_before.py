@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import psycopg2
 import pytest
 
-from migrations.seed import seed
-from tests.integration.conftest import REPO, Config, Databases, Worker, db_url, runbook_cli
+from tests.integration.conftest import (
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    reference_copy,
+    runbook_cli,
+    seeded_reference_db,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -20,39 +23,13 @@ pytestmark = pytest.mark.integration
 def reference_target(
     config: Config, databases: Databases, tmp_path: Path, **options: object
 ) -> tuple[str, str, Path]:
-    root = tmp_path / "app"
-    shutil.copytree(
-        REPO / "migrations", root / "migrations", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
-    dbname = databases.create()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alembic",
-            "-c",
-            str(root / "alembic.ini"),
-            "upgrade",
-            "w5x6y7z8a9b0",
-        ],
-        env={"DATABASE_URL": db_url(dbname), "PATH": "/usr/bin:/bin"},
-        check=True,
-        capture_output=True,
-    )
-    conn = psycopg2.connect(db_url(dbname))
-    with conn:
-        seed(conn, large_rows=500)
-    conn.close()
+    ini = reference_copy(tmp_path)
+    dbname = seeded_reference_db(databases, ini, large_rows=500)
     name = f"t_{dbname}"
     config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(root / "alembic.ini"),
-        backup_dir=str(tmp_path / "b"),
-        **options,
+        name, url=db_url(dbname), alembic_ini=str(ini), backup_dir=str(tmp_path / "b"), **options
     )
-    return name, dbname, root
+    return name, dbname, ini.parent
 
 
 def test_plan_matches_what_apply_then_does_and_check_and_doctor_agree(

@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
+    query,
     runbook_cli,
     schema_dump,
 )
@@ -45,17 +46,6 @@ GOOD = [
         "op.drop_index('accounts_email', table_name='accounts')",
     ),
 ]
-
-
-def query(dbname: str, sql: str) -> list[tuple]:
-    conn = psycopg2.connect(db_url(dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.commit()
-        conn.close()
 
 
 def add_target(

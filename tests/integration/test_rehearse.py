@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import psycopg2
 import pytest
 
 from jobs import api
-from migrations.seed import seed
 from tests.integration.conftest import (
-    REPO,
     Config,
     Databases,
     Worker,
     db_url,
+    reference_copy,
     runbook_cli,
     schema_dump,
+    seeded_reference_db,
 )
 
 pytestmark = pytest.mark.integration
@@ -29,30 +27,9 @@ pytestmark = pytest.mark.integration
 def test_rehearsal_reports_the_enum_downgrade_and_leaves_the_target_untouched(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    root = tmp_path / "app"
-    shutil.copytree(
-        REPO / "migrations", root / "migrations", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
-    dbname = databases.create()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alembic",
-            "-c",
-            str(root / "alembic.ini"),
-            "upgrade",
-            "w5x6y7z8a9b0",
-        ],
-        env={"DATABASE_URL": db_url(dbname), "PATH": "/usr/bin:/bin"},
-        check=True,
-        capture_output=True,
-    )
-    conn = psycopg2.connect(db_url(dbname))
-    with conn:
-        seed(conn, large_rows=1000)
-    conn.close()
+    ini = reference_copy(tmp_path)
+    root = ini.parent
+    dbname = seeded_reference_db(databases, ini, large_rows=1000)
     name = f"t_{dbname}"
     config.add(
         name,

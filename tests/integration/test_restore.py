@@ -14,7 +14,7 @@ import pytest
 from jobs.backup import libpq_env
 from jobs.config import Target, normalize_url
 from jobs.restore import RestoreError, restore_database, restore_tables
-from tests.integration.conftest import Databases, admin_exec, db_url, schema_dump
+from tests.integration.conftest import Databases, admin_exec, db_url, query, schema_dump
 
 pytestmark = pytest.mark.integration
 
@@ -64,16 +64,6 @@ def execute(dbname: str, *statements: str) -> None:
         with conn.cursor() as cur:
             for sql in statements:
                 cur.execute(sql)
-    finally:
-        conn.close()
-
-
-def query(dbname: str, sql: str) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(db_url(dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
     finally:
         conn.close()
 

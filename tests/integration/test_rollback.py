@@ -4,24 +4,23 @@ per-table restore, verified backups (real Postgres, Redis and worker)."""
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from jobs import api
-from migrations.seed import seed
 from tests.integration.conftest import (
-    REPO,
     Config,
     Databases,
     Worker,
     db_url,
+    query,
+    reference_copy,
     runbook_cli,
     schema_dump,
+    seeded_reference_db,
 )
 from tests.projects import Rev, write_project
 
@@ -44,17 +43,6 @@ def downgrade():
 '''
 
 
-def query(dbname: str, sql: str) -> list[tuple]:
-    conn = psycopg2.connect(db_url(dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.commit()
-        conn.close()
-
-
 def data_dump(dbname: str) -> str:
     out = subprocess.run(
         ["pg_dump", "--data-only", "--exclude-schema=runbook", "--inserts", "-d", db_url(dbname)],
@@ -63,43 +51,6 @@ def data_dump(dbname: str) -> str:
         check=True,
     ).stdout
     return "\n".join(sorted(line for line in out.splitlines() if line.startswith("INSERT")))
-
-
-def reference_copy(tmp_path: Path, extra: str | None = None) -> Path:
-    root = tmp_path / "app"
-    shutil.copytree(
-        REPO / "migrations", root / "migrations", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
-    if extra:
-        (root / "migrations" / "versions" / "f1f1f1f1f1f1_fails.py").write_text(extra)
-    return root / "alembic.ini"
-
-
-def seeded_reference_db(databases: Databases, ini: Path) -> str:
-    dbname = databases.create()
-    env = {"DATABASE_URL": db_url(dbname), "PATH": "/usr/bin:/bin"}
-    subprocess.run(
-        [*ALEMBIC, "-c", str(ini), "upgrade", "w5x6y7z8a9b0"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    conn = psycopg2.connect(db_url(dbname))
-    with conn:
-        seed(conn, large_rows=2000)
-    conn.close()
-    return dbname
-
-
-ALEMBIC = ["python3", "-m", "alembic"]
-
-
-@pytest.fixture(autouse=True)
-def _alembic_in_venv() -> None:
-    import sys
-
-    ALEMBIC[0] = sys.executable
 
 
 def test_enum_revision_then_failure_is_restored_to_identical_schema_and_data(
