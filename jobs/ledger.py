@@ -19,7 +19,7 @@ from sqlalchemy import Connection, text
 
 from jobs.config import redact
 from jobs.db import ADMISSION_LOCK_KEY
-from jobs.errors import TargetBusy, UnknownRun
+from jobs.errors import IllegalTransition, TargetBusy, UnknownRun
 from jobs.states import ENQUEUED, TERMINAL, check_transition
 
 SCHEMA = "runbook"
@@ -85,6 +85,58 @@ _MIGRATIONS: list[str] = [
         deleted_at  timestamptz
     );
     CREATE INDEX backups_target_taken ON {SCHEMA}.backups (target, taken_at DESC);
+    """,
+    f"""
+    -- Batched, resumable UPDATEs walked by a unique key. The cursor (last key done, as
+    -- text) moves in the same transaction as each batch's UPDATE and its batch row; the
+    -- generation fences a zombie worker: only the latest claim may commit a batch.
+    CREATE TABLE {SCHEMA}.backfills (
+        id              text PRIMARY KEY,
+        target          text NOT NULL,
+        run_id          text REFERENCES {SCHEMA}.runs (id) ON DELETE SET NULL,
+        table_name      text NOT NULL,
+        key_column      text NOT NULL,
+        key_type        text NOT NULL,
+        set_sql         text NOT NULL,
+        where_sql       text,
+        state           text NOT NULL,
+        generation      bigint NOT NULL DEFAULT 0,
+        cursor          text,
+        upper_key       text,
+        batch_size      integer NOT NULL,
+        min_batch       integer NOT NULL,
+        max_batch       integer NOT NULL,
+        target_batch_ms integer NOT NULL,
+        sleep_ms        integer NOT NULL,
+        lock_timeout_ms integer NOT NULL,
+        statement_timeout_ms integer NOT NULL,
+        rows_done       bigint NOT NULL DEFAULT 0,
+        rows_total_estimate bigint,
+        estimate_kind   text CHECK (estimate_kind IN ('counted', 'planner')),
+        error           text,
+        error_range     jsonb,
+        throttled_ms    bigint NOT NULL DEFAULT 0,
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        started_at      timestamptz,
+        finished_at     timestamptz,
+        updated_at      timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX backfills_target_created ON {SCHEMA}.backfills (target, created_at DESC);
+    CREATE TABLE {SCHEMA}.backfill_batches (
+        id           bigserial PRIMARY KEY,
+        backfill_id  text NOT NULL REFERENCES {SCHEMA}.backfills (id) ON DELETE CASCADE,
+        lo           text,
+        hi           text NOT NULL,
+        batch_size   integer NOT NULL,
+        rows         integer NOT NULL,
+        duration_ms  integer NOT NULL,
+        attempt      integer NOT NULL,
+        generation   bigint NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        -- Keys only grow along the walk: a second batch ending at the same key would be a
+        -- batch applied twice, whatever the code above got wrong.
+        UNIQUE (backfill_id, hi)
+    );
     """,
 ]
 
@@ -646,3 +698,349 @@ def _tx(conn: Connection) -> Any:
 
 def _clean(message: str | None) -> str | None:
     return None if message is None else redact(message)
+
+
+# -- backfills ----------------------------------------------------------------------------------
+# The state names and the legal transitions are jobs/backfill.py's; functions here that change
+# a state take the table (or the claim mapping) from there.
+
+
+@dataclass
+class Backfill:
+    id: str
+    target: str
+    run_id: str | None
+    table_name: str
+    key_column: str
+    key_type: str
+    set_sql: str
+    where_sql: str | None
+    state: str
+    generation: int
+    cursor: str | None
+    upper_key: str | None
+    batch_size: int
+    min_batch: int
+    max_batch: int
+    target_batch_ms: int
+    sleep_ms: int
+    lock_timeout_ms: int
+    statement_timeout_ms: int
+    rows_done: int
+    rows_total_estimate: int | None
+    estimate_kind: str | None
+    error: str | None
+    error_range: dict[str, Any] | None
+    throttled_ms: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        for key in ("created_at", "started_at", "finished_at", "updated_at"):
+            out[key] = _iso(out[key])
+        return out
+
+
+@dataclass
+class BackfillBatch:
+    id: int
+    backfill_id: str
+    lo: str | None
+    hi: str
+    batch_size: int
+    rows: int
+    duration_ms: int
+    attempt: int
+    generation: int
+    committed_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "committed_at": _iso(self.committed_at)}
+
+
+_BACKFILL_COLUMNS = (
+    "id, target, run_id, table_name, key_column, key_type, set_sql, where_sql, state, "
+    "generation, cursor, upper_key, batch_size, min_batch, max_batch, target_batch_ms, sleep_ms, "
+    "lock_timeout_ms, statement_timeout_ms, rows_done, rows_total_estimate, estimate_kind, "
+    "error, error_range, throttled_ms, created_at, started_at, finished_at, updated_at"
+)
+_BATCH_COLUMNS = (
+    "id, backfill_id, lo, hi, batch_size, rows, duration_ms, attempt, generation, committed_at"
+)
+_BACKFILL_SETTINGS = (
+    "batch_size",
+    "min_batch",
+    "max_batch",
+    "target_batch_ms",
+    "sleep_ms",
+    "lock_timeout_ms",
+    "statement_timeout_ms",
+)
+
+
+def create_backfill(
+    conn: Connection,
+    *,
+    target: str,
+    run_id: str | None,
+    table_name: str,
+    key_column: str,
+    key_type: str,
+    set_sql: str,
+    where_sql: str | None,
+    state: str,
+    upper_key: str | None,
+    rows_total_estimate: int | None,
+    estimate_kind: str | None,
+    settings: dict[str, int],
+    finished: bool = False,
+) -> str:
+    """Record a new backfill (``settings``: batch sizes, pacing, timeouts); its id. Commits."""
+    assert set(settings) == set(_BACKFILL_SETTINGS), settings
+    backfill_id = new_run_id()
+    names = ", ".join(_BACKFILL_SETTINGS)
+    binds = ", ".join(f":{k}" for k in _BACKFILL_SETTINGS)
+    with _tx(conn):
+        if run_id:
+            _notify(conn, run_id)
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.backfills (id, target, run_id, table_name, key_column, "
+                "key_type, set_sql, where_sql, state, upper_key, rows_total_estimate, "
+                f"estimate_kind, finished_at, {names}) VALUES (:id, :target, :run_id, :table, "
+                ":key, :key_type, :set_sql, :where_sql, :state, :upper, :estimate, :kind, "
+                f"CASE WHEN :finished THEN now() END, {binds})"
+            ),
+            {
+                "id": backfill_id,
+                "target": target,
+                "run_id": run_id,
+                "table": table_name,
+                "key": key_column,
+                "key_type": key_type,
+                "set_sql": set_sql,
+                "where_sql": where_sql,
+                "state": state,
+                "upper": upper_key,
+                "estimate": rows_total_estimate,
+                "kind": estimate_kind,
+                "finished": finished,
+                **settings,
+            },
+        )
+    return backfill_id
+
+
+def get_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
+    """The backfill with ``backfill_id``, or None."""
+    row = conn.execute(
+        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills WHERE id = :id"),
+        {"id": backfill_id},
+    ).first()
+    if conn.in_transaction():
+        conn.rollback()
+    return Backfill(**row._mapping) if row else None
+
+
+def list_backfills(
+    conn: Connection, *, target: str | None = None, run_id: str | None = None, limit: int = 50
+) -> list[Backfill]:
+    """Backfills, newest first, optionally of one target or one run."""
+    rows = conn.execute(
+        text(
+            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills "
+            "WHERE (CAST(:t AS text) IS NULL OR target = :t) "
+            "AND (CAST(:r AS text) IS NULL OR run_id = :r) ORDER BY created_at DESC LIMIT :n"
+        ),
+        {"t": target, "r": run_id, "n": limit},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return [Backfill(**r._mapping) for r in rows]
+
+
+def list_batches(conn: Connection, backfill_id: str) -> list[BackfillBatch]:
+    """A backfill's committed batches, in the order they committed."""
+    rows = conn.execute(
+        text(
+            f"SELECT {_BATCH_COLUMNS} FROM {SCHEMA}.backfill_batches "
+            "WHERE backfill_id = :id ORDER BY id"
+        ),
+        {"id": backfill_id},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return [BackfillBatch(**r._mapping) for r in rows]
+
+
+def claim(conn: Connection, backfill_id: str, after_claim: dict[str, str]) -> int | None:
+    """Take a backfill over: a new generation fences every earlier worker. Commits.
+
+    ``after_claim`` maps each claimable state to the state the claim leaves (a pause or a
+    cancel asked for stays asked for). The new generation; None for an unknown backfill;
+    IllegalTransition when its state is not claimable.
+    """
+    with _tx(conn):
+        current = _lock(conn, backfill_id)
+        if current is None:
+            return None
+        if current.state not in after_claim:
+            raise IllegalTransition(
+                f"backfill {backfill_id} is {current.state}; only a backfill that is "
+                f"{', '.join(sorted(after_claim))} can be started or resumed"
+            )
+        if current.run_id:
+            _notify(conn, current.run_id)
+        generation = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfills SET generation = generation + 1, state = :state, "
+                "error = CASE WHEN state = 'errored' THEN NULL ELSE error END, "
+                "error_range = CASE WHEN state = 'errored' THEN NULL ELSE error_range END, "
+                "started_at = coalesce(started_at, now()), updated_at = now() "
+                "WHERE id = :id RETURNING generation"
+            ),
+            {"state": after_claim[current.state], "id": backfill_id},
+        ).scalar_one()
+    return int(generation)
+
+
+def handoff(conn: Connection, backfill_id: str, generation: int) -> int | None:
+    """Pass a running backfill from ``generation`` to the next one (for the continuation task),
+    so that a redelivered copy of the finished task is fenced; None when no longer ours."""
+    with _tx(conn):
+        value = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfills SET generation = generation + 1, updated_at = now() "
+                "WHERE id = :id AND generation = :g RETURNING generation"
+            ),
+            {"id": backfill_id, "g": generation},
+        ).scalar()
+    return None if value is None else int(value)
+
+
+def set_state(
+    conn: Connection,
+    backfill_id: str,
+    new_state: str | dict[str, str],
+    transitions: dict[str, frozenset[str]],
+    *,
+    terminal: frozenset[str] = frozenset(),
+) -> tuple[str, str] | None:
+    """Move a backfill to ``new_state`` (or to ``new_state[current state]``) if ``transitions``
+    allows it; (old, new), or None for an unknown backfill. Asking for the state it is in
+    changes nothing. Waits for a batch in flight to commit first. Commits."""
+    with _tx(conn):
+        current = _lock(conn, backfill_id)
+        if current is None:
+            return None
+        old = current.state
+        new = new_state.get(old) if isinstance(new_state, dict) else new_state
+        if new is None:
+            raise IllegalTransition(f"backfill {backfill_id} is {old}; that does not apply to it")
+        if new != old and new not in transitions.get(old, frozenset()):
+            raise IllegalTransition(f"backfill {backfill_id} is {old}; it cannot become {new}")
+        if new != old:
+            _mark(conn, current, new, finished=new in terminal)
+    return old, new
+
+
+def lock_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
+    """The backfill, row-locked until the caller's transaction ends (no commit here)."""
+    return _lock(conn, backfill_id)
+
+
+def record_batch(
+    conn: Connection,
+    backfill: Backfill,
+    *,
+    lo: str | None,
+    hi: str,
+    batch_size: int,
+    rows: int,
+    duration_ms: int,
+    attempt: int,
+    generation: int,
+    next_batch_size: int,
+    throttled_ms: int,
+) -> None:
+    """Within the caller's batch transaction: the batch row, the cursor, the counters."""
+    if backfill.run_id:
+        _notify(conn, backfill.run_id)
+    conn.execute(
+        text(
+            f"INSERT INTO {SCHEMA}.backfill_batches (backfill_id, lo, hi, batch_size, rows, "
+            "duration_ms, attempt, generation) VALUES (:b, :lo, :hi, :size, :rows, :ms, "
+            ":attempt, :g)"
+        ),
+        {
+            "b": backfill.id,
+            "lo": lo,
+            "hi": hi,
+            "size": batch_size,
+            "rows": rows,
+            "ms": duration_ms,
+            "attempt": attempt,
+            "g": generation,
+        },
+    )
+    conn.execute(
+        text(
+            f"UPDATE {SCHEMA}.backfills SET cursor = :hi, rows_done = rows_done + :rows, "
+            "batch_size = :next, throttled_ms = throttled_ms + :slept, updated_at = now() "
+            "WHERE id = :id"
+        ),
+        {"hi": hi, "rows": rows, "next": next_batch_size, "slept": throttled_ms, "id": backfill.id},
+    )
+
+
+def mark_backfill(
+    conn: Connection,
+    backfill: Backfill,
+    state: str,
+    *,
+    finished: bool = False,
+    error: str | None = None,
+    error_range: dict[str, Any] | None = None,
+) -> None:
+    """Within the caller's transaction (the row locked by lock_backfill): set the state and,
+    for an error, its text and the key range that failed."""
+    _mark(conn, backfill, state, finished=finished, error=error, error_range=error_range)
+
+
+def _lock(conn: Connection, backfill_id: str) -> Backfill | None:
+    row = conn.execute(
+        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills WHERE id = :id FOR UPDATE"),
+        {"id": backfill_id},
+    ).first()
+    return Backfill(**row._mapping) if row else None
+
+
+def _mark(
+    conn: Connection,
+    backfill: Backfill,
+    state: str,
+    *,
+    finished: bool,
+    error: str | None = None,
+    error_range: dict[str, Any] | None = None,
+) -> None:
+    if backfill.run_id:
+        _notify(conn, backfill.run_id)
+    sets = ["state = :state", "updated_at = now()"]
+    if finished:
+        sets.append("finished_at = now()")
+    if error is not None:
+        sets += ["error = :error", "error_range = CAST(:range AS jsonb)"]
+    conn.execute(
+        text(f"UPDATE {SCHEMA}.backfills SET {', '.join(sets)} WHERE id = :id"),
+        {
+            "state": state,
+            "error": _clean(error),
+            "range": None if error_range is None else json.dumps(error_range),
+            "id": backfill.id,
+        },
+    )
+    backfill.state = state
