@@ -138,7 +138,7 @@ def test_stats_equal_between_source_and_restored_copy(
     assert before["public.accounts"]["rows"] == 501
     assert before["public.events"]["rows"] == 0  # a partitioned parent holds no rows itself
     assert before["public.events_2024"]["rows"] + before["public.events_2025"]["rows"] == 300
-    assert before["public.empty_one"] == {"rows": 0, "checksum": "s64:0"}
+    assert before["public.empty_one"] == {"rows": 0, "checksum": "h64:0"}
 
     path = dump_file(tmp_path)
     dumped = snapshot.dump_with_stats(target, path, max_checksum_bytes=None)
@@ -261,7 +261,7 @@ def test_rows_committed_after_the_snapshot_are_in_neither_dump_nor_stats(
             "table public.accounts has 501 rows, expected 500",
         ),
         (
-            lambda t: t["Other.Weird Name"].update(checksum="s64:12345"),
+            lambda t: t["Other.Weird Name"].update(checksum="h64:12345"),
             "table Other.Weird Name has 2 rows as expected but different content",
         ),
         (
