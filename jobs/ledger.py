@@ -423,15 +423,6 @@ def start_step(conn: Connection, run: Run, kind: str, revision: str | None = Non
     return step
 
 
-def set_step_detail(conn: Connection, step: Step, **detail: Any) -> None:
-    """Merge ``detail`` into a step's JSON detail, committed at once (survives a crash)."""
-    step.detail = {**step.detail, **detail}
-    with _tx(conn):
-        _notify(conn, step.run_id)
-        conn.execute(
-            text(f"UPDATE {SCHEMA}.steps SET detail = CAST(:d AS jsonb) WHERE id = :id"),
-            {"d": json.dumps(step.detail), "id": step.id},
-        )
 
 
 def bump_attempts(conn: Connection, step: Step, error: str) -> None:

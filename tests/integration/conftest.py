@@ -222,6 +222,24 @@ def worker(
     redis_lib.Redis.from_url(REDIS_URL).delete(QUEUE)
 
 
+def project_target(
+    config: Config, databases: Databases, tmp_path: Path, revisions: list[Any], **options: object
+) -> tuple[str, str]:
+    """A new database and a target for it running a project of ``revisions``; (name, db)."""
+    from tests.projects import write_project
+
+    dbname = databases.create()
+    name = f"t_{dbname}"
+    options.setdefault("backup_dir", str(tmp_path / "backups"))
+    config.add(
+        name,
+        url=db_url(dbname),
+        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+        **options,
+    )
+    return name, dbname
+
+
 def query(dbname: str, sql: str) -> list[tuple[Any, ...]]:
     """Run one statement in ``dbname`` (committed); its rows, if it returns any."""
     conn = psycopg2.connect(db_url(dbname))

@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
+    project_target,
     query,
     runbook_cli,
     schema_dump,
@@ -48,26 +49,10 @@ GOOD = [
 ]
 
 
-def add_target(
-    config: Config, databases: Databases, tmp_path: Path, revisions: list[Rev], **options: object
-) -> tuple[str, str]:
-    dbname = databases.create()
-    ini = write_project(tmp_path / "project", revisions)
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(ini),
-        backup_dir=str(tmp_path / "backups"),
-        **options,
-    )
-    return name, dbname
-
-
 def test_apply_to_head_records_every_step(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    target, dbname = add_target(config, databases, tmp_path, GOOD)
+    target, dbname = project_target(config, databases, tmp_path, GOOD)
     result = runbook_cli("apply", "--target", target, "--wait", "--json")
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)
@@ -119,7 +104,7 @@ def test_failing_third_revision_rolls_back_to_identical_schema(
             "op.execute('DROP TABLE doomed')",
         ),
     ]
-    target, dbname = add_target(config, databases, tmp_path, revisions)
+    target, dbname = project_target(config, databases, tmp_path, revisions)
     settings = load_settings()
     first = api.enqueue(target, "b0", settings=settings)
     assert first and api.wait(first, target, timeout_s=60)["state"] == "succeeded"
@@ -150,7 +135,7 @@ def test_failed_verify_check_rolls_back_that_revision_too(
             extra='verify = "SELECT count(*) > 0 FROM audit"',
         ),
     ]
-    target, dbname = add_target(config, databases, tmp_path, revisions, backup=False)
+    target, dbname = project_target(config, databases, tmp_path, revisions, backup=False)
     run_id = api.enqueue(target)
     assert run_id
     run = api.wait(run_id, target, timeout_s=60)
@@ -178,7 +163,7 @@ def test_impossible_downgrade_ends_restored_from_the_run_backup(
         ),
         Rev("e3", "op.execute('SELECT 1/0')"),
     ]
-    target, dbname = add_target(config, databases, tmp_path, revisions)
+    target, dbname = project_target(config, databases, tmp_path, revisions)
     result = runbook_cli("apply", "--target", target, "--wait", "--json")
     assert result.returncode == 1
     run = json.loads(result.stdout)
@@ -208,7 +193,7 @@ def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
             "op.drop_column('busy', 'extra')",
         ),
     ]
-    target, dbname = add_target(
+    target, dbname = project_target(
         config,
         databases,
         tmp_path,
@@ -272,7 +257,7 @@ def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
 def test_duplicate_delivery_does_nothing_twice(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    target, dbname = add_target(config, databases, tmp_path, GOOD, backup=False)
+    target, dbname = project_target(config, databases, tmp_path, GOOD, backup=False)
     run_id = api.enqueue(target)
     assert run_id
     settings = load_settings()
@@ -343,7 +328,7 @@ def test_health_url_is_checked_after_each_revision(
     server = HTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        target, dbname = add_target(
+        target, dbname = project_target(
             config,
             databases,
             tmp_path,

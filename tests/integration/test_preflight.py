@@ -11,8 +11,15 @@ import pytest
 from jobs import api, db, preflight
 from jobs.config import load_settings
 from jobs.migrate import Project
-from tests.integration.conftest import Config, Databases, Worker, db_url, schema_dump
-from tests.projects import Rev, write_project
+from tests.integration.conftest import (
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    project_target,
+    schema_dump,
+)
+from tests.projects import Rev
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +40,11 @@ REVS = [
 def setup(
     config: Config, databases: Databases, tmp_path: Path, **options: object
 ) -> tuple[str, str]:
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", REVS)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        REVS,
         backup_dir=str(tmp_path / "b"),
         **options,
     )

@@ -15,6 +15,7 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
+    project_target,
     reference_copy,
     runbook_cli,
     schema_dump,
@@ -88,15 +89,14 @@ def test_rehearsal_reports_the_enum_downgrade_and_leaves_the_target_untouched(
 def test_stamp_fixes_a_version_table_holding_an_unknown_revision(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    from tests.projects import Rev, write_project
+    from tests.projects import Rev
 
     revisions = [Rev("s1", "op.execute('CREATE TABLE s (id int)')", "op.execute('DROP TABLE s')")]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup=False,
     )
     run_id = api.enqueue(name)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobs import api
-from tests.integration.conftest import Config, Databases, Worker, db_url
-from tests.projects import Rev, write_project
+from tests.integration.conftest import Config, Databases, Worker, project_target
+from tests.projects import Rev
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +29,11 @@ def test_sigkilled_worker_mid_upgrade_is_redelivered_and_the_run_completes(
         ),
         Rev("k3", "op.execute('CREATE TABLE last (id int)')", "op.execute('DROP TABLE last')"),
     ]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup=False,
         lock_timeout="500ms",
         lock_retries=20,

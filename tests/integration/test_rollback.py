@@ -16,13 +16,14 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
+    project_target,
     query,
     reference_copy,
     runbook_cli,
     schema_dump,
     seeded_reference_db,
 )
-from tests.projects import Rev, write_project
+from tests.projects import Rev
 
 pytestmark = pytest.mark.integration
 
@@ -97,12 +98,11 @@ def test_downgrade_that_does_nothing_is_caught_by_the_fingerprint_and_restored(
         Rev("p2", "op.add_column('kept', sa.Column('extra', sa.Text()))", "pass"),
         Rev("p3", "op.execute('SELECT 1/0')"),
     ]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup_dir=str(tmp_path / "b"),
     )
     first = api.enqueue(name, "p1")
@@ -215,12 +215,11 @@ def test_restore_refuses_unknown_missing_corrupt_and_foreign_tables(
             "op.execute('DROP TABLE stuff')",
         )
     ]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup_dir=str(tmp_path / "b"),
     )
     run_id = api.enqueue(name)
@@ -253,12 +252,11 @@ def test_hooks_run_around_the_run_and_after_run_whatever_the_outcome(
         Rev("h1", "op.execute('CREATE TABLE h (id int)')", "op.execute('DROP TABLE h')"),
         Rev("h2", "op.execute('SELECT 1/0')"),
     ]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup=False,
         before_run=f'echo "before $RUNBOOK_RUN_ID $RUNBOOK_STATE" >> {log}',
         after_run=f'echo "after $RUNBOOK_RUN_ID $RUNBOOK_STATE" >> {log}',
@@ -285,12 +283,11 @@ def test_backup_runs_copy_retention_and_restore_from_the_copy(
             "op.execute('DROP TABLE notes')",
         )
     ]
-    dbname = databases.create()
-    name = f"t_{dbname}"
-    config.add(
-        name,
-        url=db_url(dbname),
-        alembic_ini=str(write_project(tmp_path / "p", revisions)),
+    name, dbname = project_target(
+        config,
+        databases,
+        tmp_path,
+        revisions,
         backup_dir=str(tmp_path / "local"),
         backup_copy_to=str(tmp_path / "elsewhere"),
         keep_backups=2,
