@@ -423,8 +423,6 @@ def start_step(conn: Connection, run: Run, kind: str, revision: str | None = Non
     return step
 
 
-
-
 def bump_attempts(conn: Connection, step: Step, error: str) -> None:
     """Count one more attempt of a running step (a retried lock timeout)."""
     with _tx(conn):
