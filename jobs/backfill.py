@@ -42,51 +42,37 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs import ledger
-from jobs.errors import IllegalTransition, RunbookError
+from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
+    BackfillError,
+    BackfillInterrupted,
+    BadSpec,
+    UnknownBackfill,
+    UnusableKey,
+)
 from jobs.migrate import describe, sqlstate
-from jobs.states import CANCELLED, ENQUEUED, RUNNING, SUCCEEDED
+from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
+    BACKFILL_CANCEL as CANCEL,
+)
+from jobs.states import BACKFILL_CLAIM as CLAIM
+from jobs.states import BACKFILL_PAUSE as PAUSE
+from jobs.states import BACKFILL_RESUME as RESUME
+from jobs.states import BACKFILL_TERMINAL as TERMINAL
+from jobs.states import BACKFILL_TRANSITIONS as TRANSITIONS
+from jobs.states import (
+    CANCELLED,
+    CANCELLING,
+    ENQUEUED,
+    ERRORED,
+    PAUSED,
+    PAUSING,
+    RUNNING,
+    SUCCEEDED,
+)
+from jobs.states import (
+    check_backfill_transition as check_transition,
+)
 
 log = logging.getLogger("runbook.backfill")
-
-PAUSING = "pausing"
-PAUSED = "paused"
-CANCELLING = "cancelling"
-ERRORED = "errored"
-TERMINAL = frozenset({SUCCEEDED, CANCELLED})
-
-# Backfill state -> states it may move to (to move next to TRANSITIONS in jobs/states.py).
-# Pause and cancel are flags a worker reads at the start of each batch: `pausing` and
-# `cancelling` are asked for, `paused` and `cancelled` are reached by the worker.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    # Created, no worker yet. Pause waits for the first slice; cancel needs no worker.
-    ENQUEUED: frozenset({RUNNING, PAUSING, CANCELLED}),
-    # running -> running is a claim: a new generation takes over from a dead worker.
-    RUNNING: frozenset({RUNNING, PAUSING, CANCELLING, SUCCEEDED, ERRORED}),
-    # -> running: resumed before the pause took effect; -> errored: the batch in flight failed.
-    PAUSING: frozenset({PAUSING, RUNNING, PAUSED, CANCELLING, ERRORED}),
-    PAUSED: frozenset({RUNNING, CANCELLED}),
-    CANCELLING: frozenset({CANCELLING, CANCELLED, ERRORED}),
-    # The cursor stays before the failing range: resume continues from the checkpoint.
-    ERRORED: frozenset({RUNNING, CANCELLED}),
-    SUCCEEDED: frozenset(),
-    CANCELLED: frozenset(),
-}
-
-# What a claim leaves, by the state it finds. A start or a takeover (a reconciler, a
-# redelivered task) keeps a pause or cancel that was asked for; its first batch honours it.
-CLAIM = {ENQUEUED: RUNNING, RUNNING: RUNNING, PAUSING: PAUSING, CANCELLING: CANCELLING}
-# An operator's resume also restarts a paused or errored backfill and withdraws a pending
-# pause; a pending cancel still wins.
-RESUME = {**CLAIM, PAUSING: RUNNING, PAUSED: RUNNING, ERRORED: RUNNING}
-PAUSE = {ENQUEUED: PAUSING, RUNNING: PAUSING, PAUSING: PAUSING, PAUSED: PAUSED}
-CANCEL = {
-    ENQUEUED: CANCELLED,
-    RUNNING: CANCELLING,
-    PAUSING: CANCELLING,
-    CANCELLING: CANCELLING,
-    PAUSED: CANCELLED,
-    ERRORED: CANCELLED,
-}
 
 CONTINUE = "continue"  # the slice's time is up and work is left: enqueue the next slice
 FENCED = "fenced"  # a newer generation owns the backfill: this worker stops
@@ -114,34 +100,6 @@ TRANSIENT_SQLSTATES = frozenset(
 )
 
 Connector = Engine | Callable[[], Connection]
-
-
-class BackfillError(RunbookError):
-    """Raised when a backfill cannot be created, changed or continued."""
-
-
-class UnusableKey(BackfillError):
-    """Raised when a key column cannot walk its table completely and in order."""
-
-
-class BadSpec(BackfillError):
-    """Raised when a backfill's table, SET, WHERE or batch settings are unusable."""
-
-
-class UnknownBackfill(BackfillError):
-    """Raised when a backfill id is not in the target's ledger."""
-
-
-class BackfillInterrupted(BackfillError):
-    """Raised when a slice cannot reach the database to record how it ended."""
-
-    exit_code = 1
-
-
-def check_transition(current: str, new: str) -> None:
-    """Raise IllegalTransition unless ``current -> new`` is in TRANSITIONS."""
-    if new not in TRANSITIONS.get(current, frozenset()):
-        raise IllegalTransition(f"a backfill cannot go from {current} to {new}")
 
 
 @dataclass(frozen=True)

@@ -67,3 +67,25 @@ class VerifyFailed(StepFailed):
 
 class DowngradeImpossible(StepFailed):
     """Raised when a revision cannot be undone by its downgrade."""
+
+
+class BackfillError(RunbookError):
+    """Raised when a backfill cannot be created, changed or continued."""
+
+
+class UnusableKey(BackfillError):
+    """Raised when a key column cannot walk its table completely and in order."""
+
+
+class BadSpec(BackfillError):
+    """Raised when a backfill's table, SET, WHERE or batch settings are unusable."""
+
+
+class UnknownBackfill(BackfillError):
+    """Raised when a backfill id is not in the target's ledger."""
+
+
+class BackfillInterrupted(BackfillError):
+    """Raised when a slice cannot reach the database to record how it ended."""
+
+    exit_code = 1

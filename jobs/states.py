@@ -48,3 +48,53 @@ def check_transition(current: str, new: str) -> None:
     """Raise IllegalTransition unless ``current -> new`` is in TRANSITIONS."""
     if new not in TRANSITIONS.get(current, frozenset()):
         raise IllegalTransition(f"a run cannot go from {current} to {new}")
+
+
+# -- backfills -------------------------------------------------------------------------------
+# A backfill has its own states (maintenance_tasks' participles): pause and cancel are flags
+# a worker reads at the start of each batch.
+PAUSING = "pausing"
+PAUSED = "paused"
+CANCELLING = "cancelling"
+ERRORED = "errored"
+BACKFILL_TERMINAL = frozenset({SUCCEEDED, CANCELLED})
+
+# Backfill state -> states it may move to.
+# Pause and cancel are flags a worker reads at the start of each batch: `pausing` and
+# `cancelling` are asked for, `paused` and `cancelled` are reached by the worker.
+BACKFILL_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Created, no worker yet. Pause waits for the first slice; cancel needs no worker.
+    ENQUEUED: frozenset({RUNNING, PAUSING, CANCELLED}),
+    # running -> running is a claim: a new generation takes over from a dead worker.
+    RUNNING: frozenset({RUNNING, PAUSING, CANCELLING, SUCCEEDED, ERRORED}),
+    # -> running: resumed before the pause took effect; -> errored: the batch in flight failed.
+    PAUSING: frozenset({PAUSING, RUNNING, PAUSED, CANCELLING, ERRORED}),
+    PAUSED: frozenset({RUNNING, CANCELLED}),
+    CANCELLING: frozenset({CANCELLING, CANCELLED, ERRORED}),
+    # The cursor stays before the failing range: resume continues from the checkpoint.
+    ERRORED: frozenset({RUNNING, CANCELLED}),
+    SUCCEEDED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+# What a claim leaves, by the state it finds. A start or a takeover (a reconciler, a
+# redelivered task) keeps a pause or cancel that was asked for; its first batch honours it.
+BACKFILL_CLAIM = {ENQUEUED: RUNNING, RUNNING: RUNNING, PAUSING: PAUSING, CANCELLING: CANCELLING}
+# An operator's resume also restarts a paused or errored backfill and withdraws a pending
+# pause; a pending cancel still wins.
+BACKFILL_RESUME = {**BACKFILL_CLAIM, PAUSING: RUNNING, PAUSED: RUNNING, ERRORED: RUNNING}
+BACKFILL_PAUSE = {ENQUEUED: PAUSING, RUNNING: PAUSING, PAUSING: PAUSING, PAUSED: PAUSED}
+BACKFILL_CANCEL = {
+    ENQUEUED: CANCELLED,
+    RUNNING: CANCELLING,
+    PAUSING: CANCELLING,
+    CANCELLING: CANCELLING,
+    PAUSED: CANCELLED,
+    ERRORED: CANCELLED,
+}
+
+
+def check_backfill_transition(current: str, new: str) -> None:
+    """Raise IllegalTransition unless ``current -> new`` is in BACKFILL_TRANSITIONS."""
+    if new not in BACKFILL_TRANSITIONS.get(current, frozenset()):
+        raise IllegalTransition(f"a backfill cannot go from {current} to {new}")
