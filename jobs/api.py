@@ -511,3 +511,102 @@ def cancel(
     with db.connect(t) as conn:
         ledger.transition(conn, run, CANCELLED, error="cancelled by an operator")
         return ledger.get_run(conn, run_id).as_dict()
+
+
+def enqueue_backfill(
+    table: str,
+    set_sql: str,
+    *,
+    target: str | None = None,
+    where: str | None = None,
+    key: str | None = None,
+    batch_size: int = 1000,
+    settings: Settings | None = None,
+) -> str:
+    """Validate and record a batched, resumable UPDATE and queue its first slice; its id."""
+    from jobs import backfill, sqlguard
+
+    if batch_size <= 0:
+        raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    settings = _settings(settings)
+    t = settings.target(target)
+    table_sql = sqlguard.table(table)
+    set_text = sqlguard.render(sqlguard.assignments(set_sql))
+    where_text = sqlguard.predicate(where) if where else None
+    with db.connect(t) as conn:
+        if key is None:
+            keys = backfill.candidate_keys(conn, table_sql)
+            if not keys:
+                raise RunbookError(f"table {table} has no usable key (a unique NOT NULL column)")
+            key = keys[0]
+        spec = backfill.Spec(
+            table=table_sql,
+            key=key,
+            set_sql=set_text,
+            where_sql=where_text,
+            batch_size=batch_size,
+            min_batch=min(100, batch_size),
+            max_batch=max(50000, batch_size),
+            lock_timeout_ms=t.lock_timeout_ms,
+        )
+        _check_broker(settings)
+        backfill_id = backfill.create(conn, t.name, spec)
+        if backfill.get(conn, backfill_id).state == "succeeded":
+            return backfill_id  # an empty table: nothing to queue
+        generation = backfill.claim(conn, backfill_id)
+    _send_backfill(settings, backfill_id, t, generation)
+    return backfill_id
+
+
+def _send_backfill(settings: Settings, backfill_id: str, t: Target, generation: int) -> None:
+    from worker.app import app
+
+    app.send_task(
+        "runbook.backfill_slice", args=[backfill_id, t.name, generation], queue=settings.queue
+    )
+
+
+def _find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
+    from jobs import backfill
+
+    candidates = [settings.target(target)] if target else list(settings.targets.values())
+    for t in candidates:
+        try:
+            with db.connect(t) as conn:
+                if ledger.exists(conn) and ledger.get_backfill(conn, backfill_id) is not None:
+                    return t
+        except TargetUnreachable:
+            if target:
+                raise
+    raise backfill.UnknownBackfill(f"unknown backfill {backfill_id!r}")
+
+
+def backfill_status(
+    backfill_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The backfill's state and progress (rows done, total, percent, cursor, error)."""
+    from jobs import backfill, backfill_runner
+
+    t = _find_backfill(_settings(settings), backfill_id, target)
+    with db.connect(t) as conn:
+        return backfill_runner.progress(backfill.get(conn, backfill_id))
+
+
+def control_backfill(
+    action: str, backfill_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """pause, resume or cancel a backfill; resume queues a slice with a new generation."""
+    from jobs import backfill, backfill_runner
+
+    settings = _settings(settings)
+    t = _find_backfill(settings, backfill_id, target)
+    with db.connect(t) as conn:
+        if action == "pause":
+            backfill.pause(conn, backfill_id)
+        elif action == "cancel":
+            backfill.cancel(conn, backfill_id)
+        else:
+            _check_broker(settings)
+            generation = backfill.claim(conn, backfill_id, resume=True)
+            _send_backfill(settings, backfill_id, t, generation)
+        return backfill_runner.progress(backfill.get(conn, backfill_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
@@ -19,8 +20,32 @@ from rich.table import Table
 
 from jobs import api
 from jobs.config import load_settings, redact
-from jobs.errors import RunbookError
+from jobs.errors import RunbookError, UnknownRun
 from jobs.states import SUCCEEDED, TERMINAL
+
+BACKFILL_STOPS = {"succeeded", "cancelled", "errored", "paused"}
+
+
+def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None:
+    """Print progress until the backfill stops; exit 0 only when it succeeded."""
+    last = None
+    while True:
+        now = api.backfill_status(backfill_id, target)
+        if not as_json and (now["state"], now["rows_done"]) != last:
+            pct = f" ({now['percent']}%)" if now["percent"] is not None else ""
+            err.print(
+                f"backfill {backfill_id} {now['state']}: {now['rows_done']} of "
+                f"~{now['rows_total']} rows ({now['estimate']}){pct}"
+            )
+            last = (now["state"], now["rows_done"])
+        if now["state"] in BACKFILL_STOPS:
+            break
+        time.sleep(0.5)
+    if as_json:
+        click.echo(json.dumps(now, indent=2))
+    elif now["error"]:
+        err.print(f"  error: {now['error']}")
+    sys.exit(0 if now["state"] == "succeeded" else 1)
 
 
 def _console(stderr: bool) -> Console:
@@ -320,7 +345,20 @@ def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
 @click.option("--watch", is_flag=True, help="Follow the run until it ends.")
 @friendly
 def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
-    """Show a run: its state, revisions, backup and steps."""
+    """Show a run (or a backfill): its state, revisions, backup and steps."""
+    try:
+        run = api.status(run_id, target)
+    except UnknownRun:
+        found = api.backfill_status(run_id, target)
+        if watch:
+            _follow_backfill(run_id, target, as_json)
+        click.echo(
+            json.dumps(found, indent=2)
+            if as_json
+            else f"backfill {run_id} {found['state']}: {found['rows_done']} of "
+            f"~{found['rows_total']} rows ({found['estimate']})"
+        )
+        return
     if watch:
         final = api.wait(run_id, target, on_change=None if as_json else _progress_printer())
         if as_json:
@@ -328,7 +366,6 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
         else:
             _summary(final)
         _exit_for(final)
-    run = api.status(run_id, target)
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
@@ -380,8 +417,56 @@ def history(target: str | None, limit: int, as_json: bool) -> None:
 @friendly
 def resume(run_id: str, target: str | None) -> None:
     """Send an unfinished run to the workers again (after a worker died)."""
-    run = api.resume(run_id, target)
+    try:
+        run = api.resume(run_id, target)
+    except UnknownRun:
+        done = api.control_backfill("resume", run_id, target)
+        err.print(
+            f"backfill {run_id} {done['state']} from its checkpoint ({done['rows_done']} rows done)"
+        )
+        return
     err.print(f"run {run['id']} ({run['state']}) sent to the workers again")
+
+
+@cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--table", required=True, help="Table to update, e.g. large_table.")
+@click.option("--set", "set_sql", required=True, help="Assignments, e.g. \"col = 'v'\".")
+@click.option("--where", help='Only rows matching this condition, e.g. "col IS NULL".')
+@click.option("--key", help="Unique NOT NULL column to walk (default: the primary key).")
+@click.option("--batch-size", default=1000, show_default=True, type=int, help="First batch size.")
+@click.option("--wait", is_flag=True, help="Follow the backfill until it stops.")
+@click.option("--json", "as_json", is_flag=True, help="Print the backfill as JSON.")
+@friendly
+def backfill(
+    target: str | None,
+    table: str,
+    set_sql: str,
+    where: str | None,
+    key: str | None,
+    batch_size: int,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Start a batched, resumable UPDATE on the workers; prints its id."""
+    backfill_id = api.enqueue_backfill(
+        table, set_sql, target=target, where=where, key=key, batch_size=batch_size
+    )
+    if wait:
+        if not as_json:
+            click.echo(backfill_id)
+        _follow_backfill(backfill_id, target, as_json)
+    click.echo(json.dumps({"id": backfill_id}) if as_json else backfill_id)
+
+
+@cli.command()
+@click.argument("backfill_id")
+@click.option("--target", "-t", help="Look only in this target's ledger.")
+@friendly
+def pause(backfill_id: str, target: str | None) -> None:
+    """Pause a backfill before its next batch (resume continues from the checkpoint)."""
+    done = api.control_backfill("pause", backfill_id, target)
+    err.print(f"backfill {backfill_id} {done['state']}")
 
 
 @cli.command()
@@ -390,7 +475,12 @@ def resume(run_id: str, target: str | None) -> None:
 @friendly
 def cancel(run_id: str, target: str | None) -> None:
     """Cancel a run that no worker has started yet."""
-    run = api.cancel(run_id, target)
+    try:
+        run = api.cancel(run_id, target)
+    except UnknownRun:
+        done = api.control_backfill("cancel", run_id, target)
+        err.print(f"backfill {run_id} {done['state']}")
+        return
     err.print(f"run {run['id']} {run['state']}")
 
 

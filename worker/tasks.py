@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Task
 
+from jobs import backfill_runner
 from jobs.config import load_settings, redact
 from jobs.coordinator import execute
 from jobs.errors import RunbookError
@@ -31,3 +32,21 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
         message = redact(str(exc))
         log.error("run %s on target %s refused: %s", run_id, target, message)
         return {"run_id": run_id, "target": target, "state": "refused", "error": message}
+
+
+@app.task(name="runbook.backfill_slice", bind=True)
+def backfill_slice(self: Task, backfill_id: str, target: str, generation: int) -> dict[str, Any]:
+    """A few seconds of a backfill's batches, then the continuation. Names only, no URLs."""
+    try:
+        settings = load_settings()
+        return backfill_runner.run_slice_and_continue(
+            settings, target, backfill_id, generation, send_next=_send_slice
+        )
+    except RunbookError as exc:
+        message = redact(str(exc))
+        log.error("backfill %s on target %s refused: %s", backfill_id, target, message)
+        return {"backfill_id": backfill_id, "target": target, "state": "refused", "error": message}
+
+
+def _send_slice(backfill_id: str, target: str, generation: int, queue: str) -> None:
+    backfill_slice.apply_async(args=[backfill_id, target, generation], queue=queue)
