@@ -578,7 +578,10 @@ def _find_backfill(settings: Settings, backfill_id: str, target: str | None) -> 
         except TargetUnreachable:
             if target:
                 raise
-    raise backfill.UnknownBackfill(f"unknown backfill {backfill_id!r}")
+    # The CLI looks for a run first, then a backfill: name both.
+    raise backfill.UnknownBackfill(
+        f"unknown run or backfill {backfill_id!r}; `runbook history` lists the runs"
+    )
 
 
 def backfill_status(

@@ -345,8 +345,7 @@ def create(conn: Connection, target_name: str, spec: Spec, run_id: str | None = 
     is empty. Raises BadSpec or UnusableKey with one line for the operator.
     """
     spec.check()
-    ledger.ensure(conn)
-    try:
+    try:  # every check first: bad input leaves the database as it was, ledger included
         table = _table(conn, spec.table)
         key_type = _key_type(conn, table, spec.key)
         _check_statement(conn, table, spec, key_type)
@@ -355,6 +354,7 @@ def create(conn: Connection, target_name: str, spec: Spec, run_id: str | None = 
     finally:
         if conn.in_transaction():
             conn.rollback()
+    ledger.ensure(conn)
     return ledger.create_backfill(
         conn,
         target=target_name,

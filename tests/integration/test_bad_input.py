@@ -171,8 +171,41 @@ CASES = [
         "broker at redis://127.0.0.1:1/0 is unreachable",
         env={"CELERY_BROKER_URL": "redis://127.0.0.1:1/0"},
     ),
-    Case("unknown run (status)", ["status", "0123456789abcdef"], "unknown run '0123456789abcdef'"),
-    Case("unknown run (resume)", ["resume", "0123456789abcdef"], "unknown run '0123456789abcdef'"),
+    Case(
+        "unknown run (status)",
+        ["status", "0123456789abcdef"],
+        "unknown run or backfill '0123456789abcdef'",
+    ),
+    Case(
+        "unknown run (resume)",
+        ["resume", "0123456789abcdef"],
+        "unknown run or backfill '0123456789abcdef'",
+    ),
+    Case(
+        "unknown run (cancel)",
+        ["cancel", "0123456789abcdef"],
+        "unknown run or backfill '0123456789abcdef'",
+    ),
+    Case(
+        "unknown backfill (pause)",
+        ["pause", "0123456789abcdef"],
+        "unknown run or backfill '0123456789abcdef'",
+    ),
+    Case(
+        "zero batch size",
+        ["backfill", "--table", "t1", "--set", "v = 1", "--batch-size", "0"],
+        "--batch-size must be a positive number of rows, got 0",
+    ),
+    Case(
+        "backfill SQL with a second statement",
+        ["backfill", "--table", "t1", "--set", "v = 1; DROP TABLE t1"],
+        "--set",
+    ),
+    Case(
+        "backfill key that is not unique",
+        ["backfill", "--table", "t1", "--set", "v = 1", "--key", "v"],
+        "column",
+    ),
 ]
 
 
