@@ -405,23 +405,45 @@ def list_backups(
         return [b.as_dict() for b in ledger.list_backups(conn, t.name)]
 
 
-def _find(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:
-    """Look a run up in the named target's ledger, or in every configured target's."""
+def _locate(
+    settings: Settings, target: str | None, lookup: Callable[[Connection], Any]
+) -> tuple[Target | None, Any, list[str]]:
+    """Search the named target's ledger, or every configured target's, with ``lookup``
+    (which returns what it found, or None): (target, found, targets unreachable)."""
     candidates = [settings.target(target)] if target else list(settings.targets.values())
     unreachable: list[str] = []
     for t in candidates:
         try:
             with db.connect(t) as conn:
-                if ledger.exists(conn):
-                    return t, ledger.get_run(conn, run_id)
-        except UnknownRun:
-            continue
+                found = lookup(conn) if ledger.exists(conn) else None
+                if found is not None:
+                    return t, found, unreachable
         except TargetUnreachable:
             if target:
                 raise
             unreachable.append(t.name)
-    extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
-    raise UnknownRun(f"unknown run {run_id!r}{extra}; `runbook history` lists the runs")
+    return None, None, unreachable
+
+
+def _unreachable(names: list[str]) -> str:
+    return f" (unreachable: {', '.join(names)})" if names else ""
+
+
+def _run_or_none(conn: Connection, run_id: str) -> Run | None:
+    try:
+        return ledger.get_run(conn, run_id)
+    except UnknownRun:
+        return None
+
+
+def _find(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:
+    """Look a run up in the named target's ledger, or in every configured target's."""
+    t, run, unreachable = _locate(settings, target, lambda conn: _run_or_none(conn, run_id))
+    if t is None:
+        raise UnknownRun(
+            f"unknown run {run_id!r}{_unreachable(unreachable)}; `runbook history` lists the runs"
+        )
+    return t, run
 
 
 def status(
@@ -569,19 +591,16 @@ def _send_backfill(settings: Settings, backfill_id: str, t: Target, generation: 
 def _find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
     from jobs import backfill
 
-    candidates = [settings.target(target)] if target else list(settings.targets.values())
-    for t in candidates:
-        try:
-            with db.connect(t) as conn:
-                if ledger.exists(conn) and ledger.get_backfill(conn, backfill_id) is not None:
-                    return t
-        except TargetUnreachable:
-            if target:
-                raise
-    # The CLI looks for a run first, then a backfill: name both.
-    raise backfill.UnknownBackfill(
-        f"unknown run or backfill {backfill_id!r}; `runbook history` lists the runs"
+    t, _, unreachable = _locate(
+        settings, target, lambda conn: ledger.get_backfill(conn, backfill_id)
     )
+    if t is None:
+        # The CLI looks for a run first, then a backfill: name both.
+        raise backfill.UnknownBackfill(
+            f"unknown run or backfill {backfill_id!r}{_unreachable(unreachable)}; "
+            "`runbook history` lists the runs"
+        )
+    return t
 
 
 def backfill_status(
