@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from jobs import backfill, backfill_runner, db, ledger, sqlguard, vault
 from jobs import backup as backups
-from jobs import db, ledger, vault
 from jobs import plan as planning
 from jobs.config import Settings, Target, load_settings, redact
 from jobs.errors import (
@@ -535,6 +535,44 @@ def cancel(
         return ledger.get_run(conn, run_id).as_dict()
 
 
+def _backfill_spec(
+    conn: Connection,
+    t: Target,
+    table: str,
+    set_sql: str,
+    *,
+    where: str | None,
+    key: str | None,
+    batch_size: int,
+    slices: int,
+    on_error: str,
+) -> backfill.Spec:
+    """The operator's fragments validated (jobs/sqlguard) and made a Spec; the key defaults
+    to the table's primary key."""
+    if batch_size <= 0:
+        raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    table_sql = sqlguard.table(table)
+    set_text = sqlguard.render(sqlguard.assignments(set_sql))
+    where_text = sqlguard.predicate(where) if where else None
+    if key is None:
+        keys = backfill.candidate_keys(conn, table_sql)
+        if not keys:
+            raise RunbookError(f"table {table} has no usable key (a unique NOT NULL column)")
+        key = keys[0]
+    return backfill.Spec(
+        table=table_sql,
+        key=key,
+        set_sql=set_text,
+        where_sql=where_text,
+        batch_size=batch_size,
+        min_batch=min(100, batch_size),
+        max_batch=max(50000, batch_size),
+        lock_timeout_ms=t.lock_timeout_ms,
+        slices=slices,
+        on_error=on_error,
+    )
+
+
 def enqueue_backfill(
     table: str,
     set_sql: str,
@@ -543,54 +581,82 @@ def enqueue_backfill(
     where: str | None = None,
     key: str | None = None,
     batch_size: int = 1000,
+    slices: int = 1,
+    on_error: str = "stop",
     settings: Settings | None = None,
 ) -> str:
-    """Validate and record a batched, resumable UPDATE and queue its first slice; its id."""
-    from jobs import backfill, sqlguard
-
-    if batch_size <= 0:
-        raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    """Validate and record a batched, resumable UPDATE and queue its slices; its id."""
     settings = _settings(settings)
     t = settings.target(target)
-    table_sql = sqlguard.table(table)
-    set_text = sqlguard.render(sqlguard.assignments(set_sql))
-    where_text = sqlguard.predicate(where) if where else None
     with db.connect(t) as conn:
-        if key is None:
-            keys = backfill.candidate_keys(conn, table_sql)
-            if not keys:
-                raise RunbookError(f"table {table} has no usable key (a unique NOT NULL column)")
-            key = keys[0]
-        spec = backfill.Spec(
-            table=table_sql,
+        spec = _backfill_spec(
+            conn,
+            t,
+            table,
+            set_sql,
+            where=where,
             key=key,
-            set_sql=set_text,
-            where_sql=where_text,
             batch_size=batch_size,
-            min_batch=min(100, batch_size),
-            max_batch=max(50000, batch_size),
-            lock_timeout_ms=t.lock_timeout_ms,
+            slices=slices,
+            on_error=on_error,
         )
+        spec.check()
         _check_broker(settings)
         backfill_id = backfill.create(conn, t.name, spec)
         if backfill.get(conn, backfill_id).state == "succeeded":
             return backfill_id  # an empty table: nothing to queue
-        generation = backfill.claim(conn, backfill_id)
-    _send_backfill(settings, backfill_id, t, generation)
+        started = backfill.start(conn, backfill_id)
+        backfill_runner.send_slices(conn, t.name, backfill_id, started, _slice_sender(settings))
     return backfill_id
 
 
-def _send_backfill(settings: Settings, backfill_id: str, t: Target, generation: int) -> None:
+def dry_run_backfill(
+    table: str,
+    set_sql: str,
+    *,
+    target: str | None = None,
+    where: str | None = None,
+    key: str | None = None,
+    batch_size: int = 1000,
+    slices: int = 1,
+    on_error: str = "stop",
+    batches: int = 3,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """A few sample batches in a transaction that is rolled back: rows and time per batch
+    and the projected total time. Changes nothing, ledger included; needs no worker."""
+    t = _settings(settings).target(target)
+    with db.connect(t) as conn:
+        spec = _backfill_spec(
+            conn,
+            t,
+            table,
+            set_sql,
+            where=where,
+            key=key,
+            batch_size=batch_size,
+            slices=slices,
+            on_error=on_error,
+        )
+        return backfill.dry_run(conn, spec, batches)
+
+
+def _slice_sender(settings: Settings) -> backfill_runner.SendSlice:
     from worker.app import app
 
-    app.send_task(
-        "runbook.backfill_slice", args=[backfill_id, t.name, generation], queue=settings.queue
-    )
+    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
+        app.send_task(
+            "runbook.backfill_slice",
+            args=[backfill_id, target, slice_no, generation],
+            queue=settings.queue,
+            argsrepr=label,
+            kwargsrepr="{}",
+        )
+
+    return send
 
 
 def _find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
-    from jobs import backfill
-
     t, _, unreachable = _locate(
         settings, target, lambda conn: ledger.get_backfill(conn, backfill_id)
     )
@@ -606,20 +672,17 @@ def _find_backfill(settings: Settings, backfill_id: str, target: str | None) -> 
 def backfill_status(
     backfill_id: str, target: str | None = None, *, settings: Settings | None = None
 ) -> dict[str, Any]:
-    """The backfill's state and progress (rows done, total, percent, cursor, error)."""
-    from jobs import backfill, backfill_runner
-
+    """The backfill's state and progress (rows done, total, percent, rate, ETA, slices…)."""
     t = _find_backfill(_settings(settings), backfill_id, target)
     with db.connect(t) as conn:
-        return backfill_runner.progress(backfill.get(conn, backfill_id))
+        return backfill_runner.progress(conn, backfill.get(conn, backfill_id))
 
 
 def control_backfill(
     action: str, backfill_id: str, target: str | None = None, *, settings: Settings | None = None
 ) -> dict[str, Any]:
-    """pause, resume or cancel a backfill; resume queues a slice with a new generation."""
-    from jobs import backfill, backfill_runner
-
+    """pause, resume or cancel a backfill; resume queues its unfinished slices again, each
+    with a new generation."""
     settings = _settings(settings)
     t = _find_backfill(settings, backfill_id, target)
     with db.connect(t) as conn:
@@ -629,6 +692,6 @@ def control_backfill(
             backfill.cancel(conn, backfill_id)
         else:
             _check_broker(settings)
-            generation = backfill.claim(conn, backfill_id, resume=True)
-            _send_backfill(settings, backfill_id, t, generation)
-        return backfill_runner.progress(backfill.get(conn, backfill_id))
+            started = backfill.start(conn, backfill_id, resume=True)
+            backfill_runner.send_slices(conn, t.name, backfill_id, started, _slice_sender(settings))
+        return backfill_runner.progress(conn, backfill.get(conn, backfill_id))

@@ -46,6 +46,7 @@ from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     BackfillError,
     BackfillInterrupted,
     BadSpec,
+    IsolationFailed,
     UnknownBackfill,
     UnusableKey,
 )
@@ -99,7 +100,16 @@ TRANSIENT_SQLSTATES = frozenset(
     {"55P03", QUERY_CANCELED, "40P01", "40001", "57P01", "57P02", "57P03", "53300"}
 )
 
+MAX_SLICES = 64
+ON_ERROR = ("stop", "isolate")
+SAMPLE_ABOVE_ROWS = 200_000  # slice bounds come from a sample of a table larger than this
+SIGNAL_EVERY_S = 1.0  # how often a slice looks at the database's signals
+THROTTLE_STEP_S = 0.5  # how long it waits before looking again
+BLOCKED_PAUSE_S = 0.05  # after a batch that made sessions wait: let them run first
+STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
+
 Connector = Engine | Callable[[], Connection]
+OnBatch = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,9 @@ class Spec:
     sleep_ms: int = 0
     lock_timeout_ms: int = 2000
     statement_timeout_ms: int = 30000
+    slices: int = 1
+    on_error: str = "stop"  # or "isolate": bisect a failing batch, skip the offending rows
+    max_xact_age_s: int = 600  # wait while a transaction this old holds back vacuum; 0: never
 
     def check(self) -> None:
         """Raise BadSpec for settings that cannot work."""
@@ -132,6 +145,12 @@ class Spec:
                 raise BadSpec(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sleep_ms < 0:
             raise BadSpec(f"sleep_ms must be 0 or more, got {self.sleep_ms}")
+        if not 1 <= self.slices <= MAX_SLICES:
+            raise BadSpec(f"--slices must be between 1 and {MAX_SLICES}, got {self.slices}")
+        if self.on_error not in ON_ERROR:
+            raise BadSpec(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if self.max_xact_age_s < 0:
+            raise BadSpec(f"max_xact_age_s must be 0 (off) or more, got {self.max_xact_age_s}")
 
     def settings(self) -> dict[str, int]:
         """The batch sizes, pacing and timeouts, as the ledger stores them."""
@@ -143,6 +162,7 @@ class Spec:
             "sleep_ms": self.sleep_ms,
             "lock_timeout_ms": self.lock_timeout_ms,
             "statement_timeout_ms": self.statement_timeout_ms,
+            "max_xact_age_s": self.max_xact_age_s,
         }
 
 
@@ -320,10 +340,10 @@ def _planned_rows(conn: Connection, sql: str) -> int:
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
-def _estimate(conn: Connection, table: _Table, spec: Spec) -> tuple[int, str]:
+def _estimate(conn: Connection, table: _Table, spec: Spec, table_rows: int) -> tuple[int, str]:
     """Rows the backfill will update: counted on a small table, else the planner's guess."""
     where = f" WHERE (\n{_embed(spec.where_sql)}\n)" if spec.where_sql else ""
-    if _planned_rows(conn, f"SELECT 1 FROM {table.name}") < COUNT_BELOW_ROWS:
+    if table_rows < COUNT_BELOW_ROWS:
         try:
             with conn.begin_nested():
                 conn.execute(
@@ -338,19 +358,75 @@ def _estimate(conn: Connection, table: _Table, spec: Spec) -> tuple[int, str]:
     return _planned_rows(conn, f"SELECT 1 FROM {table.name}{where}"), "planner"
 
 
-def create(conn: Connection, target_name: str, spec: Spec, run_id: str | None = None) -> str:
-    """Check ``spec`` against the database and record the backfill; its id.
+def _bounds(
+    conn: Connection, table: _Table, key: str, slices: int, upper: str, table_rows: int
+) -> list[str]:
+    """The slices' last keys, ascending, ending with ``upper``: quantiles of the key (from a
+    sample of a large table), so each slice holds about as many rows. Fewer slices than asked
+    when the table has fewer distinct keys."""
+    if slices == 1:
+        return [upper]
+    sample = ""
+    if table_rows > SAMPLE_ABOVE_ROWS:
+        sample = f" TABLESAMPLE SYSTEM ({min(100.0, 100.0 * SAMPLE_ABOVE_ROWS / table_rows)})"
+    fractions = [i / slices for i in range(1, slices)]
+    cuts = conn.execute(
+        text(
+            "SELECT CAST(q.k AS text) AS k FROM unnest((SELECT percentile_disc(:f) WITHIN GROUP "
+            f"(ORDER BY t.{quote(key)}) FROM {table.name} t{sample})) WITH ORDINALITY AS q(k, n) "
+            f"WHERE q.k IS NOT NULL AND q.k < (SELECT t.{quote(key)} FROM {table.name} t "
+            f"ORDER BY t.{quote(key)} DESC LIMIT 1) ORDER BY q.n"
+        ),
+        {"f": fractions},
+    ).scalars()
+    bounds: list[str] = []
+    for cut in cuts:
+        if not bounds or bounds[-1] != cut:
+            bounds.append(str(cut))
+    return [*bounds, upper]
 
-    It is ``enqueued`` (claim it, then run slices), or ``succeeded`` at once when the table
-    is empty. Raises BadSpec or UnusableKey with one line for the operator.
-    """
+
+@dataclass(frozen=True)
+class _Plan:
+    table: _Table
+    key_type: str
+    upper: str | None
+    table_rows: int
+    estimate: int
+    estimate_kind: str
+
+
+def _prepare(conn: Connection, spec: Spec) -> _Plan:
+    """Every check of ``spec`` against the database, read-only; what the walk needs."""
     spec.check()
+    table = _table(conn, spec.table)
+    key_type = _key_type(conn, table, spec.key)
+    _check_statement(conn, table, spec, key_type)
+    upper = _upper_key(conn, table, spec.key)
+    table_rows = _planned_rows(conn, f"SELECT 1 FROM {table.name}")
+    estimate, kind = _estimate(conn, table, spec, table_rows)
+    return _Plan(table, key_type, upper, table_rows, estimate, kind)
+
+
+def create(
+    conn: Connection,
+    target_name: str,
+    spec: Spec,
+    run_id: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Check ``spec`` against the database and record the backfill and its slices; its id.
+
+    It is ``enqueued`` (start it, then run its slices), or ``succeeded`` at once when the
+    table is empty. Raises BadSpec or UnusableKey with one line for the operator.
+    """
     try:  # every check first: bad input leaves the database as it was, ledger included
-        table = _table(conn, spec.table)
-        key_type = _key_type(conn, table, spec.key)
-        _check_statement(conn, table, spec, key_type)
-        upper = _upper_key(conn, table, spec.key)
-        estimate, kind = _estimate(conn, table, spec)
+        plan = _prepare(conn, spec)
+        bounds = (
+            []
+            if plan.upper is None
+            else _bounds(conn, plan.table, spec.key, spec.slices, plan.upper, plan.table_rows)
+        )
     finally:
         if conn.in_transaction():
             conn.rollback()
@@ -359,18 +435,91 @@ def create(conn: Connection, target_name: str, spec: Spec, run_id: str | None = 
         conn,
         target=target_name,
         run_id=run_id,
-        table_name=table.name,
+        revision=revision,
+        table_name=plan.table.name,
         key_column=spec.key,
-        key_type=key_type,
+        key_type=plan.key_type,
         set_sql=spec.set_sql,
         where_sql=spec.where_sql,
-        state=ENQUEUED if upper is not None else SUCCEEDED,
-        finished=upper is None,
-        upper_key=upper,
-        rows_total_estimate=estimate,
-        estimate_kind=kind,
+        state=ENQUEUED if plan.upper is not None else SUCCEEDED,
+        finished=plan.upper is None,
+        upper_key=plan.upper,
+        bounds=bounds,
+        on_error=spec.on_error,
+        rows_total_estimate=plan.estimate,
+        estimate_kind=plan.estimate_kind,
         settings=spec.settings(),
     )
+
+
+def dry_run(conn: Connection, spec: Spec, batches: int = 3) -> dict[str, Any]:
+    """Run the first ``batches`` batches inside one transaction that is rolled back; what they
+    did and the whole backfill's projected time. Nothing is kept, not even in the ledger (the
+    sampled rows are locked for the fraction of a second the transaction lasts)."""
+    try:
+        plan = _prepare(conn, spec)
+        samples: list[dict[str, Any]] = []
+        key = quote(spec.key)
+        with conn.begin_nested():
+            _set_timeouts(conn, spec.lock_timeout_ms, spec.statement_timeout_ms)
+            cursor, size = None, spec.batch_size
+            while plan.upper is not None and len(samples) < batches:
+                bound = _bound_sql(plan.table.name, key, plan.key_type, cursor is not None)
+                hi = conn.execute(
+                    text(bound), {"lo": cursor, "upper": plan.upper, "n": size}
+                ).scalar()
+                if hi is None:
+                    break
+                sql = _update_sql(
+                    plan.table.name,
+                    key,
+                    plan.key_type,
+                    spec.set_sql,
+                    spec.where_sql,
+                    cursor is not None,
+                )
+                started = time.monotonic()
+                rows = conn.execute(text(sql), {"lo": cursor, "hi": str(hi)}).rowcount
+                ms = (time.monotonic() - started) * 1000
+                samples.append({"keys": size, "rows": int(rows), "ms": round(ms, 1)})
+                cursor = str(hi)
+                size = next_batch_size(
+                    size,
+                    ms,
+                    target_ms=spec.target_batch_ms,
+                    min_batch=spec.min_batch,
+                    max_batch=spec.max_batch,
+                )
+            conn.rollback()
+    except DBAPIError as exc:
+        raise BadSpec(f"the dry run's batch failed: {describe(exc)}") from None
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+    return _projection(spec, plan, samples)
+
+
+def _projection(spec: Spec, plan: _Plan, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dry run's report: per batch, on average, and projected over the whole key range."""
+    keys = sum(s["keys"] for s in samples)
+    ms = sum(s["ms"] for s in samples)
+    rows = sum(s["rows"] for s in samples)
+    # Keys walked per millisecond, sleeps between batches included; slices share the range.
+    per_ms = keys / (ms + spec.sleep_ms * len(samples)) if keys and ms else 0.0
+    projected = plan.table_rows / per_ms / 1000 / spec.slices if per_ms else 0.0
+    return {
+        "table": plan.table.name,
+        "key": spec.key,
+        "batches": samples,
+        "rows_per_batch": round(rows / len(samples), 1) if samples else 0,
+        "ms_per_batch": round(ms / len(samples), 1) if samples else 0,
+        "table_rows": plan.table_rows,
+        "rows_to_update": plan.estimate,
+        "estimate": plan.estimate_kind,
+        "slices": spec.slices,
+        "projected_s": round(projected, 1),
+        "rolled_back": True,
+    }
 
 
 # -- operator requests ------------------------------------------------------------------------
@@ -384,16 +533,17 @@ def get(conn: Connection, backfill_id: str) -> ledger.Backfill:
     return found
 
 
-def claim(conn: Connection, backfill_id: str, *, resume: bool = False) -> int:
-    """Take the backfill over with a new generation (fencing every earlier worker); it.
+def start(conn: Connection, backfill_id: str, *, resume: bool = False) -> list[tuple[int, int]]:
+    """Take the backfill over: each unfinished slice gets a new generation (fencing every
+    earlier worker); [(slice, generation)], one task to send for each.
 
     Without ``resume`` (a start, a reconciler's takeover) a pending pause or cancel stays;
     with it (the operator's resume) a paused or errored backfill runs again.
     """
-    generation = ledger.claim(conn, backfill_id, RESUME if resume else CLAIM)
-    if generation is None:
+    slices = ledger.claim(conn, backfill_id, RESUME if resume else CLAIM)
+    if slices is None:
         raise UnknownBackfill(f"unknown backfill {backfill_id!r}; `runbook backfills` lists them")
-    return generation
+    return slices
 
 
 def _request(conn: Connection, backfill_id: str, moves: dict[str, str]) -> str:
@@ -405,7 +555,8 @@ def _request(conn: Connection, backfill_id: str, moves: dict[str, str]) -> str:
 
 
 def pause(conn: Connection, backfill_id: str) -> str:
-    """Ask the backfill to pause; it stops before its next batch (``pausing`` → ``paused``)."""
+    """Ask the backfill to pause; its slices stop before their next batch (``pausing`` →
+    ``paused`` once all have)."""
     return _request(conn, backfill_id, PAUSE)
 
 
@@ -414,7 +565,43 @@ def cancel(conn: Connection, backfill_id: str) -> str:
     return _request(conn, backfill_id, CANCEL)
 
 
+def settled_state(state: str, slices: list[str]) -> str | None:
+    """What the backfill becomes once its slices are as ``slices`` say, or None (no change):
+    succeeded when every slice is done, paused or cancelled once none is still active."""
+    if slices and all(s == ledger.SLICE_DONE for s in slices):
+        return {RUNNING: SUCCEEDED, PAUSING: SUCCEEDED, CANCELLING: CANCELLED}.get(state)
+    if ledger.SLICE_ACTIVE in slices:
+        return None
+    return {PAUSING: PAUSED, CANCELLING: CANCELLED}.get(state)
+
+
+def settle(conn: Connection, backfill_id: str) -> str | None:
+    """Move the backfill as its slices allow (see settled_state); the state it reached, or
+    None when it did not move. Commits."""
+    with conn.begin():
+        bf = ledger.lock_backfill(conn, backfill_id)
+        if bf is None:
+            return None
+        new = settled_state(bf.state, ledger.slice_states(conn, backfill_id))
+        if new is None or new == bf.state:
+            return None
+        _move(conn, bf, new)
+    return new
+
+
 # -- the walk ---------------------------------------------------------------------------------
+
+
+def _set_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> None:
+    """This transaction's lock and statement timeouts, and its name (see APPLICATION_NAME)."""
+    conn.execute(
+        text(
+            "SELECT set_config('lock_timeout', :lock, true), "
+            "set_config('statement_timeout', :stmt, true), "
+            "set_config('application_name', :name, true)"
+        ),
+        {"lock": str(lock_ms), "stmt": str(statement_ms), "name": APPLICATION_NAME},
+    )
 
 
 def _lower(key: str, key_type: str, has_lo: bool) -> str:
@@ -430,6 +617,15 @@ def _bound_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
     )
 
 
+def _keys_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
+    """Every key in (``:lo``, ``:hi``], in order (for bisecting a failing batch)."""
+    return (
+        f"SELECT CAST(t.{key} AS text) FROM {table} t WHERE "
+        f"{_lower('t.' + key, key_type, has_lo)}t.{key} <= CAST(:hi AS {key_type}) "
+        f"ORDER BY t.{key}"
+    )
+
+
 def _update_sql(
     table: str, key: str, key_type: str, set_sql: str, where_sql: str | None, has_lo: bool
 ) -> str:
@@ -440,6 +636,29 @@ def _update_sql(
         f"UPDATE {table} SET\n{_embed(set_sql)}\nWHERE {_lower(key, key_type, has_lo)}"
         f"{key} <= CAST(:hi AS {key_type}){where}"
     )
+
+
+# Every batch transaction names itself, so that slices waiting for each other's ledger rows
+# are not mistaken for the application's sessions.
+APPLICATION_NAME = "runbook backfill"
+# The application's sessions waiting for a lock that this session (inside its batch) holds.
+# OFFSET 0 keeps pg_blocking_pids() to the few sessions that wait on a lock at all.
+_BLOCKED_SQL = (
+    "SELECT count(*) FROM (SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+    f"AND application_name <> '{APPLICATION_NAME}' OFFSET 0) w "
+    "WHERE pg_backend_pid() = ANY(pg_blocking_pids(w.pid))"
+)
+# The database's reasons to hold back: the oldest open transaction of another client (it
+# keeps the xmin horizon, so vacuum cannot remove the dead rows our batches leave), and
+# autovacuum working on the table now.
+_SIGNALS_SQL = (
+    "SELECT (SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0) "
+    "  FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND backend_type = 'client backend' "
+    "  AND datname = current_database() AND pid <> pg_backend_pid()) AS oldest_xact_s, "
+    "EXISTS (SELECT 1 FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a USING (pid) "
+    "  WHERE v.relid = to_regclass(:table) AND a.backend_type = 'autovacuum worker') "
+    "AS autovacuum"
+)
 
 
 def next_batch_size(
@@ -469,15 +688,16 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass
 class _Range:
+    slice: int = 0
     lo: str | None = None
     hi: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lo": self.lo, "hi": self.hi}
+        return {"slice": self.slice, "lo": self.lo, "hi": self.hi}
 
 
 def _move(conn: Connection, bf: ledger.Backfill, new: str, **error: Any) -> None:
-    """A worker's own state change, inside its batch transaction, checked against the table."""
+    """A worker's own state change, inside its transaction, checked against the table."""
     check_transition(bf.state, new)
     log.info("backfill %s: %s -> %s", bf.id, bf.state, new)
     ledger.mark_backfill(conn, bf, new, finished=new in TERMINAL, **error)
@@ -487,10 +707,16 @@ class _Walk:
     """One slice's batches on its own connection, as one generation."""
 
     def __init__(
-        self, connector: Connector, backfill_id: str, generation: int, max_attempts: int
+        self,
+        connector: Connector,
+        backfill_id: str,
+        slice_no: int,
+        generation: int,
+        max_attempts: int,
     ) -> None:
         self.connector = connector
         self.id = backfill_id
+        self.slice = slice_no
         self.generation = generation
         self.max_attempts = max_attempts
         self.conn: Connection | None = None
@@ -498,7 +724,10 @@ class _Walk:
         self.size: int | None = None
         self.min_batch = 1
         self.sleep_ms = 0
-        self.range = _Range()
+        self.range = _Range(slice_no)
+        self.isolating = False  # the next attempt bisects the batch (on_error = isolate)
+        self.pending_throttle_ms = 0.0  # waited since the last batch row; goes into the next
+        self.signals_checked = 0.0
 
     def load(self, conn: Connection) -> ledger.Backfill:
         """The backfill's settings (timeouts, sizes, pacing), read once per slice."""
@@ -520,18 +749,78 @@ class _Walk:
             self.conn = None
 
     def sleep(self) -> None:
-        """The pause after each batch (``sleep_ms``; the batch counted it as throttled)."""
+        """The pause after each batch (``sleep_ms``), counted as throttled."""
         if self.sleep_ms > 0:
             time.sleep(self.sleep_ms / 1000)
+            self.pending_throttle_ms += self.sleep_ms
+
+    def throttle(self, deadline: float) -> bool:
+        """Wait while the database asks us to (see _SIGNALS_SQL); False when the slice's time
+        ran out still waiting (its continuation looks again)."""
+        now = time.monotonic()
+        if now - self.signals_checked < SIGNAL_EVERY_S:
+            return True
+        self.signals_checked = now
+        waited, reason = 0.0, self.signal()
+        while reason is not None:
+            if waited == 0.0:
+                log.info("backfill %s slice %d: throttled, %s", self.id, self.slice, reason)
+            if time.monotonic() + THROTTLE_STEP_S > deadline:
+                self.note_throttle(waited, reason)
+                return False
+            time.sleep(THROTTLE_STEP_S)
+            waited += THROTTLE_STEP_S * 1000
+            reason = self.signal()
+        if waited:
+            self.note_throttle(waited, "recovered")
+        return True
+
+    def signal(self) -> str | None:
+        """Why the database wants us to wait now, or None."""
+        conn = self.connection()
+        settings = self.settings or self.load(conn)
+        row = conn.execute(text(_SIGNALS_SQL), {"table": settings.table_name}).one()
+        conn.rollback()
+        limit = settings.max_xact_age_s
+        if limit and row.oldest_xact_s >= limit:
+            return (
+                f"a transaction open for {round(row.oldest_xact_s)} s holds back vacuum "
+                f"(limit {limit} s)"
+            )
+        if row.autovacuum:
+            return f"autovacuum is working on {settings.table_name}"
+        return None
+
+    def note_throttle(self, waited_ms: float, reason: str) -> None:
+        """Put the wait on the ledger now, in case no batch follows in this slice."""
+        self.pending_throttle_ms += waited_ms
+        ledger.add_throttled(
+            self.connection(), self.id, self.slice, round(self.pending_throttle_ms), reason
+        )
+        self.pending_throttle_ms = 0.0
+
+    def flush_throttle(self) -> None:
+        """Waits no batch row recorded go on the slice's counter."""
+        if self.pending_throttle_ms >= 1:
+            with contextlib.suppress(DBAPIError):
+                ledger.add_throttled(
+                    self.connection(), self.id, self.slice, round(self.pending_throttle_ms)
+                )
+        self.pending_throttle_ms = 0.0
 
     def batch(self, backoff_s: float) -> str:
         """One batch, retried while it fails transiently; CONTINUE or where it stopped."""
         attempt = 1
         while True:
             try:
-                return self.attempt(attempt)
+                outcome = self.attempt(attempt)
+            except IsolationFailed as exc:
+                self.recover()
+                return self.fail(exc, attempt)
             except DBAPIError as exc:
                 self.recover()
+                if not is_transient(exc) and self.isolate_next(exc):
+                    continue
                 if not is_transient(exc) or attempt >= self.max_attempts:
                     return self.fail(exc, attempt)
                 if sqlstate(exc) == QUERY_CANCELED and self.size:
@@ -544,6 +833,19 @@ class _Walk:
                 )
                 time.sleep(min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
                 attempt += 1
+                continue
+            if outcome == ledger.SLICE_DONE or outcome == STOPPED:
+                return settle(self.connection(), self.id) or STOPPED
+            return outcome
+
+    def isolate_next(self, exc: DBAPIError) -> bool:
+        """After a permanent error: whether the batch is tried again, bisected."""
+        settings = self.settings
+        if self.isolating or settings is None or settings.on_error != "isolate":
+            return False
+        log.warning("backfill %s: a batch failed (%s); isolating its rows", self.id, describe(exc))
+        self.isolating = True
+        return True
 
     def recover(self) -> None:
         """After a failed attempt: roll back, or drop a connection that broke."""
@@ -561,32 +863,31 @@ class _Walk:
     def attempt(self, attempt: int) -> str:
         """One try of one batch, in one transaction."""
         conn = self.connection()
-        self.range = _Range()
+        self.range = _Range(self.slice)
         settings = self.settings or self.load(conn)
         with conn.begin():
-            conn.execute(
-                text(
-                    "SELECT set_config('lock_timeout', :lock, true), "
-                    "set_config('statement_timeout', :stmt, true)"
-                ),
-                {"lock": str(settings.lock_timeout_ms), "stmt": str(settings.statement_timeout_ms)},
-            )
-            bf = ledger.lock_backfill(conn, self.id)
-            if bf is None:
-                raise UnknownBackfill(f"unknown backfill {self.id!r}")
-            stop = self.verdict(conn, bf)
+            _set_timeouts(conn, settings.lock_timeout_ms, settings.statement_timeout_ms)
+            piece = ledger.lock_slice(conn, self.id, self.slice)
+            bf = ledger.read_backfill(conn, self.id)
+            if piece is None or bf is None:
+                raise UnknownBackfill(f"unknown backfill {self.id!r} or slice {self.slice}")
+            stop = self.verdict(conn, bf, piece)
             if stop is not None:
                 return stop
-            size = self.size = self.size or bf.batch_size
-            self.range.lo = bf.cursor
-            hi = self.bound(conn, bf, size)
+            size = self.size = self.size or piece.batch_size
+            self.range.lo = lo = piece.position
+            hi = self.bound(conn, bf, piece, size)
             if hi is None:
-                _move(conn, bf, SUCCEEDED)
-                return SUCCEEDED
+                ledger.set_slice_state(conn, piece, ledger.SLICE_DONE)
+                return ledger.SLICE_DONE
             self.range.hi = hi
             started = time.monotonic()
-            rows = self.update(conn, bf, hi)
+            if self.isolating:
+                rows, skipped = self.bisect(conn, bf, lo, hi)
+            else:
+                rows, skipped = self.update(conn, bf, lo, hi), []
             ms = (time.monotonic() - started) * 1000
+            blocked = int(conn.execute(text(_BLOCKED_SQL)).scalar_one())
             self.size = next_batch_size(
                 size,
                 ms,
@@ -594,73 +895,116 @@ class _Walk:
                 min_batch=bf.min_batch,
                 max_batch=bf.max_batch,
             )
+            if blocked:  # our locks held others up: smaller batches, and let them go first
+                self.size = max(bf.min_batch, min(self.size, size // 2))
             ledger.record_batch(
                 conn,
                 bf,
-                lo=bf.cursor,
+                piece,
                 hi=hi,
                 batch_size=size,
                 rows=rows,
+                skipped=skipped,
                 duration_ms=round(ms),
                 attempt=attempt,
                 generation=self.generation,
                 next_batch_size=self.size,
-                throttled_ms=bf.sleep_ms,
+                throttled_ms=round(self.pending_throttle_ms),
             )
+        self.pending_throttle_ms = 0.0
+        self.isolating = False
+        if blocked:
+            log.info("backfill %s: a batch made %d sessions wait; slowing down", self.id, blocked)
+            time.sleep(BLOCKED_PAUSE_S)
+            self.pending_throttle_ms += BLOCKED_PAUSE_S * 1000
         return CONTINUE
 
-    def verdict(self, conn: Connection, bf: ledger.Backfill) -> str | None:
+    def verdict(self, conn: Connection, bf: ledger.Backfill, piece: ledger.Slice) -> str | None:
         """Why this worker must not do a batch now (fenced, paused, cancelled…), or None."""
-        if bf.generation != self.generation:
+        if piece.generation != self.generation:
             return FENCED
-        if bf.state == PAUSING:
-            _move(conn, bf, PAUSED)
-            return PAUSED
-        if bf.state == CANCELLING:
-            _move(conn, bf, CANCELLED)
-            return CANCELLED
+        if piece.state != ledger.SLICE_ACTIVE:
+            return STOPPED
         if bf.state != RUNNING:
-            return bf.state
+            # A pause, a cancel or another slice's error: this slice stops; the last one to
+            # stop settles the backfill's state.
+            ledger.set_slice_state(conn, piece, ledger.SLICE_STOPPED)
+            return STOPPED
         if bf.key_type not in KEY_TYPES.values():
             raise BadSpec(f"backfill {bf.id}: unsupported key type {bf.key_type!r}")
         return None
 
-    def bound(self, conn: Connection, bf: ledger.Backfill, size: int) -> str | None:
-        """The last key of the next batch; None when the walk is done."""
-        if bf.upper_key is None:
-            return None
-        sql = _bound_sql(bf.table_name, quote(bf.key_column), bf.key_type, bf.cursor is not None)
-        value = conn.execute(
-            text(sql), {"lo": bf.cursor, "upper": bf.upper_key, "n": size}
-        ).scalar()
+    def bound(
+        self, conn: Connection, bf: ledger.Backfill, piece: ledger.Slice, size: int
+    ) -> str | None:
+        """The last key of the next batch; None when the slice's range is walked."""
+        lo = piece.position
+        sql = _bound_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
+        value = conn.execute(text(sql), {"lo": lo, "upper": piece.upper_key, "n": size}).scalar()
         return None if value is None else str(value)
 
-    def update(self, conn: Connection, bf: ledger.Backfill, hi: str) -> int:
-        """Run the batch's UPDATE; the rows it changed."""
+    def update(self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str) -> int:
+        """Run the batch's UPDATE over keys in (lo, hi]; the rows it changed."""
         sql = _update_sql(
             bf.table_name,
             quote(bf.key_column),
             bf.key_type,
             bf.set_sql,
             bf.where_sql,
-            bf.cursor is not None,
+            lo is not None,
         )
-        return int(conn.execute(text(sql), {"lo": bf.cursor, "hi": hi}).rowcount)
+        return int(conn.execute(text(sql), {"lo": lo, "hi": hi}).rowcount)
 
-    def fail(self, exc: DBAPIError, attempts: int) -> str:
+    def bisect(
+        self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str
+    ) -> tuple[int, list[tuple[str, str]]]:
+        """The batch's UPDATE in halves (each under a savepoint) down to the single rows that
+        fail; rows updated, and [(key, error)] of the rows left alone."""
+        sql = _keys_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
+        keys = [str(k) for k in conn.execute(text(sql), {"lo": lo, "hi": hi}).scalars()]
+
+        def part(i: int, j: int) -> tuple[int, list[tuple[str, str]]]:
+            lower = keys[i - 1] if i else lo
+            try:
+                with conn.begin_nested():
+                    return self.update(conn, bf, lower, keys[j - 1]), []
+            except DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                if j - i == 1:
+                    return 0, [(keys[i], describe(exc))]
+            middle = (i + j) // 2
+            left, right = part(i, middle), part(middle, j)
+            return left[0] + right[0], left[1] + right[1]
+
+        rows, skipped = part(0, len(keys)) if keys else (0, [])
+        if len(keys) > 1 and len(skipped) == len(keys):
+            # Every row failed: the statement is wrong, not a few rows. Stop, don't skip all.
+            raise IsolationFailed(
+                f"every row of keys ({lo}, {hi}] failed ({skipped[0][1]}); the SET or WHERE is "
+                "wrong for this table, not a few rows: fix it and start a new backfill"
+            )
+        for key, error in skipped:
+            log.warning("backfill %s: key %s skipped: %s", self.id, key, error)
+        return rows, skipped
+
+    def fail(self, exc: DBAPIError | IsolationFailed, attempts: int) -> str:
         """Record the backfill errored with the failing range (the cursor stays before it)."""
         lo, hi = self.range.lo, self.range.hi
         where = f"keys ({'start' if lo is None else lo}, {'?' if hi is None else hi}]"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        message = f"batch over {where} failed{tries}: {describe(exc)}"
+        reason = describe(exc) if isinstance(exc, DBAPIError) else str(exc)
+        message = f"batch over {where} failed{tries}: {reason}"
         try:
             conn = self.connection()
             with conn.begin():
                 bf = ledger.lock_backfill(conn, self.id)
-                if bf is None or bf.generation != self.generation:
+                piece = ledger.lock_slice(conn, self.id, self.slice)
+                if bf is None or piece is None or piece.generation != self.generation:
                     return FENCED
+                ledger.set_slice_state(conn, piece, ledger.SLICE_STOPPED)
                 if ERRORED not in TRANSITIONS[bf.state]:
-                    return bf.state
+                    return STOPPED
                 _move(conn, bf, ERRORED, error=message, error_range=self.range.as_dict())
         except DBAPIError as again:
             self.close()
@@ -676,25 +1020,33 @@ def run_slice(
     backfill_id: str,
     generation: int,
     *,
+    slice_no: int = 0,
     budget_s: float = 2.0,
     max_attempts: int = MAX_ATTEMPTS,
     backoff_s: float = BACKOFF_S,
+    on_batch: OnBatch | None = None,
 ) -> str:
-    """Do batches for about ``budget_s`` seconds as ``generation``.
+    """Do one slice's batches for about ``budget_s`` seconds as ``generation``.
 
-    Returns CONTINUE (work is left: enqueue the next slice), FENCED (a newer generation owns
-    the backfill), or the state it stopped in: succeeded, paused, cancelled, errored (or
-    enqueued / any other state it found and left alone).
+    Returns CONTINUE (work is left: enqueue the next task), FENCED (a newer generation owns
+    the slice), the state this slice moved the backfill to (succeeded, paused, cancelled,
+    errored), or STOPPED (the slice stopped or is done and the backfill's state is not its to
+    settle yet: other slices are still active, or it was not running).
     """
-    walk = _Walk(connector, backfill_id, generation, max_attempts)
+    walk = _Walk(connector, backfill_id, slice_no, generation, max_attempts)
     deadline = time.monotonic() + budget_s
     try:
         while True:
+            if not walk.throttle(deadline):
+                return CONTINUE
             outcome = walk.batch(backoff_s)
             if outcome != CONTINUE:
                 return outcome
+            if on_batch is not None:
+                on_batch()
             walk.sleep()
             if time.monotonic() >= deadline:
                 return CONTINUE
     finally:
+        walk.flush_throttle()
         walk.close()

@@ -1,56 +1,143 @@
-"""Backfills as short tasks: each runs batches for a few seconds, then hands the backfill to
-its continuation (a new generation, so a redelivered copy of the finished task is fenced)
-and queues it. No task outlives Redis's visibility timeout; pause and cancel take effect
-within one batch. The Celery glue in worker/tasks.py passes ``send_next``.
+"""Backfills as short tasks: each runs one slice's batches for a few seconds, then hands the
+slice to its continuation (a new generation, so a redelivered copy of the finished task is
+fenced) and queues it. No task outlives Redis's visibility timeout; pause and cancel take
+effect within one batch. The Celery glue in worker/tasks.py passes the senders.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Connection
+
 from jobs import backfill, db, ledger
 from jobs.config import Settings
+from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
 
 log = logging.getLogger("runbook.backfill")
 
 SLICE_SECONDS = 3.0
+PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
+# The outcomes of a slice that stopped the whole backfill: a run waiting on it goes on.
+STOPS = frozenset({SUCCEEDED, PAUSED, CANCELLED, ERRORED})
+ACTIVE = frozenset({"enqueued", "running", "pausing", "cancelling"})
 
-SendNext = Callable[[str, str, int, str], None]
+# (backfill id, target name, slice, generation, argsrepr): queue one slice's task.
+SendSlice = Callable[[str, str, int, int, str], None]
+# (run id, target name): queue the run that waits for a backfill.
+ResumeRun = Callable[[str, str], None]
+Progress = Callable[[dict[str, Any]], None]
 
 
-def progress(bf: ledger.Backfill) -> dict[str, Any]:
-    """Rows done, total (and how it was estimated), percent: what Flower and status show."""
+def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
+    """Rows done, total (and how it was estimated), percent, rate, ETA (throttled time left
+    out), throttling and each slice's position: what Flower, status and the API show."""
     total = bf.rows_total_estimate or 0
-    percent = round(100.0 * bf.rows_done / total, 1) if total else None
+    percent = min(round(100.0 * bf.rows_done / total, 1), 100.0) if total else None
+    rows, busy_s = ledger.recent_rate(conn, bf.id)
+    rate = rows / busy_s if busy_s > 0 and rows else None
+    remaining = max(total - bf.rows_done, 0)
+    eta = round(remaining / rate) if rate and bf.state in ACTIVE else None
+    throttle = ledger.last_throttle(conn, bf.id)
+    slices = ledger.list_slices(conn, bf.id)
     return {
         "backfill_id": bf.id,
         "target": bf.target,
+        "run_id": bf.run_id,
         "table": bf.table_name,
         "state": bf.state,
         "rows_done": bf.rows_done,
         "rows_total": total,
         "estimate": bf.estimate_kind,
-        "percent": min(percent, 100.0) if percent is not None else None,
-        "cursor": bf.cursor,
+        "percent": percent,
+        "rate_rows_s": round(rate) if rate else None,
+        "eta_s": eta,
+        "throttled_s": round(bf.throttled_ms / 1000, 1),
+        "throttle": None if throttle is None else throttle[0],
+        "skipped": bf.skipped,
+        "slices": [
+            {
+                "slice": s.slice,
+                "state": s.state,
+                "cursor": s.cursor,
+                "from": s.lower_key,
+                "to": s.upper_key,
+                "rows_done": s.rows_done,
+            }
+            for s in slices
+        ],
         "error": bf.error,
+        "error_range": bf.error_range,
     }
 
 
+def label(bf_id: str, target: str, piece: ledger.Slice, generation: int) -> str:
+    """What Flower shows as the task's arguments: which backfill, slice and key range."""
+    lo = "start" if piece.lower_key is None else piece.lower_key
+    return f"backfill {bf_id} on {target}, slice {piece.slice} keys ({lo}, {piece.upper_key}]"
+
+
+def send_slices(
+    conn: Connection, target: str, bf_id: str, slices: list[tuple[int, int]], send: SendSlice
+) -> None:
+    """Queue one task for each (slice, generation) that start() handed out."""
+    pieces = {p.slice: p for p in ledger.list_slices(conn, bf_id)}
+    for number, generation in slices:
+        send(bf_id, target, number, generation, label(bf_id, target, pieces[number], generation))
+
+
 def run_slice_and_continue(
-    settings: Settings, target_name: str, backfill_id: str, generation: int, send_next: SendNext
+    settings: Settings,
+    target_name: str,
+    backfill_id: str,
+    slice_no: int,
+    generation: int,
+    send_next: SendSlice,
+    *,
+    on_progress: Progress | None = None,
+    resume_run: ResumeRun | None = None,
 ) -> dict[str, Any]:
-    """One slice; queue the next one when work is left. The slice's outcome and progress."""
+    """One slice's few seconds; queue its continuation when work is left, and the waiting
+    run when this slice stopped the backfill. The slice's outcome and the progress."""
     target = settings.target(target_name)
-    outcome = backfill.run_slice(db.engine(target), backfill_id, generation, budget_s=SLICE_SECONDS)
-    with db.connect(target) as conn:
+    with db.connect(target) as watch:
+        reported = 0.0
+
+        def report() -> None:
+            nonlocal reported
+            if on_progress is not None and time.monotonic() - reported >= PROGRESS_EVERY_S:
+                reported = time.monotonic()
+                info = progress(watch, backfill.get(watch, backfill_id))
+                on_progress({**info, "slice": slice_no})
+
+        report()
+        outcome = backfill.run_slice(
+            db.engine(target),
+            backfill_id,
+            generation,
+            slice_no=slice_no,
+            budget_s=SLICE_SECONDS,
+            on_batch=report,
+        )
         if outcome == backfill.CONTINUE:
-            nxt = ledger.handoff(conn, backfill_id, generation)
-            if nxt is not None:
-                send_next(backfill_id, target.name, nxt, settings.queue)
-            else:
+            nxt = ledger.handoff(watch, backfill_id, slice_no, generation)
+            if nxt is None:
                 outcome = backfill.FENCED
-        bf = backfill.get(conn, backfill_id)
-    log.info("backfill %s on %s: %s, %d rows done", backfill_id, target.name, outcome, bf.rows_done)
-    return {**progress(bf), "slice": outcome}
+            else:
+                send_slices(watch, target.name, backfill_id, [(slice_no, nxt)], send_next)
+        bf = backfill.get(watch, backfill_id)
+        if outcome in STOPS and bf.run_id and resume_run is not None:
+            resume_run(bf.run_id, target.name)
+        info = progress(watch, bf)
+    log.info(
+        "backfill %s slice %d on %s: %s, %d rows done",
+        backfill_id,
+        slice_no,
+        target.name,
+        outcome,
+        bf.rows_done,
+    )
+    return {**info, "slice": slice_no, "outcome": outcome}

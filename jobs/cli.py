@@ -16,6 +16,7 @@ from typing import Any, TypeVar, cast
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from jobs import api
@@ -26,21 +27,64 @@ from jobs.states import SUCCEEDED, TERMINAL
 BACKFILL_STOPS = {"succeeded", "cancelled", "errored", "paused"}
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _backfill_line(now: dict[str, Any]) -> str:
+    """One line of a backfill's progress: rows, percent, rate, ETA, throttling, skips."""
+    parts = [
+        f"backfill {now['backfill_id']} {now['state']}: {now['rows_done']} of "
+        f"~{now['rows_total']} rows ({now['estimate']})"
+    ]
+    if now["percent"] is not None:
+        parts.append(f"{now['percent']}%")
+    if now["rate_rows_s"]:
+        parts.append(f"{now['rate_rows_s']} rows/s")
+    if now["eta_s"] is not None:
+        parts.append(f"ETA {_duration(now['eta_s'])}")
+    if now["throttled_s"]:
+        parts.append(f"throttled {_duration(now['throttled_s'])} (last: {now['throttle']})")
+    if now["skipped"]:
+        parts.append(f"{now['skipped']} rows skipped")
+    if len(now["slices"]) > 1:
+        done = sum(1 for s in now["slices"] if s["state"] == "done")
+        parts.append(f"slices {done}/{len(now['slices'])} done")
+    return ", ".join(parts)
+
+
 def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None:
-    """Print progress until the backfill stops; exit 0 only when it succeeded."""
-    last = None
-    while True:
-        now = api.backfill_status(backfill_id, target)
-        if not as_json and (now["state"], now["rows_done"]) != last:
-            pct = f" ({now['percent']}%)" if now["percent"] is not None else ""
-            err.print(
-                f"backfill {backfill_id} {now['state']}: {now['rows_done']} of "
-                f"~{now['rows_total']} rows ({now['estimate']}){pct}"
-            )
-            last = (now["state"], now["rows_done"])
-        if now["state"] in BACKFILL_STOPS:
-            break
-        time.sleep(0.5)
+    """Follow the backfill until it stops (a progress bar on a terminal, lines otherwise);
+    exit 0 only when it succeeded."""
+    now = api.backfill_status(backfill_id, target)
+    if as_json or not err.is_terminal:
+        last = None
+        while True:
+            if not as_json and (now["state"], now["rows_done"]) != last:
+                err.print(_backfill_line(now))
+                last = (now["state"], now["rows_done"])
+            if now["state"] in BACKFILL_STOPS:
+                break
+            time.sleep(0.5)
+            now = api.backfill_status(backfill_id, target)
+    else:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[detail]}"),
+        )
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task(f"backfill {backfill_id}", total=now["rows_total"] or None)
+            while True:
+                detail = _backfill_line(now).split(": ", 1)[1]
+                bar.update(task, completed=now["rows_done"], detail=detail)
+                if now["state"] in BACKFILL_STOPS:
+                    break
+                time.sleep(0.5)
+                now = api.backfill_status(backfill_id, target)
     if as_json:
         click.echo(json.dumps(now, indent=2))
     elif now["error"]:
@@ -352,12 +396,9 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
         found = api.backfill_status(run_id, target)
         if watch:
             _follow_backfill(run_id, target, as_json)
-        click.echo(
-            json.dumps(found, indent=2)
-            if as_json
-            else f"backfill {run_id} {found['state']}: {found['rows_done']} of "
-            f"~{found['rows_total']} rows ({found['estimate']})"
-        )
+        click.echo(json.dumps(found, indent=2) if as_json else _backfill_line(found))
+        if not as_json and found["error"]:
+            click.echo(f"  error: {found['error']}")
         return
     if watch:
         final = api.wait(run_id, target, on_change=None if as_json else _progress_printer())
@@ -435,6 +476,19 @@ def resume(run_id: str, target: str | None) -> None:
 @click.option("--where", help='Only rows matching this condition, e.g. "col IS NULL".')
 @click.option("--key", help="Unique NOT NULL column to walk (default: the primary key).")
 @click.option("--batch-size", default=1000, show_default=True, type=int, help="First batch size.")
+@click.option(
+    "--slices", default=1, show_default=True, type=int, help="Parallel tasks over the key range."
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["stop", "isolate"]),
+    default="stop",
+    show_default=True,
+    help="On a failing row: stop (errored, resumable) or isolate (skip the rows, go on).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Run 3 sample batches, roll them back, project the time."
+)
 @click.option("--wait", is_flag=True, help="Follow the backfill until it stops.")
 @click.option("--json", "as_json", is_flag=True, help="Print the backfill as JSON.")
 @friendly
@@ -445,13 +499,37 @@ def backfill(
     where: str | None,
     key: str | None,
     batch_size: int,
+    slices: int,
+    on_error: str,
+    dry_run: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
     """Start a batched, resumable UPDATE on the workers; prints its id."""
-    backfill_id = api.enqueue_backfill(
-        table, set_sql, target=target, where=where, key=key, batch_size=batch_size
+    options = dict(
+        target=target,
+        where=where,
+        key=key,
+        batch_size=batch_size,
+        slices=slices,
+        on_error=on_error,
     )
+    if dry_run:
+        report = api.dry_run_backfill(table, set_sql, **options)  # type: ignore[arg-type]
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+            return
+        for number, sample in enumerate(report["batches"], start=1):
+            click.echo(
+                f"batch {number}: {sample['keys']} keys, {sample['rows']} rows, {sample['ms']} ms"
+            )
+        click.echo(
+            f"{report['table']}: ~{report['table_rows']} rows, ~{report['rows_to_update']} to "
+            f"update ({report['estimate']}); projected {_duration(report['projected_s'])} with "
+            f"{report['slices']} slice(s). Rolled back: nothing changed."
+        )
+        return
+    backfill_id = api.enqueue_backfill(table, set_sql, **options)  # type: ignore[arg-type]
     if wait:
         if not as_json:
             click.echo(backfill_id)

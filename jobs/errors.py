@@ -89,3 +89,11 @@ class BackfillInterrupted(BackfillError):
     """Raised when a slice cannot reach the database to record how it ended."""
 
     exit_code = 1
+
+
+class BadDeclaration(RunbookError):
+    """Raised when a revision's declared ``backfills`` or ``requires_backfills`` are unusable."""
+
+
+class IsolationFailed(BackfillError):
+    """Raised when isolating a failing batch finds that every one of its rows fails."""

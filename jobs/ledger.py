@@ -138,6 +138,53 @@ _MIGRATIONS: list[str] = [
         UNIQUE (backfill_id, hi)
     );
     """,
+    f"""
+    -- Parallel slices, each with its own cursor and generation (moved off the backfill's
+    -- row); the revision that declared a backfill; rows an isolating backfill skipped.
+    ALTER TABLE {SCHEMA}.backfills
+        ADD COLUMN revision text,
+        ADD COLUMN slices integer NOT NULL DEFAULT 1,
+        ADD COLUMN on_error text NOT NULL DEFAULT 'stop' CHECK (on_error IN ('stop', 'isolate')),
+        ADD COLUMN max_xact_age_s integer NOT NULL DEFAULT 600;
+    CREATE INDEX backfills_run ON {SCHEMA}.backfills (run_id) WHERE run_id IS NOT NULL;
+    CREATE TABLE {SCHEMA}.backfill_slices (
+        backfill_id  text NOT NULL REFERENCES {SCHEMA}.backfills (id) ON DELETE CASCADE,
+        slice        integer NOT NULL,
+        lower_key    text,
+        upper_key    text NOT NULL,
+        cursor       text,
+        generation   bigint NOT NULL DEFAULT 0,
+        state        text NOT NULL DEFAULT 'active'
+                     CHECK (state IN ('active', 'stopped', 'done')),
+        batch_size   integer NOT NULL,
+        rows_done    bigint NOT NULL DEFAULT 0,
+        throttled_ms bigint NOT NULL DEFAULT 0,
+        throttle_reason text,
+        throttled_at timestamptz,
+        updated_at   timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (backfill_id, slice)
+    );
+    INSERT INTO {SCHEMA}.backfill_slices (backfill_id, slice, upper_key, cursor, generation,
+        state, batch_size, rows_done, throttled_ms)
+    SELECT id, 0, upper_key, cursor, generation,
+           CASE WHEN state = 'succeeded' THEN 'done' ELSE 'active' END,
+           batch_size, rows_done, throttled_ms
+    FROM {SCHEMA}.backfills WHERE upper_key IS NOT NULL;
+    ALTER TABLE {SCHEMA}.backfills DROP COLUMN cursor, DROP COLUMN generation,
+        DROP COLUMN rows_done, DROP COLUMN throttled_ms;
+    ALTER TABLE {SCHEMA}.backfill_batches
+        ADD COLUMN slice integer NOT NULL DEFAULT 0,
+        ADD COLUMN skipped integer NOT NULL DEFAULT 0,
+        ADD COLUMN throttled_ms integer NOT NULL DEFAULT 0;
+    CREATE TABLE {SCHEMA}.backfill_skipped (
+        backfill_id text NOT NULL REFERENCES {SCHEMA}.backfills (id) ON DELETE CASCADE,
+        slice       integer NOT NULL,
+        key         text NOT NULL,
+        error       text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (backfill_id, key)
+    );
+    """,
 ]
 
 
@@ -690,8 +737,18 @@ def _clean(message: str | None) -> str | None:
 
 
 # -- backfills ----------------------------------------------------------------------------------
-# The state names and the legal transitions are jobs/backfill.py's; functions here that change
+# The state names and the legal transitions are jobs/states.py's; functions here that change
 # a state take the table (or the claim mapping) from there.
+#
+# A backfill's key range is cut into slices (one by default), each walked by its own task with
+# its own cursor and generation. The backfill row holds what the operator controls (state:
+# pause, cancel, resume) and what was asked for; each slice row holds a walk's checkpoint.
+
+# Slice states: a slice is `active` while a worker may walk it, `stopped` once its worker saw
+# a pause, cancel or error (resume makes it active again), `done` when its range is walked.
+SLICE_ACTIVE = "active"
+SLICE_STOPPED = "stopped"
+SLICE_DONE = "done"
 
 
 @dataclass
@@ -699,14 +756,13 @@ class Backfill:
     id: str
     target: str
     run_id: str | None
+    revision: str | None
     table_name: str
     key_column: str
     key_type: str
     set_sql: str
     where_sql: str | None
     state: str
-    generation: int
-    cursor: str | None
     upper_key: str | None
     batch_size: int
     min_batch: int
@@ -715,16 +771,21 @@ class Backfill:
     sleep_ms: int
     lock_timeout_ms: int
     statement_timeout_ms: int
-    rows_done: int
+    slices: int
+    on_error: str
+    max_xact_age_s: int
     rows_total_estimate: int | None
     estimate_kind: str | None
     error: str | None
     error_range: dict[str, Any] | None
-    throttled_ms: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    # Summed over the slices.
+    rows_done: int = 0
+    throttled_ms: int = 0
+    skipped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -734,14 +795,40 @@ class Backfill:
 
 
 @dataclass
+class Slice:
+    backfill_id: str
+    slice: int
+    lower_key: str | None  # the walk starts after this key (None: at the first key)
+    upper_key: str  # and ends with this one
+    cursor: str | None  # the last key done (None: none yet)
+    generation: int
+    state: str
+    batch_size: int  # the next batch's size
+    rows_done: int
+    throttled_ms: int
+    updated_at: datetime
+
+    @property
+    def position(self) -> str | None:
+        """The key the next batch starts after."""
+        return self.cursor if self.cursor is not None else self.lower_key
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "updated_at": _iso(self.updated_at)}
+
+
+@dataclass
 class BackfillBatch:
     id: int
     backfill_id: str
+    slice: int
     lo: str | None
     hi: str
     batch_size: int
     rows: int
+    skipped: int
     duration_ms: int
+    throttled_ms: int
     attempt: int
     generation: int
     committed_at: datetime
@@ -751,13 +838,24 @@ class BackfillBatch:
 
 
 _BACKFILL_COLUMNS = (
-    "id, target, run_id, table_name, key_column, key_type, set_sql, where_sql, state, "
-    "generation, cursor, upper_key, batch_size, min_batch, max_batch, target_batch_ms, sleep_ms, "
-    "lock_timeout_ms, statement_timeout_ms, rows_done, rows_total_estimate, estimate_kind, "
-    "error, error_range, throttled_ms, created_at, started_at, finished_at, updated_at"
+    "b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type, b.set_sql, "
+    "b.where_sql, b.state, b.upper_key, b.batch_size, b.min_batch, b.max_batch, "
+    "b.target_batch_ms, b.sleep_ms, b.lock_timeout_ms, b.statement_timeout_ms, b.slices, "
+    "b.on_error, b.max_xact_age_s, b.rows_total_estimate, b.estimate_kind, b.error, "
+    "b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at, "
+    f"(SELECT CAST(coalesce(sum(s.rows_done), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
+    " WHERE s.backfill_id = b.id) AS rows_done, "
+    f"(SELECT CAST(coalesce(sum(s.throttled_ms), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
+    " WHERE s.backfill_id = b.id) AS throttled_ms, "
+    f"(SELECT count(*) FROM {SCHEMA}.backfill_skipped k WHERE k.backfill_id = b.id) AS skipped"
+)
+_SLICE_COLUMNS = (
+    "backfill_id, slice, lower_key, upper_key, cursor, generation, state, batch_size, "
+    "rows_done, throttled_ms, updated_at"
 )
 _BATCH_COLUMNS = (
-    "id, backfill_id, lo, hi, batch_size, rows, duration_ms, attempt, generation, committed_at"
+    "id, backfill_id, slice, lo, hi, batch_size, rows, skipped, duration_ms, throttled_ms, "
+    "attempt, generation, committed_at"
 )
 _BACKFILL_SETTINGS = (
     "batch_size",
@@ -767,7 +865,12 @@ _BACKFILL_SETTINGS = (
     "sleep_ms",
     "lock_timeout_ms",
     "statement_timeout_ms",
+    "max_xact_age_s",
 )
+
+
+def _backfill(row: Any) -> Backfill:
+    return Backfill(**row._mapping)
 
 
 def create_backfill(
@@ -775,6 +878,7 @@ def create_backfill(
     *,
     target: str,
     run_id: str | None,
+    revision: str | None,
     table_name: str,
     key_column: str,
     key_type: str,
@@ -782,12 +886,18 @@ def create_backfill(
     where_sql: str | None,
     state: str,
     upper_key: str | None,
+    bounds: list[str],
+    on_error: str,
     rows_total_estimate: int | None,
     estimate_kind: str | None,
     settings: dict[str, int],
     finished: bool = False,
 ) -> str:
-    """Record a new backfill (``settings``: batch sizes, pacing, timeouts); its id. Commits."""
+    """Record a new backfill and its slices; its id. Commits.
+
+    ``bounds`` are the slices' last keys, ascending, the last one ``upper_key`` (empty for an
+    empty table); ``settings``: batch sizes, pacing, timeouts.
+    """
     assert set(settings) == set(_BACKFILL_SETTINGS), settings
     backfill_id = new_run_id()
     names = ", ".join(_BACKFILL_SETTINGS)
@@ -797,16 +907,18 @@ def create_backfill(
             _notify(conn, run_id)
         conn.execute(
             text(
-                f"INSERT INTO {SCHEMA}.backfills (id, target, run_id, table_name, key_column, "
-                "key_type, set_sql, where_sql, state, upper_key, rows_total_estimate, "
-                f"estimate_kind, finished_at, {names}) VALUES (:id, :target, :run_id, :table, "
-                ":key, :key_type, :set_sql, :where_sql, :state, :upper, :estimate, :kind, "
+                f"INSERT INTO {SCHEMA}.backfills (id, target, run_id, revision, table_name, "
+                "key_column, key_type, set_sql, where_sql, state, upper_key, slices, on_error, "
+                f"rows_total_estimate, estimate_kind, finished_at, {names}) VALUES (:id, "
+                ":target, :run_id, :revision, :table, :key, :key_type, :set_sql, :where_sql, "
+                ":state, :upper, :slices, :on_error, :estimate, :kind, "
                 f"CASE WHEN :finished THEN now() END, {binds})"
             ),
             {
                 "id": backfill_id,
                 "target": target,
                 "run_id": run_id,
+                "revision": revision,
                 "table": table_name,
                 "key": key_column,
                 "key_type": key_type,
@@ -814,41 +926,78 @@ def create_backfill(
                 "where_sql": where_sql,
                 "state": state,
                 "upper": upper_key,
+                "slices": len(bounds),
+                "on_error": on_error,
                 "estimate": rows_total_estimate,
                 "kind": estimate_kind,
                 "finished": finished,
                 **settings,
             },
         )
+        for number, upper in enumerate(bounds):
+            conn.execute(
+                text(
+                    f"INSERT INTO {SCHEMA}.backfill_slices (backfill_id, slice, lower_key, "
+                    "upper_key, batch_size) VALUES (:id, :n, :lower, :upper, :size)"
+                ),
+                {
+                    "id": backfill_id,
+                    "n": number,
+                    "lower": bounds[number - 1] if number else None,
+                    "upper": upper,
+                    "size": settings["batch_size"],
+                },
+            )
     return backfill_id
 
 
 def get_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     """The backfill with ``backfill_id``, or None."""
     row = conn.execute(
-        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills WHERE id = :id"),
+        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
         {"id": backfill_id},
     ).first()
     if conn.in_transaction():
         conn.rollback()
-    return Backfill(**row._mapping) if row else None
+    return _backfill(row) if row else None
 
 
 def list_backfills(
-    conn: Connection, *, target: str | None = None, run_id: str | None = None, limit: int = 50
+    conn: Connection,
+    *,
+    target: str | None = None,
+    run_id: str | None = None,
+    revision: str | None = None,
+    limit: int = 50,
 ) -> list[Backfill]:
-    """Backfills, newest first, optionally of one target or one run."""
+    """Backfills, newest first, optionally of one target, one run or one declaring revision."""
     rows = conn.execute(
         text(
-            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills "
-            "WHERE (CAST(:t AS text) IS NULL OR target = :t) "
-            "AND (CAST(:r AS text) IS NULL OR run_id = :r) ORDER BY created_at DESC LIMIT :n"
+            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b "
+            "WHERE (CAST(:t AS text) IS NULL OR b.target = :t) "
+            "AND (CAST(:r AS text) IS NULL OR b.run_id = :r) "
+            "AND (CAST(:v AS text) IS NULL OR b.revision = :v) "
+            "ORDER BY b.created_at DESC LIMIT :n"
         ),
-        {"t": target, "r": run_id, "n": limit},
+        {"t": target, "r": run_id, "v": revision, "n": limit},
     ).all()
     if conn.in_transaction():
         conn.rollback()
-    return [Backfill(**r._mapping) for r in rows]
+    return [_backfill(r) for r in rows]
+
+
+def list_slices(conn: Connection, backfill_id: str) -> list[Slice]:
+    """A backfill's slices, in key order."""
+    rows = conn.execute(
+        text(
+            f"SELECT {_SLICE_COLUMNS} FROM {SCHEMA}.backfill_slices "
+            "WHERE backfill_id = :id ORDER BY slice"
+        ),
+        {"id": backfill_id},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return [Slice(**r._mapping) for r in rows]
 
 
 def list_batches(conn: Connection, backfill_id: str) -> list[BackfillBatch]:
@@ -865,12 +1014,50 @@ def list_batches(conn: Connection, backfill_id: str) -> list[BackfillBatch]:
     return [BackfillBatch(**r._mapping) for r in rows]
 
 
-def claim(conn: Connection, backfill_id: str, after_claim: dict[str, str]) -> int | None:
-    """Take a backfill over: a new generation fences every earlier worker. Commits.
+def list_skipped(conn: Connection, backfill_id: str) -> list[tuple[str, str]]:
+    """The keys an isolating backfill left alone, with the error each row raised."""
+    rows = conn.execute(
+        text(
+            f"SELECT key, error FROM {SCHEMA}.backfill_skipped WHERE backfill_id = :id "
+            "ORDER BY recorded_at, key"
+        ),
+        {"id": backfill_id},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return [(r.key, r.error) for r in rows]
+
+
+def recent_rate(conn: Connection, backfill_id: str, window_s: int = 60) -> tuple[int, float]:
+    """Rows and seconds of work (throttled time left out) over the last ``window_s`` seconds
+    of committed batches, all slices together: the rate an ETA is drawn from."""
+    row = conn.execute(
+        text(
+            "SELECT coalesce(sum(rows), 0) AS rows, "
+            "coalesce(extract(epoch FROM max(committed_at) - min(committed_at - "
+            "  make_interval(secs => duration_ms / 1000.0))), 0) AS span_s, "
+            "coalesce(sum(throttled_ms), 0) / 1000.0 AS throttled_s "
+            f"FROM {SCHEMA}.backfill_batches WHERE backfill_id = :id "
+            "AND committed_at > (SELECT max(committed_at) FROM "
+            f"  {SCHEMA}.backfill_batches WHERE backfill_id = :id) - make_interval(secs => :w)"
+        ),
+        {"id": backfill_id, "w": window_s},
+    ).one()
+    if conn.in_transaction():
+        conn.rollback()
+    busy = float(row.span_s) - float(row.throttled_s)
+    return int(row.rows), max(busy, 0.0)
+
+
+def claim(
+    conn: Connection, backfill_id: str, after_claim: dict[str, str]
+) -> list[tuple[int, int]] | None:
+    """Take a backfill over: every slice not done gets a new generation, fencing every earlier
+    worker, and is active again. Commits.
 
     ``after_claim`` maps each claimable state to the state the claim leaves (a pause or a
-    cancel asked for stays asked for). The new generation; None for an unknown backfill;
-    IllegalTransition when its state is not claimable.
+    cancel asked for stays asked for). [(slice, generation)] of the slices to walk; None for
+    an unknown backfill; IllegalTransition when its state is not claimable.
     """
     with _tx(conn):
         current = _lock(conn, backfill_id)
@@ -883,29 +1070,37 @@ def claim(conn: Connection, backfill_id: str, after_claim: dict[str, str]) -> in
             )
         if current.run_id:
             _notify(conn, current.run_id)
-        generation = conn.execute(
+        conn.execute(
             text(
-                f"UPDATE {SCHEMA}.backfills SET generation = generation + 1, state = :state, "
+                f"UPDATE {SCHEMA}.backfills SET state = :state, "
                 "error = CASE WHEN state = 'errored' THEN NULL ELSE error END, "
                 "error_range = CASE WHEN state = 'errored' THEN NULL ELSE error_range END, "
-                "started_at = coalesce(started_at, now()), updated_at = now() "
-                "WHERE id = :id RETURNING generation"
+                "started_at = coalesce(started_at, now()), updated_at = now() WHERE id = :id"
             ),
             {"state": after_claim[current.state], "id": backfill_id},
-        ).scalar_one()
-    return int(generation)
+        )
+        rows = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
+                f"state = '{SLICE_ACTIVE}', updated_at = now() "
+                f"WHERE backfill_id = :id AND state <> '{SLICE_DONE}' RETURNING slice, generation"
+            ),
+            {"id": backfill_id},
+        ).all()
+    return sorted((int(r.slice), int(r.generation)) for r in rows)
 
 
-def handoff(conn: Connection, backfill_id: str, generation: int) -> int | None:
-    """Pass a running backfill from ``generation`` to the next one (for the continuation task),
+def handoff(conn: Connection, backfill_id: str, slice_no: int, generation: int) -> int | None:
+    """Pass an active slice from ``generation`` to the next one (for the continuation task),
     so that a redelivered copy of the finished task is fenced; None when no longer ours."""
     with _tx(conn):
         value = conn.execute(
             text(
-                f"UPDATE {SCHEMA}.backfills SET generation = generation + 1, updated_at = now() "
-                "WHERE id = :id AND generation = :g RETURNING generation"
+                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
+                "updated_at = now() WHERE backfill_id = :id AND slice = :n AND generation = :g "
+                f"AND state = '{SLICE_ACTIVE}' RETURNING generation"
             ),
-            {"id": backfill_id, "g": generation},
+            {"id": backfill_id, "n": slice_no, "g": generation},
         ).scalar()
     return None if value is None else int(value)
 
@@ -920,7 +1115,7 @@ def set_state(
 ) -> tuple[str, str] | None:
     """Move a backfill to ``new_state`` (or to ``new_state[current state]``) if ``transitions``
     allows it; (old, new), or None for an unknown backfill. Asking for the state it is in
-    changes nothing. Waits for a batch in flight to commit first. Commits."""
+    changes nothing. Commits."""
     with _tx(conn):
         current = _lock(conn, backfill_id)
         if current is None:
@@ -941,48 +1136,144 @@ def lock_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     return _lock(conn, backfill_id)
 
 
+def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
+    """The backfill inside the caller's transaction, not locked (a batch reads the operator's
+    flags this way, so that slices never wait for each other on the backfill's row)."""
+    row = conn.execute(
+        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
+        {"id": backfill_id},
+    ).first()
+    return _backfill(row) if row else None
+
+
+def lock_slice(conn: Connection, backfill_id: str, slice_no: int) -> Slice | None:
+    """The slice, row-locked until the caller's transaction ends (no commit here)."""
+    row = conn.execute(
+        text(
+            f"SELECT {_SLICE_COLUMNS} FROM {SCHEMA}.backfill_slices "
+            "WHERE backfill_id = :id AND slice = :n FOR UPDATE"
+        ),
+        {"id": backfill_id, "n": slice_no},
+    ).first()
+    return Slice(**row._mapping) if row else None
+
+
+def set_slice_state(conn: Connection, piece: Slice, state: str) -> None:
+    """Within the caller's transaction (the slice locked by lock_slice)."""
+    conn.execute(
+        text(
+            f"UPDATE {SCHEMA}.backfill_slices SET state = :state, updated_at = now() "
+            "WHERE backfill_id = :id AND slice = :n"
+        ),
+        {"state": state, "id": piece.backfill_id, "n": piece.slice},
+    )
+    piece.state = state
+
+
+def slice_states(conn: Connection, backfill_id: str) -> list[str]:
+    """Each slice's state, within the caller's transaction."""
+    rows = conn.execute(
+        text(f"SELECT state FROM {SCHEMA}.backfill_slices WHERE backfill_id = :id"),
+        {"id": backfill_id},
+    ).scalars()
+    return [str(s) for s in rows]
+
+
 def record_batch(
     conn: Connection,
     backfill: Backfill,
+    piece: Slice,
     *,
-    lo: str | None,
     hi: str,
     batch_size: int,
     rows: int,
+    skipped: list[tuple[str, str]],
     duration_ms: int,
     attempt: int,
     generation: int,
     next_batch_size: int,
     throttled_ms: int,
 ) -> None:
-    """Within the caller's batch transaction: the batch row, the cursor, the counters."""
+    """Within the caller's batch transaction: the batch row, rows skipped by isolation, the
+    slice's cursor and counters."""
     if backfill.run_id:
         _notify(conn, backfill.run_id)
     conn.execute(
         text(
-            f"INSERT INTO {SCHEMA}.backfill_batches (backfill_id, lo, hi, batch_size, rows, "
-            "duration_ms, attempt, generation) VALUES (:b, :lo, :hi, :size, :rows, :ms, "
-            ":attempt, :g)"
+            f"INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, batch_size, "
+            "rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES (:b, :n, "
+            ":lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)"
         ),
         {
             "b": backfill.id,
-            "lo": lo,
+            "n": piece.slice,
+            "lo": piece.position,
             "hi": hi,
             "size": batch_size,
             "rows": rows,
+            "skipped": len(skipped),
             "ms": duration_ms,
+            "throttled": throttled_ms,
             "attempt": attempt,
             "g": generation,
         },
     )
+    for key, error in skipped:
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.backfill_skipped (backfill_id, slice, key, error) "
+                "VALUES (:b, :n, :key, :error)"
+            ),
+            {"b": backfill.id, "n": piece.slice, "key": key, "error": _clean(error)},
+        )
     conn.execute(
         text(
-            f"UPDATE {SCHEMA}.backfills SET cursor = :hi, rows_done = rows_done + :rows, "
-            "batch_size = :next, throttled_ms = throttled_ms + :slept, updated_at = now() "
-            "WHERE id = :id"
+            f"UPDATE {SCHEMA}.backfill_slices SET cursor = :hi, rows_done = rows_done + :rows, "
+            "batch_size = :next, throttled_ms = throttled_ms + :throttled, updated_at = now() "
+            "WHERE backfill_id = :id AND slice = :n"
         ),
-        {"hi": hi, "rows": rows, "next": next_batch_size, "slept": throttled_ms, "id": backfill.id},
+        {
+            "hi": hi,
+            "rows": rows,
+            "next": next_batch_size,
+            "throttled": throttled_ms,
+            "id": backfill.id,
+            "n": piece.slice,
+        },
     )
+    piece.cursor = hi
+
+
+def add_throttled(
+    conn: Connection, backfill_id: str, slice_no: int, ms: int, reason: str | None = None
+) -> None:
+    """Count time a slice waited between batches (not yet in a batch row) and, when a
+    database signal made it wait, why. Commits."""
+    with _tx(conn):
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfill_slices SET throttled_ms = throttled_ms + :ms, "
+                "throttle_reason = coalesce(:reason, throttle_reason), "
+                "throttled_at = CASE WHEN :reason IS NULL THEN throttled_at ELSE now() END "
+                "WHERE backfill_id = :id AND slice = :n"
+            ),
+            {"ms": ms, "reason": reason, "id": backfill_id, "n": slice_no},
+        )
+
+
+def last_throttle(conn: Connection, backfill_id: str) -> tuple[str, datetime] | None:
+    """The latest database signal any slice waited on, and when."""
+    row = conn.execute(
+        text(
+            f"SELECT throttle_reason, throttled_at FROM {SCHEMA}.backfill_slices "
+            "WHERE backfill_id = :id AND throttled_at IS NOT NULL "
+            "ORDER BY throttled_at DESC LIMIT 1"
+        ),
+        {"id": backfill_id},
+    ).first()
+    if conn.in_transaction():
+        conn.rollback()
+    return None if row is None else (str(row.throttle_reason), row.throttled_at)
 
 
 def mark_backfill(
@@ -1001,10 +1292,10 @@ def mark_backfill(
 
 def _lock(conn: Connection, backfill_id: str) -> Backfill | None:
     row = conn.execute(
-        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills WHERE id = :id FOR UPDATE"),
+        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id FOR UPDATE"),
         {"id": backfill_id},
     ).first()
-    return Backfill(**row._mapping) if row else None
+    return _backfill(row) if row else None
 
 
 def _mark(
@@ -1033,3 +1324,18 @@ def _mark(
         },
     )
     backfill.state = state
+
+
+# -- declared backfills (coordinator) --
+
+
+def note_step(conn: Connection, step: Step, **detail: Any) -> None:
+    """Add to a running step's detail without closing it (the backfill a step waits for,
+    so that `status` shows it while the run waits). Commits."""
+    step.detail = {**step.detail, **detail}
+    with _tx(conn):
+        _notify(conn, step.run_id)
+        conn.execute(
+            text(f"UPDATE {SCHEMA}.steps SET detail = CAST(:d AS jsonb) WHERE id = :id"),
+            {"d": json.dumps(step.detail), "id": step.id},
+        )

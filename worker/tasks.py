@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.utils.saferepr import saferepr
 
 from jobs import backfill_runner
 from jobs.config import load_settings, redact
@@ -34,13 +35,39 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
         return {"run_id": run_id, "target": target, "state": "refused", "error": message}
 
 
-@app.task(name="runbook.backfill_slice", bind=True)
-def backfill_slice(self: Task, backfill_id: str, target: str, generation: int) -> dict[str, Any]:
-    """A few seconds of a backfill's batches, then the continuation. Names only, no URLs."""
+# Flower shows a result as its repr, cut at resultrepr_maxsize: room for many slices' progress.
+@app.task(name="runbook.backfill_slice", bind=True, resultrepr_maxsize=8192)
+def backfill_slice(
+    self: Task, backfill_id: str, target: str, slice_no: int, generation: int
+) -> dict[str, Any]:
+    """A few seconds of one slice's batches, then its continuation. Names only, no URLs."""
+
+    def progress(info: dict[str, Any]) -> None:
+        # PROGRESS in the result backend (AsyncResult.info), and a task-progress event: Flower
+        # reads events only, makes the task PROGRESS and shows the event's `result` field (its
+        # other fields are kept but not shown). `state` is left out: applied after the task's
+        # success event, it would overwrite the task's state in Flower.
+        if self.request.id:
+            self.update_state(state="PROGRESS", meta=info)
+            fields = {k: v for k, v in info.items() if k != "state"}
+            self.send_event(
+                "task-progress",
+                result=saferepr(info, self.resultrepr_maxsize),
+                backfill_state=info["state"],
+                **fields,
+            )
+
     try:
         settings = load_settings()
         return backfill_runner.run_slice_and_continue(
-            settings, target, backfill_id, generation, send_next=_send_slice
+            settings,
+            target,
+            backfill_id,
+            slice_no,
+            generation,
+            send_next=slice_sender(settings.queue),
+            on_progress=progress,
+            resume_run=run_sender(settings.queue),
         )
     except RunbookError as exc:
         message = redact(str(exc))
@@ -48,5 +75,24 @@ def backfill_slice(self: Task, backfill_id: str, target: str, generation: int) -
         return {"backfill_id": backfill_id, "target": target, "state": "refused", "error": message}
 
 
-def _send_slice(backfill_id: str, target: str, generation: int, queue: str) -> None:
-    backfill_slice.apply_async(args=[backfill_id, target, generation], queue=queue)
+def slice_sender(queue: str) -> backfill_runner.SendSlice:
+    """Queue a backfill slice's task on ``queue``; Flower shows ``argsrepr`` as its arguments."""
+
+    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
+        backfill_slice.apply_async(
+            args=[backfill_id, target, slice_no, generation],
+            queue=queue,
+            argsrepr=label,
+            kwargsrepr="{}",
+        )
+
+    return send
+
+
+def run_sender(queue: str) -> backfill_runner.ResumeRun:
+    """Queue a run again (a backfill it waits for has stopped)."""
+
+    def send(run_id: str, target: str) -> None:
+        execute_run.apply_async(args=[run_id, target], queue=queue)
+
+    return send
