@@ -762,6 +762,7 @@ class _Walk:
             return True
         self.signals_checked = now
         waited, reason = 0.0, self.signal()
+        cause = reason
         while reason is not None:
             if waited == 0.0:
                 log.info("backfill %s slice %d: throttled, %s", self.id, self.slice, reason)
@@ -771,8 +772,8 @@ class _Walk:
             time.sleep(THROTTLE_STEP_S)
             waited += THROTTLE_STEP_S * 1000
             reason = self.signal()
-        if waited:
-            self.note_throttle(waited, "recovered")
+        if cause is not None:
+            self.note_throttle(waited, cause)
         return True
 
     def signal(self) -> str | None:

@@ -584,7 +584,16 @@ def demo() -> None:
 
 
 def main() -> None:
-    cli(prog_name="runbook")
+    try:
+        cli(prog_name="runbook", standalone_mode=False)
+    except click.UsageError as exc:  # a wrong option or value: one line, like every bad input
+        where = f"runbook {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "runbook"
+        err.print(f"runbook: error: {exc.format_message().rstrip('.')}; see `{where} --help`")
+        sys.exit(2)
+    except click.Abort:
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

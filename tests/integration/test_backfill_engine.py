@@ -702,3 +702,221 @@ def test_the_transition_table_covers_every_request() -> None:
         backfill.check_transition(old, new)
     with pytest.raises(IllegalTransition):
         backfill.check_transition("succeeded", "running")
+
+
+# -- parallel slices ----------------------------------------------------------------------------
+
+
+def start_all(engine: Engine, backfill_id: str, *, resume: bool = False) -> list[tuple[int, int]]:
+    with engine.connect() as conn:
+        return backfill.start(conn, backfill_id, resume=resume)
+
+
+def slices_of(engine: Engine, backfill_id: str) -> list[ledger.Slice]:
+    with engine.connect() as conn:
+        return ledger.list_slices(conn, backfill_id)
+
+
+@pytest.mark.parametrize("key_type,keys", [("int", "i * 7"), ("uuid", "gen_random_uuid()")])
+def test_slices_split_the_key_range_and_run_side_by_side(
+    dbname: str, engine: Engine, key_type: str, keys: str
+) -> None:
+    make_items(dbname, 6000, key_type, keys)
+    bf_id = create(engine, spec(slices=3, batch_size=200))
+    pieces = slices_of(engine, bf_id)
+    assert len(pieces) == 3 and pieces[0].lower_key is None
+    assert [p.lower_key for p in pieces[1:]] == [p.upper_key for p in pieces[:-1]]
+    assert pieces[-1].upper_key == get(engine, bf_id).upper_key
+    started = start_all(engine, bf_id)
+    assert [n for n, _ in started] == [0, 1, 2]
+    workers = [
+        in_thread(run_to_end, engine, bf_id, g, slice_no=n, budget_s=0.3) for n, g in started
+    ]
+    for thread, _ in workers:
+        thread.join(120)
+    outcomes = sorted(out[0] for _, out in workers)
+    assert outcomes == ["stopped", "stopped", "succeeded"]  # the last one done settles it
+    bf = get(engine, bf_id)
+    assert bf.state == "succeeded" and bf.rows_done == 6000 and counters(dbname) == {1: 6000}
+    per_slice = [p.rows_done for p in slices_of(engine, bf_id)]
+    assert sum(per_slice) == 6000 and min(per_slice) > 1000  # quantile bounds: balanced
+
+
+def test_a_pause_waits_for_every_slice_and_resume_restarts_them_all(
+    dbname: str, engine: Engine
+) -> None:
+    make_items(dbname, 4000)
+    bf_id = create(engine, spec(slices=2, sleep_ms=20, **FIXED))
+    started = start_all(engine, bf_id)
+    workers = [
+        in_thread(backfill.run_slice, engine, bf_id, g, slice_no=n, budget_s=60) for n, g in started
+    ]
+    wait_for(lambda: len(batches(engine, bf_id)) >= 4)
+    with engine.connect() as conn:
+        assert backfill.pause(conn, bf_id) == "pausing"
+    for thread, _ in workers:
+        thread.join(30)
+    assert sorted(out[0] for _, out in workers) == ["paused", "stopped"]
+    assert get(engine, bf_id).state == "paused"
+    assert {p.state for p in slices_of(engine, bf_id)} == {"stopped"}
+    resumed = start_all(engine, bf_id, resume=True)
+    assert [g for _, g in resumed] == [g + 1 for _, g in started]  # the old tasks are fenced
+    for n, g in resumed:
+        run_to_end(engine, bf_id, g, slice_no=n)
+    assert get(engine, bf_id).state == "succeeded" and counters(dbname) == {1: 4000}
+
+
+def test_one_slice_failing_stops_the_others_and_resume_finishes(
+    dbname: str, engine: Engine
+) -> None:
+    make_items(dbname, 3000)
+    query(dbname, "UPDATE items SET flag = 1 WHERE id = 2900")  # counter 1 breaks the check
+    bf_id = create(engine, spec(slices=2, sleep_ms=10, **FIXED))
+    started = start_all(engine, bf_id)
+    workers = [in_thread(run_to_end, engine, bf_id, g, slice_no=n) for n, g in started]
+    for thread, _ in workers:
+        thread.join(60)
+    bf = get(engine, bf_id)
+    assert bf.state == "errored" and bf.error_range == {"slice": 1, "lo": "2800", "hi": "2900"}
+    assert "at_most_one" in (bf.error or "")
+    assert sorted(out[0] for _, out in workers) == ["errored", "stopped"]
+    query(dbname, "UPDATE items SET flag = 0 WHERE id = 2900")
+    for n, g in start_all(engine, bf_id, resume=True):
+        run_to_end(engine, bf_id, g, slice_no=n)
+    assert get(engine, bf_id).state == "succeeded" and counters(dbname) == {1: 3000}
+
+
+def test_fewer_slices_than_asked_when_the_table_is_tiny(dbname: str, engine: Engine) -> None:
+    make_items(dbname, 2)
+    bf_id = create(engine, spec(slices=8))
+    assert 1 <= len(slices_of(engine, bf_id)) <= 2
+    for n, g in start_all(engine, bf_id):
+        run_to_end(engine, bf_id, g, slice_no=n)
+    assert get(engine, bf_id).state == "succeeded" and counters(dbname) == {1: 2}
+
+
+# -- isolate -------------------------------------------------------------------------------------
+
+
+def test_isolate_skips_exactly_the_offending_rows(dbname: str, engine: Engine) -> None:
+    make_items(dbname, 1000)
+    bad = [17, 18, 530, 999]
+    query(dbname, f"UPDATE items SET flag = 1 WHERE id IN ({', '.join(map(str, bad))})")
+    bf_id = create(engine, spec(on_error="isolate", **FIXED))
+    assert run_to_end(engine, bf_id, claim(engine, bf_id)) == "succeeded"
+    with engine.connect() as conn:
+        skipped = ledger.list_skipped(conn, bf_id)
+    assert sorted(int(k) for k, _ in skipped) == bad
+    assert all("at_most_one" in error for _, error in skipped)
+    assert counters(dbname) == {1: 1000 - len(bad), 0: len(bad)}
+    bf = get(engine, bf_id)
+    assert bf.skipped == len(bad) and bf.rows_done == 1000 - len(bad)
+    assert sum(b.skipped for b in batches(engine, bf_id)) == len(bad)
+
+
+def test_isolate_still_stops_when_every_row_fails(dbname: str, engine: Engine) -> None:
+    make_items(dbname, 300)
+    query(dbname, "UPDATE items SET flag = 1")
+    bf_id = create(engine, spec(on_error="isolate", **FIXED))
+    assert run_to_end(engine, bf_id, claim(engine, bf_id)) == "errored"
+    bf = get(engine, bf_id)
+    assert "every row" in (bf.error or "") and counters(dbname) == {0: 300}
+    with engine.connect() as conn:
+        assert ledger.list_skipped(conn, bf_id) == []
+
+
+# -- dry run, throttling, progress ----------------------------------------------------------------
+
+
+def test_dry_run_changes_nothing_and_projects_the_time(dbname: str, engine: Engine) -> None:
+    make_items(dbname, 5000)
+    before = query(dbname, "SELECT count(*) FROM runbook.backfills")
+    with engine.connect() as conn:
+        report = backfill.dry_run(conn, spec(where_sql="new_column IS NULL", **FIXED), batches=3)
+    assert [b["keys"] for b in report["batches"]] == [100, 100, 100]
+    assert [b["rows"] for b in report["batches"]] == [100, 100, 100]
+    assert report["rows_to_update"] == 5000 and report["estimate"] == "counted"
+    assert report["projected_s"] > 0 and report["rolled_back"] is True
+    assert counters(dbname) == {0: 5000}
+    assert query(dbname, "SELECT count(*) FROM runbook.backfills") == before
+
+
+def test_an_old_transaction_throttles_the_backfill_until_it_ends(
+    dbname: str, engine: Engine
+) -> None:
+    make_items(dbname, 2000)
+    bf_id = create(engine, spec(max_xact_age_s=1, **FIXED))
+    holder = psycopg2.connect(db_url(dbname))
+    with holder.cursor() as cur:  # REPEATABLE READ keeps its snapshot: it holds the xmin horizon
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM items")
+    time.sleep(1.2)
+    generation = claim(engine, bf_id)
+    assert backfill.run_slice(engine, bf_id, generation, budget_s=1.5) == "continue"
+    assert batches(engine, bf_id) == []  # it waited instead
+    holder.rollback()
+    holder.close()
+    assert run_to_end(engine, bf_id, generation) == "succeeded"
+    bf = get(engine, bf_id)
+    assert bf.throttled_ms >= 1000 and counters(dbname) == {1: 2000}
+    with engine.connect() as conn:
+        reason = ledger.last_throttle(conn, bf_id)
+    assert reason is not None and "holds back vacuum" in reason[0]
+
+
+def test_a_batch_that_makes_the_application_wait_shrinks_the_next(
+    dbname: str, engine: Engine
+) -> None:
+    make_items(dbname, 3000)
+    # Row 150 takes 1.5 s to update: the application's write of row 120 (same batch) waits.
+    query(
+        dbname,
+        """
+        CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.id = 150 THEN PERFORM pg_sleep(1.5); END IF; RETURN NEW; END $$;
+        CREATE TRIGGER slow BEFORE UPDATE ON items FOR EACH ROW EXECUTE FUNCTION slow_row();
+        """,
+    )
+    bf_id = create(
+        engine, spec(batch_size=1000, min_batch=50, max_batch=1000, target_batch_ms=5000)
+    )
+    generation = claim(engine, bf_id)
+
+    def application() -> None:
+        time.sleep(0.5)  # inside the first batch
+        conn = psycopg2.connect(db_url(dbname))
+        with conn, conn.cursor() as cur:
+            cur.execute("UPDATE items SET flag = 0 WHERE id = 120")
+        conn.close()
+
+    app, _ = in_thread(application)
+    assert backfill.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
+    app.join(10)
+    first = batches(engine, bf_id)[0]
+    assert first.batch_size == 1000
+    assert the_slice(engine, bf_id).batch_size <= 500  # halved although the batch was fast
+
+
+def test_progress_has_a_rate_and_an_eta(dbname: str, engine: Engine) -> None:
+    from jobs import backfill_runner
+
+    make_items(dbname, 3000)
+    bf_id = create(engine, spec(sleep_ms=200, **FIXED))
+    generation = claim(engine, bf_id)
+    backfill.run_slice(engine, bf_id, generation, budget_s=1.0)
+    with engine.connect() as conn:
+        info = backfill_runner.progress(conn, get(engine, bf_id))
+    assert info["rows_done"] > 0 and info["rows_total"] == 3000 and info["estimate"] == "counted"
+    assert info["rate_rows_s"] and info["eta_s"] is not None and info["throttled_s"] > 0
+    # Throttled time (the 200 ms sleeps) is left out of the rate: 100-row batches in a few ms
+    # each would otherwise show at most 500 rows/s.
+    assert info["rate_rows_s"] > 1000
+    assert info["slices"] == [
+        {
+            "slice": 0,
+            "state": "active",
+            "cursor": str(info["rows_done"]),
+            "from": None,
+            "to": "3000",
+            "rows_done": info["rows_done"],
+        }
+    ]

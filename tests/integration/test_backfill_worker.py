@@ -46,8 +46,9 @@ def wait_for_rows(backfill_id: str, name: str, rows: int, timeout_s: float = 60)
     pytest.fail(f"backfill {backfill_id} did not reach {rows} rows: {now}")
 
 
+@pytest.mark.parametrize("slices", [1, 2])
 def test_every_row_updated_exactly_once_through_three_worker_kills(
-    worker: Worker, config: Config, databases: Databases
+    worker: Worker, config: Config, databases: Databases, slices: int
 ) -> None:
     name, dbname = make_table(config, databases)
     backfill_id = api.enqueue_backfill(
@@ -56,6 +57,7 @@ def test_every_row_updated_exactly_once_through_three_worker_kills(
         target=name,
         where="new_column IS NULL",
         batch_size=200,
+        slices=slices,
     )
     assert worker.proc is not None
     for threshold in (2000, 6000, 11000):
@@ -78,10 +80,26 @@ def test_every_row_updated_exactly_once_through_three_worker_kills(
         dbname,
         f"SELECT sum(rows) FROM runbook.backfill_batches WHERE backfill_id = '{backfill_id}'",
     ) == [(ROWS,)]
+    # Each slice walked its own part of the key range, and both did work.
+    per_slice = query(
+        dbname,
+        "SELECT slice, sum(rows) FROM runbook.backfill_batches "
+        f"WHERE backfill_id = '{backfill_id}' GROUP BY slice ORDER BY slice",
+    )
+    assert len(per_slice) == slices and all(rows > ROWS / (3 * slices) for _, rows in per_slice)
 
 
 def test_pause_resume_and_the_cli(worker: Worker, config: Config, databases: Databases) -> None:
     name, dbname = make_table(config, databases)
+    args = ["--target", name, "--table", "large", "--set", "counter = counter + slow_one()"]
+    dry = runbook_cli("backfill", *args, "--batch-size", "200", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert len(report["batches"]) == 3 and report["batches"][0]["keys"] == 200
+    assert all(b["rows"] == b["keys"] for b in report["batches"])  # no WHERE: every key
+    assert report["projected_s"] > 0 and report["rolled_back"]
+    assert query(dbname, "SELECT max(counter) FROM large") == [(0,)]
+    assert query(dbname, "SELECT count(*) FROM runbook.backfills") == [(0,)]
     started = runbook_cli(
         "backfill",
         "--target",

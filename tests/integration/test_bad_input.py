@@ -206,6 +206,30 @@ CASES = [
         ["backfill", "--table", "t1", "--set", "v = 1", "--key", "v"],
         "column",
     ),
+    Case(
+        "zero slices",
+        ["backfill", "--table", "t1", "--set", "v = 1", "--slices", "0"],
+        "--slices must be between 1 and 64, got 0",
+    ),
+    Case(
+        "unknown on-error policy",
+        ["backfill", "--table", "t1", "--set", "v = 1", "--on-error", "ignore"],
+        "--on-error",
+    ),
+    Case(
+        "dry run of SQL with a comment trick",
+        [
+            "backfill",
+            "--table",
+            "t1",
+            "--set",
+            "v = 1 -- x",
+            "--where",
+            "1=1) OR (1=1",
+            "--dry-run",
+        ],
+        "--set contains an SQL comment",
+    ),
 ]
 
 
