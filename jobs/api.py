@@ -465,6 +465,20 @@ def history(
         return [r.as_dict() for r in ledger.list_runs(conn, limit=limit)]
 
 
+def list_backfills(
+    target: str | None = None, *, limit: int = 50, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """A target's recent backfills, newest first, with their progress."""
+    t = _settings(settings).target(target)
+    with db.connect(t) as conn:
+        if not ledger.exists(conn):
+            return []
+        return [
+            backfill_runner.progress(conn, bf)
+            for bf in ledger.list_backfills(conn, target=t.name, limit=limit)
+        ]
+
+
 def wait(
     run_id: str,
     target: str | None = None,

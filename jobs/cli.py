@@ -453,6 +453,32 @@ def history(target: str | None, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--target", "-t", help="Target name (default: the only one).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print the backfills as JSON.")
+@friendly
+def backfills(target: str | None, limit: int, as_json: bool) -> None:
+    """List a target's recent backfills, newest first."""
+    found = api.list_backfills(target, limit=limit)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table = Table("backfill", "table", "state", "rows", "of", "slices", "run", "error")
+    for b in found:
+        table.add_row(
+            b["backfill_id"],
+            b["table"],
+            b["state"],
+            str(b["rows_done"]),
+            f"~{b['rows_total']}",
+            str(len(b["slices"])),
+            b["run_id"] or "",
+            (b["error"] or "")[:60],
+        )
+    out.print(table)
+
+
+@cli.command()
 @click.argument("run_id")
 @click.option("--target", "-t", help="Look only in this target's ledger.")
 @friendly

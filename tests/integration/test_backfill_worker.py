@@ -127,6 +127,11 @@ def test_pause_resume_and_the_cli(worker: Worker, config: Config, databases: Dat
     assert watched.returncode == 0, watched.stderr
     assert json.loads(watched.stdout)["state"] == "succeeded"
     assert query(dbname, "SELECT min(counter), max(counter) FROM large") == [(1, 1)]
+    listed = runbook_cli("backfills", "--target", name, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(b["backfill_id"], b["state"]) for b in json.loads(listed.stdout)] == [
+        (backfill_id, "succeeded")
+    ]
     bad = runbook_cli(
         "backfill", "--target", name, "--table", "large", "--set", "counter = 1; DROP TABLE large"
     )
