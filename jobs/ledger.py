@@ -1036,7 +1036,9 @@ def recent_rate(conn: Connection, backfill_id: str, window_s: int = 60) -> tuple
             "SELECT coalesce(sum(rows), 0) AS rows, "
             "coalesce(extract(epoch FROM max(committed_at) - min(committed_at - "
             "  make_interval(secs => duration_ms / 1000.0))), 0) AS span_s, "
-            "coalesce(sum(throttled_ms), 0) / 1000.0 AS throttled_s "
+            # Slices wait side by side: their waits overlap in wall time.
+            "coalesce(sum(throttled_ms), 0) / 1000.0 / greatest(count(DISTINCT slice), 1) "
+            "AS throttled_s "
             f"FROM {SCHEMA}.backfill_batches WHERE backfill_id = :id "
             "AND committed_at > (SELECT max(committed_at) FROM "
             f"  {SCHEMA}.backfill_batches WHERE backfill_id = :id) - make_interval(secs => :w)"
