@@ -32,7 +32,7 @@ from jobs.errors import (
 )
 from jobs.ledger import Run
 from jobs.migrate import Project, Revision
-from jobs.states import CANCELLED, ENQUEUED
+from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED
 
 EXECUTE_TASK = "runbook.execute_run"
 
@@ -183,6 +183,7 @@ def enqueue(
         path = project.upgrade_path(current, to_rev)
         if not path:
             return None
+        project.check_declarations(path)  # a bad declared backfill: exit 2, nothing queued
         if t.require_rehearsal:
             _check_rehearsed(conn, t, current, to_rev, path)
         if strict:
@@ -357,8 +358,10 @@ def enqueue_rehearse(
     to_rev = project.resolve(to)
     with db.connect(t) as conn:
         current = project.current(conn)
-        if not project.upgrade_path(current, to_rev):
+        path = project.upgrade_path(current, to_rev)
+        if not path:
             return None
+        project.check_declarations(path)
         _check_scratch(conn, dataclasses.replace(t, backup=True, verify_restore=True))
         return _admit(
             settings,
@@ -700,10 +703,20 @@ def control_backfill(
     settings = _settings(settings)
     t = _find_backfill(settings, backfill_id, target)
     with db.connect(t) as conn:
+        ended = backfill.get(conn, backfill_id).state
+        if ended in BACKFILL_TERMINAL:
+            raise RunbookError(
+                f"backfill {backfill_id} already ended ({ended}); nothing to {action}"
+            )
         if action == "pause":
             backfill.pause(conn, backfill_id)
         elif action == "cancel":
-            backfill.cancel(conn, backfill_id)
+            bf = backfill.get(conn, backfill_id)
+            if backfill.cancel(conn, backfill_id) == "cancelled" and bf.run_id:
+                # Cancelled at once (no slice was running to settle it): its run, waiting for
+                # it, is sent on now rather than by the reconciler a lease later.
+                _check_broker(settings)
+                _send(settings, bf.run_id, t)
         else:
             _check_broker(settings)
             started = backfill.start(conn, backfill_id, resume=True)

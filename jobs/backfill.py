@@ -589,6 +589,23 @@ def settle(conn: Connection, backfill_id: str) -> str | None:
     return new
 
 
+def abandon(conn: Connection, backfill_id: str, slice_no: int, generation: int, why: str) -> str:
+    """Stop a slice whose tasks keep dying (a poison slice): the backfill is errored with
+    ``why`` and the slice's position, and resume can try again. The state reached. Commits."""
+    with conn.begin():
+        bf = ledger.lock_backfill(conn, backfill_id)
+        piece = ledger.lock_slice(conn, backfill_id, slice_no)
+        if bf is None or piece is None or piece.generation != generation:
+            return FENCED
+        ledger.set_slice_state(conn, piece, ledger.SLICE_STOPPED)
+        if ERRORED not in TRANSITIONS[bf.state]:
+            return bf.state
+        where = _Range(slice_no, piece.position, None)
+        message = f"slice {slice_no} after key {piece.position or 'start'}: {why}"
+        _move(conn, bf, ERRORED, error=message, error_range=where.as_dict())
+    return ERRORED
+
+
 # -- the walk ---------------------------------------------------------------------------------
 
 

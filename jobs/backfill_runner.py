@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from jobs import backfill, db, ledger
+from jobs import backfill, db, lease, ledger
 from jobs.config import Settings
 from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
 
@@ -104,6 +104,12 @@ def run_slice_and_continue(
     run when this slice stopped the backfill. The slice's outcome and the progress."""
     target = settings.target(target_name)
     with db.connect(target) as watch:
+        started = ledger.begin_slice_delivery(watch, backfill_id, slice_no, generation)
+        if started > lease.MAX_UNFINISHED:
+            outcome = backfill.abandon(
+                watch, backfill_id, slice_no, generation, lease.poison_reason(started - 1)
+            )
+            return _finish(watch, target.name, backfill_id, slice_no, outcome, resume_run)
         reported = 0.0
 
         def report() -> None:
@@ -122,22 +128,34 @@ def run_slice_and_continue(
             budget_s=SLICE_SECONDS,
             on_batch=report,
         )
+        ledger.end_slice_delivery(watch, backfill_id, slice_no)
         if outcome == backfill.CONTINUE:
             nxt = ledger.handoff(watch, backfill_id, slice_no, generation)
             if nxt is None:
                 outcome = backfill.FENCED
             else:
                 send_slices(watch, target.name, backfill_id, [(slice_no, nxt)], send_next)
-        bf = backfill.get(watch, backfill_id)
-        if outcome in STOPS and bf.run_id and resume_run is not None:
-            resume_run(bf.run_id, target.name)
-        info = progress(watch, bf)
+        return _finish(watch, target.name, backfill_id, slice_no, outcome, resume_run)
+
+
+def _finish(
+    conn: Connection,
+    target_name: str,
+    backfill_id: str,
+    slice_no: int,
+    outcome: str,
+    resume_run: ResumeRun | None,
+) -> dict[str, Any]:
+    """Send the waiting run on if this slice stopped the backfill; the task's result."""
+    bf = backfill.get(conn, backfill_id)
+    if outcome in STOPS and bf.run_id and resume_run is not None:
+        resume_run(bf.run_id, target_name)
     log.info(
         "backfill %s slice %d on %s: %s, %d rows done",
         backfill_id,
         slice_no,
-        target.name,
+        target_name,
         outcome,
         bf.rows_done,
     )
-    return {**info, "slice": slice_no, "outcome": outcome}
+    return {**progress(conn, bf), "slice": slice_no, "outcome": outcome}

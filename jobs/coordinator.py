@@ -5,6 +5,11 @@ It is idempotent by run id. Celery may deliver the same run twice, or again afte
 died: the run lock lets only one delivery work at a time, and each step is looked up in the
 ledger before it is done, so finished steps are never repeated and an interrupted one is
 checked against the database before it is redone.
+
+A revision's declared backfills run between its upgrade and its verify. On a worker their
+slices go out as tasks and the delivery returns with the run still ``running`` (the run lock
+released); the backfill's last slice sends the run again, and the next delivery finds the
+backfill step's outcome in the ledger and goes on, or rolls back.
 """
 
 from __future__ import annotations
@@ -13,17 +18,28 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import Connection
 
-from jobs import db, hooks, ledger, plan, preflight, restore, vault
+from jobs import (
+    backfill,
+    backfill_runner,
+    db,
+    declared,
+    hooks,
+    ledger,
+    plan,
+    preflight,
+    restore,
+    vault,
+)
 from jobs import rehearse as rehearsal
 from jobs import states as st
 from jobs.config import Settings, Target, redact
-from jobs.errors import DowngradeImpossible, RunbookError, StepFailed
+from jobs.errors import DowngradeImpossible, RunbookError, StepFailed, VerifyFailed
 from jobs.ledger import Run, Step
-from jobs.migrate import Project, Revision, describe, with_lock_retries
+from jobs.migrate import DeclaredBackfill, Project, Revision, describe, with_lock_retries
 from jobs.verify import digest, schema_lines, verify_revision
 
 log = logging.getLogger("runbook.coordinator")
@@ -43,6 +59,8 @@ class Outcome:
     state: str
     error: str | None = None
     note: str | None = None
+    waiting_for: str | None = None  # the backfill this run waits for
+    waiting_state: str | None = None  # its state when this delivery stopped waiting
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,15 +69,33 @@ class Outcome:
             "state": self.state,
             "error": self.error,
             "note": self.note,
+            "waiting_for": self.waiting_for,
         }
 
 
+class AwaitingBackfill(Exception):
+    """Raised inside a delivery when the run must wait for a backfill; not a failure."""
+
+    def __init__(self, backfill_id: str, state: str) -> None:
+        super().__init__(f"waiting for backfill {backfill_id} ({state})")
+        self.backfill_id = backfill_id
+        self.state = state
+
+
 class Coordinator:
-    def __init__(self, conn: Connection, target: Target, run: Run, progress: Progress) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        target: Target,
+        run: Run,
+        progress: Progress,
+        send_slice: backfill_runner.SendSlice | None = None,
+    ) -> None:
         self.conn = conn
         self.target = target
         self.run = run
         self.progress = progress
+        self.send_slice = send_slice  # None: backfill slices run here, in this process
         self.project = Project(target)  # loaded once per run, not once per step
 
     # -- helpers -----------------------------------------------------------------------------
@@ -138,6 +174,7 @@ class Coordinator:
                 self.backup()
             for rev in path:
                 self.upgrade(rev)
+                self.backfills(rev)
                 self.verify(rev)
         elif run.kind == "rollback":
             path = self.project.upgrade_path(run.to_revision, run.from_revision)
@@ -163,10 +200,16 @@ class Coordinator:
         step = self._begin("preflight")
         if step is None:
             return
+        try:  # a bad declaration is refused before anything changes
+            self.project.check_declarations(path)
+        except RunbookError as exc:
+            self._end(step, st.STEP_FAILED, str(exc))
+            raise StepFailed(str(exc)) from None
         tables: list[str] = []
         for rev in path:
+            tables += [str(item.declared["table"]) for item in rev.backfills]
             try:
-                sql = self.project.upgrade_sql(rev)
+                sql = self.project.upgrade_sql(rev, as_runbook_runs_it=True)
             except RunbookError:
                 continue  # cannot render offline: its tables are unknown
             tables += [t for t in plan.tables_in(sql) if t != self.target.version_table]
@@ -326,6 +369,10 @@ class Coordinator:
             )
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error)
+        unmet = self._unmet_requirement(rev)
+        if unmet:
+            self._end(step, st.STEP_FAILED, unmet)
+            raise StepFailed(unmet)
 
         def on_retry(attempt: int, error: str, delay: float) -> None:
             ledger.bump_attempts(
@@ -350,11 +397,88 @@ class Coordinator:
         )
         self._report(step)
 
+    def _unmet_requirement(self, rev: Revision) -> str | None:
+        """Why ``rev`` may not go up yet: a backfill it requires has not finished."""
+        try:
+            return declared.unmet_requirement(self.conn, self.target.name, self.project, rev)
+        except RunbookError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"checking the backfills {rev.id} requires failed: {describe(exc)}"
+
+    # -- declared backfills ------------------------------------------------------------------
+
+    def backfills(self, rev: Revision) -> None:
+        """The backfills ``rev`` declares, one after another, as one step. With a sender (on
+        a worker) their slices go out as tasks and this delivery ends (AwaitingBackfill);
+        without one they run here."""
+        items = rev.backfills
+        if not items:
+            return
+        step = self.run.step("backfill", rev.id)
+        if step is None or step.state != st.STEP_RUNNING:  # a waiting step is not restarted
+            step = self._begin("backfill", rev.id)
+            if step is None:
+                return
+        done = [self._backfill(step, rev, item) for item in items]
+        self._end(step, st.STEP_SUCCEEDED, backfills=done)
+
+    def _backfill(self, step: Step, rev: Revision, item: DeclaredBackfill) -> str:
+        """One declared backfill to its end; its id. StepFailed when it errored or was
+        cancelled; AwaitingBackfill while it runs elsewhere or is paused."""
+        bf = declared.latest(self.conn, item, run_id=self.run.id)
+        if bf is None:
+            try:
+                backfill_id = declared.create(self.conn, self.target, item, self.run.id)
+            except RunbookError as exc:
+                self._fail(step, f"backfill of {rev.id} ({item.describe()}) refused: {exc}")
+            ids = [*step.detail.get("backfills", []), backfill_id]
+            ledger.note_step(self.conn, step, backfills=ids)
+            bf = backfill.get(self.conn, backfill_id)
+        if bf.state in st.BACKFILL_CLAIM:  # enqueued, or its slices may have been lost: (re)start
+            slices = backfill.start(self.conn, bf.id)
+            bf = backfill.get(self.conn, bf.id)
+            if self.send_slice is not None:
+                backfill_runner.send_slices(
+                    self.conn, self.target.name, bf.id, slices, self.send_slice
+                )
+                self._report(step)
+                raise AwaitingBackfill(bf.id, bf.state)
+            declared.run_here(self.target, bf.id, slices)
+            bf = backfill.get(self.conn, bf.id)
+        if bf.state == st.SUCCEEDED:
+            return bf.id
+        if bf.state in (st.ERRORED, st.CANCELLED):
+            why = f": {bf.error}" if bf.error else ""
+            self._fail(step, f"backfill {bf.id} of {rev.id} ({item.describe()}) {bf.state}{why}")
+        raise AwaitingBackfill(bf.id, bf.state)  # paused: the operator resumes it
+
+    def _fail(self, step: Step, error: str) -> NoReturn:
+        self._end(step, st.STEP_FAILED, error)
+        raise StepFailed(error)
+
+    def _check_backfilled(self, rev: Revision) -> None:
+        """Before ``rev`` is verified: no row still matches a WHERE of its backfills."""
+        for item in rev.backfills:
+            if declared.rows_still_matching(self.conn, item):
+                raise VerifyFailed(
+                    f"verify {rev.id}: rows of {item.declared['table']} still match "
+                    f"{item.declared['where']} after its backfill finished (written while it "
+                    "ran?); make the application write them, then apply again"
+                )
+
+    def _cancel_backfills(self) -> None:
+        """A run rolling back cancels its unfinished backfills: their revision goes down."""
+        for bf in ledger.list_backfills(self.conn, run_id=self.run.id):
+            if bf.state not in st.BACKFILL_TERMINAL:
+                backfill.cancel(self.conn, bf.id)
+
     def verify(self, rev: Revision) -> None:
         step = self._begin("verify", rev.id)
         if step is None:
             return
         try:
+            self._check_backfilled(rev)
             lines = self._schema(step)
             checked = verify_revision(self.conn, self.project, self.target, rev, lines)
         except RunbookError as exc:
@@ -380,6 +504,7 @@ class Coordinator:
             if any(s.kind in ("downgrade", "restore") for s in run.steps):
                 return self.restore_after(f"the {run.kind} failed: {run.error}")
             return st.FAILED
+        self._cancel_backfills()
         applied = {s.revision: s for s in run.steps if s.kind == "upgrade"}
         try:
             while True:
@@ -468,11 +593,42 @@ def execute(
     target_name: str,
     *,
     progress: Progress | None = None,
+    send_slice: backfill_runner.SendSlice | None = None,
     lock_wait_s: float = 5.0,
 ) -> Outcome:
-    """Carry run ``run_id`` of ``target_name`` as far as it goes: one delivery of the task."""
-    report = progress or (lambda _info: None)
+    """Carry run ``run_id`` of ``target_name`` as far as it goes: one delivery of the task.
+
+    ``send_slice`` queues one task of a declared backfill's slice (worker/tasks.py's
+    ``slice_sender``): the run then returns ``running`` and waits for the backfill's last
+    slice to send it again. Without it the slices run here, in this delivery.
+    """
     target = settings.target(target_name)  # a target the worker does not know is refused
+    while True:
+        outcome = _deliver(target, run_id, progress, send_slice, lock_wait_s)
+        if not _backfill_moved_on(target, outcome):
+            return outcome
+        # The backfill stopped while this delivery still held the run lock: the delivery its
+        # last slice sent may have found the lock held and given up, so carry on here.
+
+
+def _backfill_moved_on(target: Target, outcome: Outcome) -> bool:
+    """Whether the backfill ``outcome`` waits for has changed state since."""
+    if outcome.waiting_for is None:
+        return False
+    with db.connect(target) as conn:
+        bf = ledger.get_backfill(conn, outcome.waiting_for)
+    return bf is not None and bf.state != outcome.waiting_state
+
+
+def _deliver(
+    target: Target,
+    run_id: str,
+    progress: Progress | None,
+    send_slice: backfill_runner.SendSlice | None,
+    lock_wait_s: float,
+) -> Outcome:
+    """One pass over the run under its run lock."""
+    report = progress or (lambda _info: None)
     with db.run_lock(target, wait_s=lock_wait_s) as locked, db.connect(target) as conn:
         run = ledger.get_run(conn, run_id)
         if run.target != target.name:
@@ -490,7 +646,7 @@ def execute(
             "run %s on target %s: %s (delivery %d)", run.id, target.name, run.state, run.deliveries
         )
         try:
-            coordinator = Coordinator(conn, target, run, report)
+            coordinator = Coordinator(conn, target, run, report, send_slice)
         except RunbookError as exc:
             # A worker that meets bad configuration ends the run with the CLI's own line.
             ledger.transition(conn, run, st.FAILED, error=str(exc))
@@ -510,6 +666,18 @@ def _drive(
         try:
             coordinator.forward()
             final = st.SUCCEEDED
+        except AwaitingBackfill as waiting:
+            if conn.in_transaction():
+                conn.rollback()
+            log.info("run %s on target %s: %s", run.id, target.name, waiting)
+            return Outcome(
+                run.id,
+                target.name,
+                run.state,
+                note=str(waiting),
+                waiting_for=waiting.backfill_id,
+                waiting_state=waiting.state,
+            )
         except Exception as exc:
             error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
             if conn.in_transaction():

@@ -15,12 +15,12 @@ import io
 import logging.config
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
@@ -29,9 +29,12 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import ProgrammingError
 
-from jobs import db
+from jobs import db, sqlguard
 from jobs.config import Target, redact
-from jobs.errors import ProjectError, RevisionError
+from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
+
+if TYPE_CHECKING:
+    from jobs.backfill import Spec
 
 log = logging.getLogger("runbook.migrate")
 
@@ -39,6 +42,12 @@ LOCK_NOT_AVAILABLE = "55P03"
 UNDEFINED_TABLE = "42P01"
 INSUFFICIENT_PRIVILEGE = "42501"
 MAX_BACKOFF_S = 10.0
+
+# Set in config.attributes whenever runbook drives a migration. A revision that declares
+# ``backfills`` and also runs the same loop inline (for plain ``alembic upgrade``) checks it
+# and leaves the work to runbook, which runs the declared backfill right after upgrade().
+RUNS_DECLARED_BACKFILLS = "runbook_runs_declared_backfills"
+BACKFILL_FIELDS = ("table", "set", "where", "key", "batch_size", "slices", "on_error")
 
 
 @contextmanager
@@ -74,6 +83,100 @@ def describe(exc: BaseException) -> str:
     text_ = str(orig if orig is not None else exc).strip()
     line = text_.splitlines()[0] if text_ else ""
     return redact(f"{type(orig or exc).__name__}: {line}".rstrip(": "))
+
+
+@dataclass(frozen=True)
+class DeclaredBackfill:
+    """One entry of a revision's module-level ``backfills``, checked like an operator's
+    ``runbook backfill`` (jobs/sqlguard.py): SET and WHERE deparsed, names quoted."""
+
+    revision: str
+    table: str  # quoted: "large_table" or "schema"."table"
+    set_sql: str
+    where_sql: str | None
+    key: str | None  # None: the table's primary key (or first usable key) when it runs
+    batch_size: int
+    slices: int
+    on_error: str
+    declared: dict[str, Any]  # the fields as the revision wrote them
+
+    def describe(self) -> str:
+        """``large_table SET … WHERE …``, as declared, for messages."""
+        where = f" WHERE {self.declared['where']}" if self.declared.get("where") else ""
+        return f"{self.declared['table']} SET {self.declared['set']}{where}"
+
+    def spec(self, key: str, lock_timeout_ms: int) -> Spec:
+        """The engine's spec for this backfill, walked by ``key``."""
+        from jobs.backfill import Spec  # jobs.backfill imports this module
+
+        return Spec(
+            table=self.table,
+            key=key,
+            set_sql=self.set_sql,
+            where_sql=self.where_sql,
+            batch_size=self.batch_size,
+            min_batch=min(100, self.batch_size),
+            max_batch=max(50000, self.batch_size),
+            lock_timeout_ms=lock_timeout_ms,
+            slices=self.slices,
+            on_error=self.on_error,
+        )
+
+
+def _positive(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadDeclaration(f"{where}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_shape(raw: Any, where: str) -> None:
+    """A dict of known fields, the text ones strings; BadDeclaration otherwise."""
+    if not isinstance(raw, Mapping):
+        raise BadDeclaration(f"{where}: give a dict with {', '.join(BACKFILL_FIELDS)}")
+    unknown = sorted(set(raw) - set(BACKFILL_FIELDS))
+    if unknown:
+        raise BadDeclaration(
+            f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(BACKFILL_FIELDS)}"
+        )
+    for name in ("table", "set"):
+        if not isinstance(raw.get(name), str):
+            raise BadDeclaration(f"{where}: {name!r} is required, as a string")
+    for name in ("where", "key", "on_error"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise BadDeclaration(f"{where}: {name!r} must be a string")
+
+
+def _declared_backfill(revision: str, index: int, raw: Any) -> DeclaredBackfill:
+    """One declaration checked, or BadDeclaration naming the revision and the entry."""
+    where = f"revision {revision} declares a bad backfill (backfills[{index}])"
+    _check_shape(raw, where)
+    try:  # the same checks as an operator's `runbook backfill --table/--set/--where/--key`
+        table = sqlguard.identifier(raw["table"], "table")
+        pairs = sqlguard.assignments(raw["set"], "set")
+        condition = sqlguard.predicate(raw["where"], "where") if raw.get("where") else None
+        key = raw.get("key")
+        if key is not None:
+            key = sqlguard.identifier(key, "key", qualified=False)[1:-1]  # folded, unquoted
+    except sqlguard.UnsafeSql as exc:
+        raise BadDeclaration(f"{where}: {exc}") from None
+    if key is not None and any(column == f'"{key}"' for column, _ in pairs):
+        raise BadDeclaration(f"{where}: its set assigns the key {key}; a backfill cannot move it")
+    declared = DeclaredBackfill(
+        revision=revision,
+        table=table,
+        set_sql=sqlguard.render(pairs),
+        where_sql=condition,
+        key=key,
+        batch_size=_positive(raw.get("batch_size", 1000), "batch_size", where),
+        slices=_positive(raw.get("slices", 1), "slices", where),
+        on_error=raw.get("on_error") or "stop",
+        declared=dict(raw),
+    )
+    try:  # the engine's own checks of sizes, slices, on_error (the key is checked at run time)
+        declared.spec(key or "id", 2000).check()
+    except RunbookError as exc:
+        raise BadDeclaration(f"{where}: {exc}") from None
+    return declared
 
 
 @dataclass(frozen=True)
@@ -113,6 +216,34 @@ class Revision:
         if not callable(downgrade):
             return "the revision has no downgrade()"
         return _downgrade_problem(downgrade)
+
+    @property
+    def backfills(self) -> list[DeclaredBackfill]:
+        """The revision's module-level ``backfills``, checked (BadDeclaration otherwise).
+        runbook runs them right after the upgrade and before the revision's verify."""
+        raw = getattr(self.module, "backfills", None)
+        if raw is None:
+            return []
+        if not isinstance(raw, list | tuple):
+            raise BadDeclaration(
+                f"revision {self.id}: backfills must be a list of dicts "
+                "(table, set, where, key, batch_size, slices)"
+            )
+        return [_declared_backfill(self.id, i, item) for i, item in enumerate(raw)]
+
+    @property
+    def requires_backfills(self) -> list[str]:
+        """Revisions whose declared backfills must have finished, and whose WHERE must match
+        no row, before this one goes up (GitLab's "ensure finished")."""
+        raw = getattr(self.module, "requires_backfills", None)
+        if raw is None:
+            return []
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple) or not all(isinstance(r, str) for r in items):
+            raise BadDeclaration(
+                f"revision {self.id}: requires_backfills must be a list of revision ids"
+            )
+        return list(items)
 
 
 def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
@@ -246,6 +377,40 @@ class Project:
             )
         return list(reversed(chain))
 
+    # -- declared backfills ------------------------------------------------------------------
+
+    def required_backfills(self, rev: Revision) -> list[DeclaredBackfill]:
+        """The backfills ``rev`` requires finished: those declared by each revision in its
+        ``requires_backfills``, which must come before it. BadDeclaration otherwise."""
+        required: list[DeclaredBackfill] = []
+        for name in rev.requires_backfills:
+            where = f"revision {rev.id} requires the backfills of {name!r}"
+            try:
+                found = self.revision(self.resolve(name) or "")
+            except RevisionError:
+                raise BadDeclaration(f"{where}, which is not a known revision") from None
+            if found.id not in self._ancestors(rev):
+                raise BadDeclaration(f"{where}, which does not come before it in the history")
+            if not found.backfills:
+                raise BadDeclaration(f"{where}, which declares no backfills")
+            required += found.backfills
+        return required
+
+    def _ancestors(self, rev: Revision) -> set[str]:
+        found: set[str] = set()
+        down = rev.down
+        while down is not None and down not in found:
+            found.add(down)
+            down = self.revision(down).down
+        return found
+
+    def check_declarations(self, path: list[Revision]) -> None:
+        """Refuse, before anything runs, a path whose revisions declare unusable backfills
+        or require backfills they cannot have (BadDeclaration, one line)."""
+        for rev in path:
+            rev.backfills  # noqa: B018 - reading it is the check
+            self.required_backfills(rev)
+
     # -- the database ------------------------------------------------------------------------
 
     def current(self, conn: Connection) -> str | None:
@@ -342,6 +507,7 @@ class Project:
 
         conn = self._connection()
         self.config.attributes["connection"] = conn
+        self.config.attributes[RUNS_DECLARED_BACKFILLS] = True
         try:
             with (
                 _keep_logging(),
@@ -356,16 +522,19 @@ class Project:
             raise
         finally:
             self.config.attributes.pop("connection", None)
+            self.config.attributes.pop(RUNS_DECLARED_BACKFILLS, None)
 
-    def upgrade_sql(self, rev: Revision) -> str:
-        """The SQL ``rev``'s upgrade would run, rendered offline (no database touched)."""
-        return self._render(rev, upgrade=True)
+    def upgrade_sql(self, rev: Revision, *, as_runbook_runs_it: bool = False) -> str:
+        """The SQL ``rev``'s upgrade would run, rendered offline (no database touched): as
+        plain ``alembic upgrade --sql`` shows it, or (``as_runbook_runs_it``) without the
+        inline loop of a revision whose declared backfills runbook runs itself."""
+        return self._render(rev, upgrade=True, as_runbook_runs_it=as_runbook_runs_it)
 
     def downgrade_sql(self, rev: Revision) -> str:
         """The SQL ``rev``'s downgrade would run, rendered offline (no database touched)."""
         return self._render(rev, upgrade=False)
 
-    def _render(self, rev: Revision, *, upgrade: bool) -> str:
+    def _render(self, rev: Revision, *, upgrade: bool, as_runbook_runs_it: bool = False) -> str:
         """One revision's SQL in Alembic's offline (``--sql``) mode; RevisionError when the
         revision cannot be rendered without a database (it reads data, say)."""
         script = self.script
@@ -378,6 +547,7 @@ class Project:
             return script._downgrade_revs(destination, heads)
 
         self.config.attributes.pop("connection", None)
+        self.config.attributes[RUNS_DECLARED_BACKFILLS] = as_runbook_runs_it
         try:
             with (
                 _keep_logging(),
@@ -397,6 +567,8 @@ class Project:
             raise RevisionError(
                 f"cannot render the {which} of {rev.id} offline ({describe(exc)})"
             ) from None
+        finally:
+            self.config.attributes.pop(RUNS_DECLARED_BACKFILLS, None)
         return buffer.getvalue()
 
     def upgrade_one(self, rev: Revision) -> None:

@@ -34,8 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
@@ -446,33 +446,23 @@ class _Tables:
         return self.seen[name]
 
 
-def _declared_backfills(rev: Revision) -> list[dict[str, Any]]:
-    """The revision's module-level ``backfills`` (or ``backfill``), as plain dicts."""
-    raw = getattr(rev.module, "backfills", None) or getattr(rev.module, "backfill", None)
-    if not raw:
-        return []
-    items = raw if isinstance(raw, list | tuple) else [raw]
-    declared = []
-    for item in items:
-        if isinstance(item, str):
-            fields: dict[str, Any] = {"table": item}
-        elif isinstance(item, Mapping):
-            fields = dict(item)
-        elif is_dataclass(item) and not isinstance(item, type):
-            fields = asdict(item)
-        else:
-            fields = {"table": getattr(item, "table", None)}
-        plain = (str, int, float, bool, type(None))
-        declared.append({k: v for k, v in fields.items() if isinstance(v, plain)})
-    return [d for d in declared if d.get("table")]
-
-
-def backfills(rev: Revision, tables: _Tables) -> list[dict[str, Any]]:
-    """The revision's declared backfills, each with its table's estimated rows."""
+def backfills(rev: Revision, tables: Callable[[str], TableInfo]) -> list[dict[str, Any]]:
+    """The revision's declared backfills (checked: BadDeclaration), as declared, each with
+    its table's estimated rows (None for a table a pending revision creates)."""
     out = []
-    for item in _declared_backfills(rev):
-        info = tables(str(item["table"]))
-        out.append({**item, "table": str(item["table"]), "estimated_rows": info["estimated_rows"]})
+    for item in rev.backfills:
+        table = str(item.declared["table"])
+        out.append(
+            {
+                "table": table,
+                "set": item.declared["set"],
+                "where": item.declared.get("where"),
+                "key": item.key,
+                "batch_size": item.batch_size,
+                "slices": item.slices,
+                "estimated_rows": tables(table)["estimated_rows"],
+            }
+        )
     return out
 
 
@@ -492,13 +482,16 @@ def _entry(rev: Revision, status: str) -> dict[str, Any]:
 def _pending(project: Project, rev: Revision, tables: _Tables) -> tuple[dict[str, Any], str]:
     """A pending revision's entry (lint still empty) and its rendered SQL ('' if none)."""
     entry = _entry(rev, "pending")
-    try:
-        sql = project.upgrade_sql(rev)
+    try:  # the SQL runbook runs: a declared backfill's inline loop is left to the backfill
+        sql = project.upgrade_sql(rev, as_runbook_runs_it=True)
         error = None
     except RevisionError as exc:
         sql, error = "", str(exc).splitlines()[0]
     version_table = project.target.version_table
     touched = [t for t in tables_in(sql) if t.rsplit(".", 1)[-1] != version_table]
+    touched += [
+        str(b.declared["table"]) for b in rev.backfills if b.declared["table"] not in touched
+    ]
     entry.update(
         sql=sql if error is None else None,
         render_error=error,
@@ -507,6 +500,7 @@ def _pending(project: Project, rev: Revision, tables: _Tables) -> tuple[dict[str
         outside_transaction=outside_transaction(sql) if error is None else None,
         tables=[tables(name) for name in touched],
         backfills=backfills(rev, tables),
+        requires_backfills=rev.requires_backfills,
     )
     return entry, sql
 
@@ -519,6 +513,7 @@ def build_plan(
         current = project.current(conn)
         destination = project.resolve(to or "head")
         path = project.upgrade_path(current, destination)
+        project.check_declarations(path)  # a bad declaration refuses the plan, like apply
         tables = _Tables(conn)
         revisions = [_entry(project.revision(current), "current")] if current else []
         scripts: dict[str, str] = {}
@@ -591,9 +586,18 @@ def _row(entry: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _backfill_line(rev: str, item: Mapping[str, Any]) -> Text:
+    where = f" WHERE {item['where']}" if item.get("where") else ""
+    rows = item.get("estimated_rows")
+    size = "" if rows is None else f" (~{rows:,} rows in the table)"
+    return Text(f"{rev}  backfill  {item['table']} SET {item['set']}{where}{size}")
+
+
 def _finding_lines(plan: Mapping[str, Any]) -> list[Text]:
     lines = []
     for entry in plan["revisions"]:
+        for item in entry.get("backfills") or []:
+            lines.append(_backfill_line(entry["id"], item))
         if entry.get("render_error"):
             lines.append(Text(f"{entry['id']}  render-error  {entry['render_error']}"))
         for f in entry.get("lint", []):

@@ -4,6 +4,11 @@ The target's backup is restored into a scratch database; there every pending rev
 up, down and up again, each step timed, each downgrade checked against the schema
 fingerprint from before its upgrade. The scratch database is dropped afterwards; the target
 is never touched.
+
+Backfills a revision declares really run on the copy, in this process, right after its
+upgrade (as an apply runs them after the upgrade): their rows and time are the rehearsal's
+measure of the real one, and a contract revision after them (``requires_backfills``) is
+rehearsed on filled rows, after the same check an apply makes.
 """
 
 from __future__ import annotations
@@ -12,10 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs import db, snapshot
+from sqlalchemy import Connection
+
+from jobs import backfill, db, declared, snapshot
 from jobs.config import Target
-from jobs.migrate import Project, describe
+from jobs.migrate import DeclaredBackfill, Project, Revision, describe
+from jobs.states import SUCCEEDED
 from jobs.verify import fingerprint
+
+
+class _Refused(Exception):
+    """An upgrade the rehearsal refused before running it, as an apply would."""
 
 
 def _timed(action: Any) -> tuple[float, str | None]:
@@ -23,8 +35,54 @@ def _timed(action: Any) -> tuple[float, str | None]:
     try:
         action()
         return round(time.monotonic() - started, 3), None
+    except _Refused as refused:
+        return round(time.monotonic() - started, 3), str(refused)
     except Exception as exc:
         return round(time.monotonic() - started, 3), describe(exc)
+
+
+def _run_backfill(conn: Connection, scratch: Target, item: DeclaredBackfill) -> dict[str, Any]:
+    """Run one declared backfill on the scratch copy to its end; what it did."""
+    started = time.monotonic()
+    backfill_id = declared.create(conn, scratch, item, run_id=None)
+    if backfill.get(conn, backfill_id).state != SUCCEEDED:  # an empty table is done at once
+        declared.run_here(scratch, backfill_id, backfill.start(conn, backfill_id))
+    bf = backfill.get(conn, backfill_id)
+    return {
+        "table": item.declared["table"],
+        "state": bf.state,
+        "rows": bf.rows_done,
+        "seconds": round(time.monotonic() - started, 3),
+        "error": bf.error,
+    }
+
+
+def _backfills(
+    conn: Connection, scratch: Target, rev: Revision, *, only_if_rows_match: bool = False
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Run ``rev``'s declared backfills on the copy; what each did, and an error or None.
+    ``only_if_rows_match``: skip those whose WHERE matches no row (after the second upgrade,
+    whose downgrade left the data in place)."""
+    done: list[dict[str, Any]] = []
+    for item in rev.backfills:
+        if only_if_rows_match and not declared.rows_still_matching(conn, item):
+            continue
+        try:
+            result = _run_backfill(conn, scratch, item)
+        except Exception as exc:
+            return done, f"backfill {item.describe()}: {describe(exc)}"
+        done.append(result)
+        if result["state"] != SUCCEEDED:
+            return done, f"backfill {item.describe()} {result['state']}: {result['error']}"
+    return done, None
+
+
+def _up(conn: Connection, scratch: Target, project: Project, rev: Revision) -> None:
+    """Upgrade ``rev`` on the copy as an apply would: its backfill requirements first."""
+    unmet = declared.unmet_requirement(conn, scratch.name, project, rev)
+    if unmet:
+        raise _Refused(unmet)
+    project.upgrade_one(rev)
 
 
 def rehearse(target: Target, backup: Path, to: str | None) -> dict[str, Any]:
@@ -42,9 +100,15 @@ def rehearse(target: Target, backup: Path, to: str | None) -> dict[str, Any]:
                     entry: dict[str, Any] = {"revision": rev.id, "sha256": rev.sha256}
                     results.append(entry)
                     before = fingerprint(conn, scratch.version_table)
-                    entry["up_s"], entry["up_error"] = _timed(lambda r=rev: project.upgrade_one(r))
+                    entry["up_s"], entry["up_error"] = _timed(
+                        lambda r=rev: _up(conn, scratch, project, r)
+                    )
                     if entry["up_error"]:
                         break
+                    if rev.backfills:
+                        entry["backfills"], entry["up_error"] = _backfills(conn, scratch, rev)
+                        if entry["up_error"]:
+                            break
                     after = fingerprint(conn, scratch.version_table)
                     entry["down_s"], entry["down_error"] = _timed(
                         lambda r=rev: project.downgrade_one(r)
@@ -60,6 +124,13 @@ def rehearse(target: Target, backup: Path, to: str | None) -> dict[str, Any]:
                     )
                     if entry["again_error"]:
                         break
+                    if rev.backfills:
+                        again, entry["again_error"] = _backfills(
+                            conn, scratch, rev, only_if_rows_match=True
+                        )
+                        entry["backfills"] += again
+                        if entry["again_error"]:
+                            break
                     entry["same_after_again"] = fingerprint(conn, scratch.version_table) == after
         finally:
             project.close()

@@ -20,7 +20,7 @@ app = Celery(
     "runbook",
     broker=broker_url,
     backend=os.environ.get("CELERY_RESULT_BACKEND", broker_url),
-    include=["worker.tasks"],
+    include=["worker.tasks", "worker.reconciler"],
 )
 app.conf.update(
     task_acks_late=True,  # a task killed mid-way is delivered again ...

@@ -12,6 +12,7 @@ table while holding ACCESS EXCLUSIVE, blocking every read and write for the dura
   4. DROP CONSTRAINT                         redundant now
 Each step commits on its own (autocommit block) so no step keeps a previous step's lock.
 If rows are still NULL, step 2 fails and names the constraint; run the backfill again.
+runbook checks that first (``requires_backfills``) and refuses the revision with one line.
 """
 
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 CHECK = "large_table_new_column_not_null"
+
+# runbook: the backfill d2e3f4g5h6i7 declares must have finished, and no row may still match
+# its WHERE (new_column IS NULL), before this revision runs (GitLab's "ensure finished").
+requires_backfills = ["d2e3f4g5h6i7"]
 
 verify = f"""
 SELECT a.attnotnull

@@ -158,8 +158,17 @@ class Worker:
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, concurrency: int = 2) -> None:
-        env = dict(os.environ, RUNBOOK_CONFIG=str(self.config.path), PYTHONUNBUFFERED="1")
+    def start(self, concurrency: int = 2, **env_overrides: str) -> None:
+        """Start the worker. The shared one runs no reconciler (RUNBOOK_RECONCILE_S=0): tests
+        that leave a run hanging on purpose decide themselves when it is sent again; tests of
+        the reconciler start their own worker with it on."""
+        env = {
+            **os.environ,
+            "RUNBOOK_CONFIG": str(self.config.path),
+            "PYTHONUNBUFFERED": "1",
+            "RUNBOOK_RECONCILE_S": "0",
+            **env_overrides,
+        }
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [

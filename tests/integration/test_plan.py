@@ -314,10 +314,13 @@ def test_reference_history_plan(databases: Databases, tmp_path: Path) -> None:
     )
     assert [t["name"] for t in enum["tables"]] == ["calendar_events"]
 
-    # The batched backfill is a DO block in an autocommit block: its table is still found.
+    # The backfill revision's inline loop is plain Alembic's: runbook runs its declared
+    # backfill instead, so the SQL shown has no loop and the backfill's table is listed.
     backfill = entry(doc, "d2e3f4g5h6i7")
-    assert backfill["outside_transaction"] is True
+    assert backfill["outside_transaction"] is False and "DO $$" not in backfill["sql"]
     assert [t["name"] for t in backfill["tables"]] == ["large_table"]
+    assert [b["table"] for b in backfill["backfills"]] == ["large_table"]
+    assert entry(doc, "e3f4g5h6i7j8")["requires_backfills"] == ["d2e3f4g5h6i7"]
 
     push = {t["name"]: t for t in entry(doc, "z8a9b0c1d2e3")["tables"]}
     assert push["push_subscriptions"]["exists"] is False and push["staffs"]["exists"] is True

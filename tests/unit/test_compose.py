@@ -129,3 +129,10 @@ def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".venv", ".git", "runbook.toml", "backups"} <= ignored
+
+
+def test_workers_reconcile_with_a_lease(services: dict[str, Any]) -> None:
+    env = environment(services["worker"])
+    assert float(env["RUNBOOK_RECONCILE_S"]) > 0
+    assert float(env["RUNBOOK_LEASE_S"]) >= 4 * float(env["RUNBOOK_RECONCILE_S"])
+    assert int(env["RUNBOOK_MAX_DELIVERIES"]) >= 2

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 
 from jobs import plan
 from jobs.config import Target
+from jobs.errors import BadDeclaration
 from jobs.migrate import Project, Revision
 from tests.projects import Rev, write_project
 
@@ -300,14 +301,60 @@ def test_declared_backfills_get_estimated_rows() -> None:
     def tables(name: str) -> plan.TableInfo:
         return plan.TableInfo(name=name, exists=True, size_bytes=8192, estimated_rows=42)
 
-    assert plan.backfills(revision_with(), tables) == []  # type: ignore[arg-type]
-    declared = revision_with(backfills=[{"table": "big", "batch_size": 500}, "other"])
-    assert plan.backfills(declared, tables) == [  # type: ignore[arg-type]
-        {"table": "big", "batch_size": 500, "estimated_rows": 42},
-        {"table": "other", "estimated_rows": 42},
+    assert plan.backfills(revision_with(), tables) == []
+    declared = revision_with(
+        backfills=[
+            {"table": "big", "set": "v = 1", "where": "v IS NULL", "key": "id", "batch_size": 500},
+            {"table": "other", "set": "w = lower(w)"},
+        ]
+    )
+    assert plan.backfills(declared, tables) == [
+        {
+            "table": "big",
+            "set": "v = 1",
+            "where": "v IS NULL",
+            "key": "id",
+            "batch_size": 500,
+            "slices": 1,
+            "estimated_rows": 42,
+        },
+        {
+            "table": "other",
+            "set": "w = lower(w)",
+            "where": None,
+            "key": None,
+            "batch_size": 1000,
+            "slices": 1,
+            "estimated_rows": 42,
+        },
     ]
-    single = revision_with(backfill={"table": "big"})
-    assert plan.backfills(single, tables) == [{"table": "big", "estimated_rows": 42}]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ("big", "backfills must be a list of dicts"),
+        (["big"], "give a dict with table, set"),
+        ([{"table": "big"}], "'set' is required"),
+        ([{"table": "big", "set": "v = 1", "sett": "x"}], "unknown field 'sett'"),
+        ([{"table": "big; drop", "set": "v = 1"}], "table 'big; drop' is not a plain name"),
+        ([{"table": "big", "set": "v = pg_sleep(1)"}], "set calls pg_sleep()"),
+        (
+            [{"table": "big", "set": "v = 1", "where": "true; DELETE FROM big"}],
+            "where contains ';'",
+        ),
+        ([{"table": "big", "set": "id = 1", "key": "id"}], "assigns the key id"),
+        ([{"table": "big", "set": "v = 1", "batch_size": 0}], "batch_size must be a positive"),
+        ([{"table": "big", "set": "v = 1", "slices": 1000}], "--slices must be between 1 and"),
+        ([{"table": "big", "set": "v = 1", "on_error": "ignore"}], "--on-error must be one of"),
+    ],
+)
+def test_a_bad_declaration_is_refused_in_one_line(declared: object, message: str) -> None:
+    with pytest.raises(BadDeclaration) as refused:
+        revision_with(backfills=declared).backfills  # noqa: B018 - reading it is the check
+    assert message in str(refused.value)
+    assert str(refused.value).startswith("revision r1")
+    assert "\n" not in str(refused.value)
 
 
 def test_format_plan_shows_revisions_then_findings() -> None:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from jobs.config import Target
-from jobs.errors import ProjectError, RevisionError
+from jobs.errors import BadDeclaration, ProjectError, RevisionError
 from jobs.migrate import Project, describe, sqlstate
 from tests.projects import Rev, trivial_history, write_project
 
@@ -87,3 +87,41 @@ def test_describe_and_sqlstate_look_through_wrappers() -> None:
         assert sqlstate(exc) == "55P03"
     assert describe(Wrapped()) == "PgError: canceling statement due to lock timeout"
     assert describe(NotImplementedError("no way back")) == "NotImplementedError: no way back"
+
+
+DECLARES = 'backfills = [{"table": "t", "set": "v = 1", "where": "v IS NULL"}]'
+
+
+@pytest.mark.parametrize(
+    ("requires", "message"),
+    [
+        ('["b1"]', None),
+        ('["b1", "nope"]', "requires the backfills of 'nope', which is not a known revision"),
+        ('["b4"]', "requires the backfills of 'b4', which does not come before it"),
+        ('["b2"]', "requires the backfills of 'b2', which declares no backfills"),
+        ('"b1"', None),
+        ("[1]", "requires_backfills must be a list of revision ids"),
+    ],
+)
+def test_requires_backfills_names_an_earlier_revision_that_declares_some(
+    tmp_path: Path, requires: str, message: str | None
+) -> None:
+    ini = write_project(
+        tmp_path,
+        [
+            Rev("b1", "pass", extra=DECLARES),
+            Rev("b2", "pass"),
+            Rev("b3", "pass", extra=f"requires_backfills = {requires}"),
+            Rev("b4", "pass", extra=DECLARES),
+        ],
+    )
+    project = Project(target_for(ini))
+    path = project.upgrade_path(None, "b4")
+    if message is None:
+        project.check_declarations(path)
+        assert [d.revision for d in project.required_backfills(path[2])] == ["b1"]
+        assert path[0].backfills[0].describe() == "t SET v = 1 WHERE v IS NULL"
+        return
+    with pytest.raises(BadDeclaration) as refused:
+        project.check_declarations(path)
+    assert str(refused.value).startswith("revision b3") and message in str(refused.value)

@@ -1,0 +1,162 @@
+"""Leases and the reconciler: work whose worker died or whose message was lost goes on
+without a person; a poison run stops after a bounded number of deliveries."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+from jobs import api, backfill, lease, ledger
+from jobs.backfill_runner import run_slice_and_continue
+from jobs.config import load_settings, normalize_url
+from tests.integration.conftest import (
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    project_target,
+    query,
+)
+from tests.projects import Rev
+
+pytestmark = pytest.mark.integration
+
+LEASE_S = 3
+
+
+@pytest.fixture
+def reconciling_worker(
+    services: None, config: Config, tmp_path: Path, worker: Worker
+) -> Iterator[Worker]:
+    """A second worker whose reconciler looks every second, with a 3 s lease."""
+    w = Worker(config, tmp_path / "reconciler.log")
+    w.start(concurrency=1, RUNBOOK_RECONCILE_S="1", RUNBOOK_LEASE_S=str(LEASE_S))
+    yield w
+    w.stop()
+
+
+def wait_state(run_id: str, name: str, states: set[str], timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = api.status(run_id, name)
+        if run["state"] in states:
+            return run
+        time.sleep(0.2)
+    pytest.fail(f"run {run_id} never reached {states}: {run}")
+
+
+def test_a_run_whose_message_was_lost_is_sent_again(
+    reconciling_worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    revisions = [
+        Rev("l1", "op.execute('CREATE TABLE lost (id int)')", "op.execute('DROP TABLE lost')")
+    ]
+    name, dbname = project_target(config, databases, tmp_path, revisions, backup=False)
+    # The message goes to a queue no worker reads: as good as lost with Redis.
+    nowhere = dataclasses.replace(load_settings(), queue=f"nobody-{dbname}")
+    run_id = api.enqueue(name, settings=nowhere)
+    started = time.monotonic()
+    run = wait_state(run_id, name, {"succeeded", "failed"}, timeout_s=60)
+    assert run["state"] == "succeeded", run["error"]
+    assert time.monotonic() - started >= LEASE_S - 0.5  # only once the lease ran out
+    assert query(dbname, "SELECT to_regclass('lost') IS NOT NULL") == [(True,)]
+    assert "has no live lease: sending it again" in reconciling_worker.log_text()
+
+
+def test_a_poison_run_fails_after_a_bounded_number_of_deliveries(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    # Its upgrade kills the process running it, every time it is delivered.
+    killer = (
+        "import os, signal\n"
+        "if not op.get_context().as_sql:  # plan and preflight render it offline: spare them\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    revisions = [
+        Rev(
+            "p1",
+            "op.execute('CREATE TABLE before_poison (id int)')",
+            "op.execute('DROP TABLE before_poison')",
+        ),
+        Rev("p2", killer, "pass"),
+    ]
+    name, dbname = project_target(config, databases, tmp_path, revisions, backup=False)
+    run_id = api.enqueue(name)
+    run = wait_state(run_id, name, {"succeeded", "failed", "rolled_back"}, timeout_s=120)
+    assert run["state"] == "failed"
+    assert f"started {lease.MAX_UNFINISHED} times in a row without returning" in run["error"]
+    # Applied before the poison stays applied and recorded; the poison never committed.
+    assert query(dbname, "SELECT version_num FROM alembic_version") == [("p1",)]
+    assert worker.proc is not None and worker.proc.poll() is None  # the worker lives on
+
+
+def test_a_slice_whose_worker_died_is_taken_over(
+    reconciling_worker: Worker, config: Config, databases: Databases
+) -> None:
+    dbname = databases.create()
+    query(
+        dbname,
+        """
+        CREATE TABLE items (id int PRIMARY KEY, counter int NOT NULL DEFAULT 0);
+        INSERT INTO items (id) SELECT generate_series(1, 3000);
+        """,
+    )
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), backup=False)
+    engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    spec = backfill.Spec(table="items", key="id", set_sql="counter = counter + 1", slices=2)
+    with engine.connect() as conn:
+        backfill_id = backfill.create(conn, name, spec)
+        # Started, but its tasks died before their first batch: nobody will send them.
+        before = backfill.start(conn, backfill_id)
+    deadline = time.monotonic() + 60
+    while get_state(engine, backfill_id) != "succeeded":
+        assert time.monotonic() < deadline, get_state(engine, backfill_id)
+        time.sleep(0.2)
+    assert query(dbname, "SELECT min(counter), max(counter) FROM items") == [(1, 1)]
+    with engine.connect() as conn:
+        after = {p.slice: p.generation for p in ledger.list_slices(conn, backfill_id)}
+    assert all(after[n] > g for n, g in before)  # taken over with a new generation
+    engine.dispose()
+
+
+def get_state(engine, backfill_id: str) -> str:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return backfill.get(conn, backfill_id).state
+
+
+def test_a_slice_that_keeps_dying_errors_the_backfill(config: Config, databases: Databases) -> None:
+    dbname = databases.create()
+    query(
+        dbname,
+        "CREATE TABLE items (id int PRIMARY KEY, counter int NOT NULL DEFAULT 0); "
+        "INSERT INTO items (id) SELECT generate_series(1, 500);",
+    )
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), backup=False)
+    engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    with engine.connect() as conn:
+        backfill_id = backfill.create(conn, name, backfill.Spec("items", "id", "counter = 1"))
+        [(number, generation)] = backfill.start(conn, backfill_id)
+        for _ in range(lease.MAX_UNFINISHED):  # deliveries that died before returning
+            ledger.begin_slice_delivery(conn, backfill_id, number, generation)
+    sent: list[tuple[str, str]] = []
+    result = run_slice_and_continue(
+        load_settings(),
+        name,
+        backfill_id,
+        number,
+        generation,
+        send_next=lambda *a: pytest.fail("nothing may be sent"),
+        resume_run=lambda run_id, target: sent.append((run_id, target)),
+    )
+    assert result["outcome"] == "errored" and result["state"] == "errored"
+    assert "started 5 times in a row" in result["error"]
+    assert query(dbname, "SELECT max(counter) FROM items") == [(0,)]
+    engine.dispose()
