@@ -207,7 +207,7 @@ def _table(conn: Connection, table: str) -> _Table:
     except DBAPIError:  # a name to_regclass cannot even parse
         row = None
     if row is None:
-        raise BadSpec(f"table {table!r} does not exist; name it as table or schema.table")
+        raise BadSpec(f"table {table} does not exist; name it as table or schema.table")
     if row.relkind not in ("r", "p"):
         raise BadSpec(f"{row.name} is not a table; a backfill updates a table")
     return _Table(oid=int(row.oid), name=str(row.name))

@@ -296,13 +296,24 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
     queue = os.environ.get("RUNBOOK_QUEUE", DEFAULT_QUEUE)
     targets: dict[str, Target] = {}
-    if config_path.exists():
+    unreadable = "; make it a readable file or point RUNBOOK_CONFIG at one"
+    try:
+        present = config_path.exists()
+    except OSError as exc:  # a directory on the way that may not be searched
+        raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){unreadable}") from None
+    if present:
         try:
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: invalid TOML ({exc}); fix the file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{config_path}: is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
         except OSError as exc:
-            raise ConfigError(f"{config_path}: cannot be read ({exc.strerror})") from None
+            raise ConfigError(
+                f"{config_path}: cannot be read ({exc.strerror}){unreadable}"
+            ) from None
         raw_targets = data.get("targets", {})
         if not isinstance(raw_targets, dict):
             raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]")

@@ -603,7 +603,7 @@ CREATE VIEW a_view AS SELECT 1 AS id;
         ("partial", "id", "not unique (no unique index on it alone)"),
         ("good", "n", "not unique (no unique index on it alone); choose --key id or code"),
         ("good", "nope", "table public.good has no column 'nope'; choose --key id or code"),
-        ("missing", "id", "table 'missing' does not exist"),
+        ("missing", "id", "table missing does not exist"),
         ("a_view", "id", "public.a_view is not a table"),
     ],
 )

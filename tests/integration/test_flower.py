@@ -11,20 +11,10 @@ with the repr of the task's return value. Arguments show as the task's argsrepr.
 from __future__ import annotations
 
 import ast
-import base64
 import json
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import psycopg2
@@ -32,147 +22,21 @@ import pytest
 
 from jobs import api
 from tests.integration.conftest import (
-    REDIS_URL,
-    REPO,
-    SESSION,
+    FLOWER_USER,
     Config,
+    Flower,
     PrivatePostgres,
     Worker,
+    json_strings,
 )
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
-
 SLICE_TASK = "runbook.backfill_slice"
 # At least 1 ms a row (pg_sleep), so the backfill takes longer than one slice (3 s) anywhere.
 ROWS = 4000
-# Flower's own login, not the database's.
-FLOWER_USER = "runbook"
-FLOWER_PASSWORD = "flower-" + secrets.token_hex(6)
 # What every progress result carries (jobs/backfill_runner.py's progress()).
 PROGRESS_KEYS = {"backfill_id", "rows_done", "rows_total", "percent", "eta_s"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Flower:
-    """``celery flower`` as an operator starts it, against the test worker's Redis."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 30) -> None:
-        # FLOWER_* variables of the machine would change Flower's options (auth among them).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.app",
-                    # A celery option: after `flower` it would be dropped with a warning.
-                    f"--broker={REDIS_URL}",
-                    "flower",
-                    "--address=127.0.0.1",
-                    f"--port={self.port}",
-                    f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}",
-                    "--persistent=False",
-                    f"--db={self.log_path.with_name('flower-state')}",  # unused while not persistent
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout_s
-        self.until("Flower to answer HTTP", lambda: self.get("/healthcheck")[0] == 200, deadline)
-        self.until("Flower to receive events", self._probe_events, deadline)
-
-    def _probe_events(self) -> bool:
-        """Events are Redis pub/sub: only those sent after Flower subscribed reach it. A
-        made-up task-sent event that Flower then knows proves it is listening."""
-        from worker.app import app
-
-        probe = f"flower-probe-{SESSION}"
-        with app.events.default_dispatcher(hostname=f"probe-{SESSION}@test") as dispatcher:
-            dispatcher.send("task-sent", uuid=probe, name="runbook.test_probe")
-        time.sleep(0.1)
-        return self.get(f"/api/task/info/{probe}")[0] == 200
-
-    def get(self, path: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
-        """(status, body) of a GET; with Flower's credentials unless ``auth`` says others.
-        A connection refused is status 0."""
-        user, password = auth or (FLOWER_USER, FLOWER_PASSWORD)
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if user:
-            token = base64.b64encode(f"{user}:{password}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-        except (ConnectionError, urllib.error.URLError):
-            return 0, ""
-
-    def json(self, path: str) -> Any:
-        status, body = self.get(path)
-        if status != 200:
-            pytest.fail(f"GET {path}: HTTP {status} {body[:500]}\n{self.report()}")
-        return json.loads(body)
-
-    def until(self, what: str, check: Callable[[], T | None], deadline: float) -> T:
-        """Poll ``check`` until it returns something true; fail with Flower's log at the
-        deadline or when Flower has exited."""
-        while True:
-            value = check()
-            if value:
-                return value
-            if self.proc is None or self.proc.poll() is not None:
-                pytest.fail(f"Flower exited while waiting for {what}\n{self.report()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}\n{self.report()}")
-            time.sleep(0.1)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def report(self) -> str:
-        return f"--- Flower log ({self.log_path}) ---\n{self.log_text()[-4000:]}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def flower(worker: Worker, tmp_path: Path) -> Iterator[Flower]:
-    f = Flower(tmp_path / "flower.log")
-    try:
-        f.start()
-        yield f
-    finally:
-        f.stop()
-        # pytest shows a teardown's output only when the test failed.
-        print(f.report())
-        print(f"--- worker log (tail) ---\n{worker.log_text()[-3000:]}")
 
 
 def password_target(pg: PrivatePostgres, config: Config, password: str) -> tuple[str, str]:
@@ -210,19 +74,6 @@ def parse_result(value: Any) -> Any:
         except (ValueError, SyntaxError):
             continue
     return value
-
-
-def strings(value: Any) -> Iterator[str]:
-    """Every key and string value in decoded JSON, at any depth."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from strings(v)
 
 
 def test_flower_shows_backfill_slices_progress_and_no_password(
@@ -322,7 +173,7 @@ def test_flower_shows_backfill_slices_progress_and_no_password(
     status_code, listing = flower.get("/api/tasks")
     assert status_code == 200
     shown = {
-        "/api/tasks": listing + "\n".join(strings(json.loads(listing))),
+        "/api/tasks": listing + "\n".join(json_strings(json.loads(listing))),
         "/api/task/info": "\n".join(flower.get(f"/api/task/info/{tid}")[1] for tid in tasks),
         "a running task": json.dumps([progress_listed, progress_info]),
         "Flower's log": flower.log_text(),

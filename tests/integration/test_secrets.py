@@ -1,17 +1,37 @@
-"""Passwords stay on the worker side: never in Redis, the ledger, logs or messages."""
+"""Passwords stay on the worker side: never in Redis, the ledger, logs, messages or Flower;
+and a worker acts only on the targets its own configuration lists."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import secrets
+import time
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
 import redis as redis_lib
 
 from jobs import api
-from tests.integration.conftest import REDIS_URL, Config, PrivatePostgres, Worker, runbook_cli
+from jobs.config import load_settings
+from tests.integration.conftest import (
+    QUEUE,
+    REDIS_URL,
+    Config,
+    Databases,
+    Flower,
+    PrivatePostgres,
+    Worker,
+    db_url,
+    json_strings,
+    project_target,
+    query,
+    runbook_cli,
+    schema_dump,
+)
 from tests.projects import Rev, write_project
 
 pytestmark = pytest.mark.integration
@@ -80,8 +100,26 @@ def test_wrong_password_is_refused_without_echoing_it(
     assert wrong not in result.stdout + result.stderr
 
 
+BACKFILL_ROWS = 2000
+
+
+def ledger_dump(conn: Any) -> dict[str, str]:
+    """Every row of every table in the ledger's schema, as JSON text, by table."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'runbook' "
+            "ORDER BY table_name"
+        )
+        tables = [r[0] for r in cur.fetchall()]
+        dump = {}
+        for table in tables:
+            cur.execute(f"SELECT row_to_json(r)::text FROM runbook.{table} r")
+            dump[table] = "\n".join(r[0] for r in cur.fetchall())
+    return dump
+
+
 def test_password_appears_nowhere_after_a_run(
-    private_pg: PrivatePostgres, worker: Worker, config: Config, tmp_path: Path
+    private_pg: PrivatePostgres, worker: Worker, config: Config, flower: Flower, tmp_path: Path
 ) -> None:
     # Characters that URL-encoding changes, to catch an encoded copy as well.
     password = "Pw-" + secrets.token_hex(10) + "/@:%"
@@ -98,24 +136,155 @@ def test_password_appears_nowhere_after_a_run(
     run = json.loads(result.stdout)
     assert run["state"] == "succeeded" and Path(run["backup"]["path"]).exists()
 
-    forms = {password, quote(password, safe=""), quote(password)}
-    everything = {
-        "cli output": result.stdout + result.stderr,
-        "redis": redis_dump(),
-        "worker log": worker.log_text(),
-        "status": json.dumps(api.status(run["id"], name)),
-    }
+    # A backfill on the same target, with rows that fail (id % 500 = 0: division by zero)
+    # and are isolated, so every backfill table of the ledger holds rows.
     conn = psycopg2.connect(
         host="127.0.0.1", port=private_pg.port, user=role, password=password, dbname=dbname
     )
+    conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT row_to_json(r)::text FROM runbook.runs r UNION ALL "
-            "SELECT row_to_json(s)::text FROM runbook.steps s"
+            f"INSERT INTO vault (id) SELECT g FROM generate_series(1, {BACKFILL_ROWS}) g; "
+            "ANALYZE vault"
         )
-        everything["ledger"] = "\n".join(r[0] for r in cur.fetchall())
+    filled = runbook_cli(
+        "backfill",
+        "--target",
+        name,
+        "--table",
+        "vault",
+        "--set",
+        "note = (100 / (id % 500))::text",
+        "--batch-size",
+        "250",
+        "--on-error",
+        "isolate",
+        "--wait",
+        "--json",
+    )
+    assert filled.returncode == 0, filled.stderr
+    backfill = json.loads(filled.stdout)
+    assert backfill["state"] == "succeeded" and backfill["skipped"] == 4, backfill
+
+    # Flower has seen every task of the run and the backfill end.
+    def settled() -> dict[str, dict[str, Any]] | None:
+        listed = flower.json("/api/tasks")
+        ours = {
+            tid: t
+            for tid, t in listed.items()
+            if run["id"] in (t.get("args") or "")
+            or backfill["backfill_id"] in (t.get("args") or "")
+        }
+        names = {t["name"] for t in ours.values()}
+        if names >= {"runbook.execute_run", "runbook.backfill_slice"} and all(
+            t["state"] == "SUCCESS" for t in ours.values()
+        ):
+            return listed
+        return None
+
+    listed = flower.until(
+        "Flower to see the run's and backfill's tasks end", settled, time.monotonic() + 60
+    )
+    infos = {tid: flower.json(f"/api/task/info/{tid}") for tid in listed}
+
+    # Arguments as Flower shows them are names only: the run's id and the target's name, or a
+    # slice's label (Celery's argsrepr); no keyword arguments. (Flower hears every test
+    # session's events on this Redis: ours are the tasks naming our target.)
+    ours = [t for t in infos.values() if name in (t.get("args") or "")]
+    assert {t["name"] for t in ours} == {"runbook.execute_run", "runbook.backfill_slice"}, ours
+    for task in ours:
+        assert task["kwargs"] == "{}", task
+        if task["name"] == "runbook.execute_run":
+            assert ast.literal_eval(task["args"]) == [run["id"], name], task
+        else:
+            assert task["args"].startswith(
+                f"backfill {backfill['backfill_id']} on {name}, slice 0 keys ("
+            ), task
+
+    forms = {password, quote(password, safe=""), quote(password)}
+    everything = {
+        "cli output": result.stdout + result.stderr + filled.stdout + filled.stderr,
+        "redis": redis_dump(),
+        "worker log": worker.log_text(),
+        "status": json.dumps(api.status(run["id"], name)),
+        "backfill status": json.dumps(api.backfill_status(backfill["backfill_id"], name)),
+        "Flower /api/tasks": json.dumps(listed) + "\n".join(json_strings(listed)),
+        "Flower /api/task/info": json.dumps(infos) + "\n".join(json_strings(infos)),
+        "Flower's log": flower.log_text(),
+    }
+    ledger = ledger_dump(conn)
     conn.close()
+    for table in ("runs", "steps", "backfills", "backfill_batches", "backfill_slices"):
+        assert ledger.get(table), f"runbook.{table} is empty: nothing was searched"
+    assert ledger.get("backfill_skipped", "").count("\n") == 3, ledger.get("backfill_skipped")
+    everything.update({f"ledger's {table}": text for table, text in ledger.items()})
     assert run["id"] in everything["redis"] or "celery-task-meta" in everything["redis"]
     for where, text in everything.items():
         for form in forms:
             assert form not in text, f"the password leaked into the {where}"
+
+
+def test_a_task_naming_a_target_the_worker_does_not_list_is_refused(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    from worker.app import app
+
+    name, dbname = project_target(config, databases, tmp_path, REVS, backup=False)
+    query(
+        dbname,
+        "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); "
+        "INSERT INTO items (id) SELECT generate_series(1, 100)",
+    )
+    # A real run and a real backfill of the target, their messages parked where no worker reads.
+    parked = dataclasses.replace(load_settings(), queue=f"{QUEUE}-parked")
+    run_id = api.enqueue(name, settings=parked)
+    assert run_id
+    backfill_id = api.enqueue_backfill("items", "n = n + 1", target=name, settings=parked)
+
+    def state() -> list[Any]:
+        """Every ledger row, the table's rows and the schema."""
+        tables = query(
+            dbname,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'runbook' "
+            "ORDER BY table_name",
+        )
+        rows = [
+            query(dbname, f"SELECT row_to_json(r)::text FROM runbook.{t} r ORDER BY 1")
+            for (t,) in tables
+        ]
+        return [tables, rows, query(dbname, "SELECT sum(n) FROM items"), schema_dump(dbname)]
+
+    before = state()
+    generation = query(dbname, "SELECT generation FROM runbook.backfill_slices")[0][0]
+    # Names a worker's configuration does not list; a URL is only a name to it, too.
+    for unlisted in ("not_listed", db_url(dbname)):
+        sent = {
+            "runbook.execute_run": app.send_task(
+                "runbook.execute_run", args=[run_id, unlisted], queue=QUEUE
+            ),
+            "runbook.backfill_slice": app.send_task(
+                "runbook.backfill_slice",
+                args=[backfill_id, unlisted, 0, generation],
+                queue=QUEUE,
+            ),
+        }
+        for task, async_result in sent.items():
+            outcome = async_result.get(timeout=60)
+            assert async_result.state == "SUCCESS"
+            assert outcome["state"] == "refused" and outcome["target"] == unlisted, (task, outcome)
+            error = outcome["error"]
+            assert error.startswith(f"unknown target {unlisted!r} (configured: "), (task, error)
+            assert "\n" not in error and "Traceback" not in error, (task, error)
+            assert f"refused: {error}" in worker.log_text()
+    assert state() == before  # nothing happened
+    assert api.status(run_id, name)["state"] == "enqueued"
+
+    # The same messages naming the listed target do the work: only the name was wrong.
+    app.send_task("runbook.execute_run", args=[run_id, name], queue=QUEUE).get(timeout=60)
+    assert api.wait(run_id, name, timeout_s=60)["state"] == "succeeded"
+    app.send_task(
+        "runbook.backfill_slice", args=[backfill_id, name, 0, generation], queue=QUEUE
+    ).get(timeout=60)
+    assert api.backfill_status(backfill_id, name)["state"] == "succeeded"
+    assert query(dbname, "SELECT count(*), min(n), max(n) FROM items") == [(100, 1, 1)]
+    redis_lib.Redis.from_url(REDIS_URL).delete(parked.queue)

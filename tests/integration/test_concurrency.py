@@ -1,0 +1,255 @@
+"""Many requests at once: one run per target, targets in parallel, backfills side by side.
+
+Runs are held in their upgrade by a *gate*: the revision waits (pg_sleep in a loop, at most two
+minutes) until the test puts a row in the target's ``gate`` table. So a run is provably
+still going while the test looks, and provably overlapping another, without fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import api
+from tests.integration.conftest import (
+    REPO,
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    project_target,
+    query,
+)
+from tests.projects import Rev
+
+pytestmark = pytest.mark.integration
+
+# Waits for a row in `gate` (0.05 s a look, 2400 looks at most), then goes on.
+GATED = [
+    Rev(
+        "g1",
+        'op.execute("DO $$ BEGIN FOR i IN 1..2400 LOOP EXIT WHEN EXISTS (SELECT 1 FROM gate); '
+        'PERFORM pg_sleep(0.05); END LOOP; END $$")\n'
+        "op.execute('CREATE TABLE gated (id int PRIMARY KEY)')",
+        "op.execute('DROP TABLE gated')",
+    ),
+]
+
+
+def gated_target(config: Config, databases: Databases, tmp_path: Path) -> tuple[str, str]:
+    """A target whose run waits in its upgrade until ``open_gate``; (name, database)."""
+    name, dbname = project_target(config, databases, tmp_path, GATED, backup=False)
+    query(dbname, "CREATE TABLE gate (opened_at timestamptz NOT NULL DEFAULT now())")
+    return name, dbname
+
+
+def open_gate(dbname: str) -> None:
+    query(dbname, "INSERT INTO gate DEFAULT VALUES")
+
+
+def until(what: str, check: Any, timeout_s: float) -> Any:
+    """Poll ``check`` until it returns something true; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out ({timeout_s:.0f}s) waiting for {what}")
+        time.sleep(0.1)
+
+
+def upgrade_running(run_id: str, target: str) -> bool:
+    steps = api.status(run_id, target)["steps"]
+    return any(s["kind"] == "upgrade" and s["state"] == "running" for s in steps)
+
+
+@pytest.fixture(scope="module")
+def second_worker(
+    worker: Worker, config: Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """Another worker process on the same queue, next to the session's (2 processes each)."""
+    w = Worker(config, tmp_path_factory.mktemp("worker2") / "worker.log")
+    w.start(concurrency=2)
+    yield w
+    w.stop()
+
+
+def pool_pids(w: Worker) -> set[str]:
+    assert w.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_five_applies_at_once_admit_exactly_one(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    name, dbname = gated_target(config, databases, tmp_path)
+    # Five `runbook apply` processes started together, as five CI jobs or operators would.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", "apply", "--target", name],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(5)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            results.append((proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        # The run waits at its gate until every apply has answered: none of them could have
+        # come after it finished.
+        open_gate(dbname)
+
+    winners = [r for r in results if r[0] == 0]
+    losers = [r for r in results if r[0] != 0]
+    assert len(winners) == 1, results
+    run_id = winners[0][1].strip()
+    assert len(run_id) == 16 and winners[0][2] == "", winners
+    assert len(losers) == 4
+    for code, stdout, stderr in losers:
+        assert code == 2, (code, stdout, stderr)
+        assert stdout == ""
+        assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+        assert stderr.startswith(f"runbook: error: target {name!r} is busy: run {run_id} is "), (
+            stderr
+        )
+    assert query(dbname, "SELECT id FROM runbook.runs") == [(run_id,)]
+
+    final = api.wait(run_id, name, timeout_s=90)
+    assert final["state"] == "succeeded", final
+    assert query(dbname, "SELECT version_num FROM alembic_version") == [("g1",)]
+
+
+def test_three_targets_run_in_parallel_on_two_workers(
+    worker: Worker,
+    second_worker: Worker,
+    config: Config,
+    databases: Databases,
+    tmp_path: Path,
+) -> None:
+    targets = [gated_target(config, databases, tmp_path / f"t{i}") for i in range(3)]
+    runs: dict[str, tuple[str, str]] = {}  # run id -> (target, database)
+    for name, dbname in targets:
+        run_id = api.enqueue(name)
+        assert run_id
+        runs[run_id] = (name, dbname)
+    try:
+        # All three in their upgrade at the same moment: they run side by side.
+        until(
+            "all three runs to be in their upgrade at once",
+            lambda: all(upgrade_running(r, t) for r, (t, _) in runs.items()),
+            timeout_s=90,
+        )
+        holders = {
+            run_id: query(dbname, f"SELECT heartbeat_by FROM runbook.runs WHERE id = '{run_id}'")[
+                0
+            ][0]
+            for run_id, (_, dbname) in runs.items()
+        }
+    finally:
+        for _, dbname in targets:
+            open_gate(dbname)
+    finals = {run_id: api.wait(run_id, name, timeout_s=90) for run_id, (name, _) in runs.items()}
+    assert all(f["state"] == "succeeded" for f in finals.values()), finals
+
+    # Each run's upgrade overlaps every other's in the ledger's own timestamps.
+    spans = []
+    for final in finals.values():
+        step = next(s for s in final["steps"] if s["kind"] == "upgrade")
+        spans.append(
+            (
+                datetime.fromisoformat(step["started_at"]),
+                datetime.fromisoformat(step["finished_at"]),
+            )
+        )
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+    starts = [datetime.fromisoformat(f["started_at"]) for f in finals.values()]
+    ends = [datetime.fromisoformat(f["finished_at"]) for f in finals.values()]
+    assert max(starts) < min(ends), (starts, ends)
+
+    # Three different pool processes held them, of both worker processes.
+    pids = {str(h).rsplit(":", 1)[1] for h in holders.values()}
+    assert len(pids) == 3, holders
+    assert pids & pool_pids(worker), (holders, pool_pids(worker))
+    assert pids & pool_pids(second_worker), (holders, pool_pids(second_worker))
+
+
+BACKFILLS = 10
+ROWS = 3000
+
+
+def test_ten_backfills_at_once_update_every_row_exactly_once(
+    worker: Worker, second_worker: Worker, config: Config, databases: Databases
+) -> None:
+    dbname = databases.create()
+    tables = [f"big_{i}" for i in range(BACKFILLS)]
+    query(
+        dbname,
+        "".join(
+            f"CREATE TABLE {t} (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0);"
+            f"INSERT INTO {t} (id) SELECT g * 7 FROM generate_series(1, {ROWS}) g;"
+            f"ANALYZE {t};"
+            for t in tables
+        ),
+    )
+    name = config.add(f"t_{dbname}", url=db_url(dbname), backup=False)
+
+    # Ten enqueues released together, the first of them creating the ledger.
+    barrier = threading.Barrier(BACKFILLS)
+    ids: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def enqueue(table: str) -> None:
+        try:
+            barrier.wait(timeout=30)
+            ids[table] = api.enqueue_backfill(
+                table, "counter = counter + 1", target=name, batch_size=500
+            )
+        except BaseException as exc:  # reported below, with the table
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enqueue, args=(t,)) for t in tables]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(set(ids.values())) == BACKFILLS, ids
+
+    def all_done() -> dict[str, dict[str, Any]] | None:
+        now = {t: api.backfill_status(b, name) for t, b in ids.items()}
+        stopped = {t: s for t, s in now.items() if s["state"] in {"errored", "paused", "cancelled"}}
+        if stopped:
+            pytest.fail(f"backfills stopped: {stopped}")
+        return now if all(s["state"] == "succeeded" for s in now.values()) else None
+
+    done = until("ten backfills to succeed", all_done, timeout_s=120)
+    for table, status in done.items():
+        assert status["rows_done"] == ROWS, status
+        assert query(dbname, f"SELECT count(*), min(counter), max(counter) FROM {table}") == [
+            (ROWS, 1, 1)
+        ], table
+    batches = dict(
+        query(
+            dbname,
+            "SELECT backfill_id, sum(rows)::int FROM runbook.backfill_batches GROUP BY backfill_id",
+        )
+    )
+    assert batches == {b: ROWS for b in ids.values()}, batches
