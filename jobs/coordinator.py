@@ -28,6 +28,7 @@ from jobs import (
     db,
     declared,
     hooks,
+    lease,
     ledger,
     plan,
     preflight,
@@ -639,22 +640,37 @@ def _deliver(
             return Outcome(run.id, target.name, run.state, run.error, "already finished")
         if not locked:
             return Outcome(run.id, target.name, run.state, None, "another delivery holds the run")
-        ledger.count_delivery(conn, run)
-        if run.state == st.ENQUEUED:
-            ledger.transition(conn, run, st.RUNNING)
-        log.info(
-            "run %s on target %s: %s (delivery %d)", run.id, target.name, run.state, run.deliveries
-        )
-        try:
-            coordinator = Coordinator(conn, target, run, report, send_slice)
-        except RunbookError as exc:
-            # A worker that meets bad configuration ends the run with the CLI's own line.
-            ledger.transition(conn, run, st.FAILED, error=str(exc))
-            return Outcome(run.id, target.name, run.state, run.error)
-        try:
-            return _drive(conn, coordinator, run, target, report)
-        finally:
-            coordinator.project.close()
+        with lease.held(target, run.id) as carry_on:
+            if not carry_on:  # a poison run, failed just now
+                run = ledger.get_run(conn, run_id)
+                return Outcome(run.id, target.name, run.state, run.error)
+            return _carry(conn, target, run, report, send_slice)
+
+
+def _carry(
+    conn: Connection,
+    target: Target,
+    run: Run,
+    report: Progress,
+    send_slice: backfill_runner.SendSlice | None,
+) -> Outcome:
+    """The delivery that holds the run lock and the lease: count it, and carry the run."""
+    ledger.count_delivery(conn, run)
+    if run.state == st.ENQUEUED:
+        ledger.transition(conn, run, st.RUNNING)
+    log.info(
+        "run %s on target %s: %s (delivery %d)", run.id, target.name, run.state, run.deliveries
+    )
+    try:
+        coordinator = Coordinator(conn, target, run, report, send_slice)
+    except RunbookError as exc:
+        # A worker that meets bad configuration ends the run with the CLI's own line.
+        ledger.transition(conn, run, st.FAILED, error=str(exc))
+        return Outcome(run.id, target.name, run.state, run.error)
+    try:
+        return _drive(conn, coordinator, run, target, report)
+    finally:
+        coordinator.project.close()
 
 
 def _drive(

@@ -69,12 +69,14 @@ class _Heartbeat(threading.Thread):
 
 
 @contextmanager
-def delivery(target: Target, run_id: str, lease_s: float = LEASE_S) -> Iterator[bool]:
+def held(target: Target, run_id: str, lease_s: float = LEASE_S) -> Iterator[bool]:
     """Hold the run's lease while the block runs; yields False when the run is poison (it
-    is failed here and must not be carried on). The count is cleared only when the block
-    returns normally: an exception or a killed process leaves it for the next delivery."""
+    is failed here and must not be carried on). Enter it only holding the run lock: a
+    duplicate delivery that finds the lock taken must not touch the working one's lease.
+    The count is cleared only when the block returns normally: an exception or a killed
+    process leaves it for the next delivery."""
     with db.connect(target) as conn:
-        count = ledger.begin_delivery(conn, run_id, worker_name()) if ledger.exists(conn) else 0
+        count = ledger.begin_delivery(conn, run_id, worker_name())
     if count is not None and count > MAX_UNFINISHED:
         give_up(target, run_id, count - 1)
         yield False

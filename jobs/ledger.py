@@ -1303,8 +1303,14 @@ def mark_backfill(
 
 
 def _lock(conn: Connection, backfill_id: str) -> Backfill | None:
+    # NO KEY UPDATE, not UPDATE: a batch in flight holds its slice row and then takes KEY SHARE
+    # on this row for its batch record's foreign key; FOR UPDATE here (held while a claim waits
+    # for that slice row) would deadlock with it.
     row = conn.execute(
-        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id FOR UPDATE"),
+        text(
+            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id "
+            "FOR NO KEY UPDATE"
+        ),
         {"id": backfill_id},
     ).first()
     return _backfill(row) if row else None

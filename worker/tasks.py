@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 from celery.utils.saferepr import saferepr
 
-from jobs import backfill_runner, lease
+from jobs import backfill_runner
 from jobs.config import load_settings, redact
 from jobs.coordinator import execute
 from jobs.errors import RunbookError
@@ -27,17 +27,10 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
 
     try:
         settings = load_settings()
-        with lease.delivery(settings.target(target), run_id) as carry_on:
-            if not carry_on:  # a poison run, failed just now
-                return {"run_id": run_id, "target": target, "state": "failed"}
-            outcome = execute(
-                settings,
-                run_id,
-                target,
-                progress=progress,
-                send_slice=slice_sender(settings.queue),
-            )
-            return outcome.as_dict()
+        outcome = execute(
+            settings, run_id, target, progress=progress, send_slice=slice_sender(settings.queue)
+        )
+        return outcome.as_dict()
     except RunbookError as exc:
         # Refused (unknown target, unknown run): nothing to retry, say why in the result.
         message = redact(str(exc))
