@@ -4,7 +4,9 @@
 #   make demo    the whole pipeline against a scratch database, with a real worker
 #   make test    lint, then the unit and integration tests (real Postgres, Redis, worker)
 #   make lint    ruff check, ruff format --check, mypy
-#   make bench   the benchmarks
+#   make bench   the benchmarks (apply, backup/restore; a few minutes)
+#   make bench-backfill   the backfill benchmark (5M rows, 3 repeats: about half an hour;
+#                make bench-backfill ROWS=500000 REPEATS=1 for a quick look)
 #   make clean   remove the virtualenv and caches (backups/ is left alone)
 
 PYTHON ?= python3
@@ -15,10 +17,10 @@ STAMP := $(VENV)/.installed
 SERVICES_HINT := start it with \`docker compose up -d postgres redis\`
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench clean services
+.PHONY: help install demo test lint bench bench-backfill clean services
 
 help:
-	@echo "make demo | test | lint | bench | clean"
+	@echo "make demo | test | lint | bench | bench-backfill | clean"
 
 # The install stamp: (re)created when pyproject.toml changes, or when there is no .venv.
 $(STAMP): pyproject.toml
@@ -54,6 +56,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_apply.py
 	$(BIN)/python bench/bench_backup.py
+
+ROWS ?= 5000000
+REPEATS ?= 3
+bench-backfill: $(STAMP)
+	$(BIN)/python bench/bench_backfill.py --rows $(ROWS) --repeats $(REPEATS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
