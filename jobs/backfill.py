@@ -517,7 +517,7 @@ def _projection(spec: Spec, plan: _Plan, samples: list[dict[str, Any]]) -> dict[
         "rows_to_update": plan.estimate,
         "estimate": plan.estimate_kind,
         "slices": spec.slices,
-        "projected_s": round(projected, 1),
+        "projected_s": round(projected, 3),  # a small table projects to milliseconds
         "rolled_back": True,
     }
 

@@ -847,12 +847,17 @@ class BackfillBatch:
         return {**self.__dict__, "committed_at": _iso(self.committed_at)}
 
 
-_BACKFILL_COLUMNS = (
+# The backfill's own row; the counters summed over its slices are left at 0. Enough for a
+# batch and a state change, which read it on every batch and should not sum the slices.
+_BACKFILL_ROW = (
     "b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type, b.set_sql, "
     "b.where_sql, b.state, b.upper_key, b.batch_size, b.min_batch, b.max_batch, "
     "b.target_batch_ms, b.sleep_ms, b.lock_timeout_ms, b.statement_timeout_ms, b.slices, "
     "b.on_error, b.max_xact_age_s, b.rows_total_estimate, b.estimate_kind, b.error, "
-    "b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at, "
+    "b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at"
+)
+_BACKFILL_COLUMNS = (
+    f"{_BACKFILL_ROW}, "
     f"(SELECT CAST(coalesce(sum(s.rows_done), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
     " WHERE s.backfill_id = b.id) AS rows_done, "
     f"(SELECT CAST(coalesce(sum(s.throttled_ms), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
@@ -1144,15 +1149,17 @@ def set_state(
 
 
 def lock_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
-    """The backfill, row-locked until the caller's transaction ends (no commit here)."""
+    """The backfill's own row (no counters), locked until the caller's transaction ends (no
+    commit here)."""
     return _lock(conn, backfill_id)
 
 
 def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
-    """The backfill inside the caller's transaction, not locked (a batch reads the operator's
-    flags this way, so that slices never wait for each other on the backfill's row)."""
+    """The backfill's own row (no counters) inside the caller's transaction, not locked (a
+    batch reads the operator's flags this way, so that slices never wait for each other on
+    the backfill's row)."""
     row = conn.execute(
-        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
+        text(f"SELECT {_BACKFILL_ROW} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
         {"id": backfill_id},
     ).first()
     return _backfill(row) if row else None
@@ -1308,8 +1315,7 @@ def _lock(conn: Connection, backfill_id: str) -> Backfill | None:
     # for that slice row) would deadlock with it.
     row = conn.execute(
         text(
-            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id "
-            "FOR NO KEY UPDATE"
+            f"SELECT {_BACKFILL_ROW} FROM {SCHEMA}.backfills b WHERE b.id = :id FOR NO KEY UPDATE"
         ),
         {"id": backfill_id},
     ).first()
