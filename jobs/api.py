@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from jobs import backfill, backfill_runner, db, ledger, sqlguard, vault
+from jobs import backfill, backfill_runner, db, ledger, refusals, sqlguard, vault
 from jobs import backup as backups
 from jobs import plan as planning
 from jobs.config import Settings, Target, load_settings, redact
@@ -32,7 +32,7 @@ from jobs.errors import (
 )
 from jobs.ledger import Run
 from jobs.migrate import Project, Revision
-from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED
+from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 
 EXECUTE_TASK = "runbook.execute_run"
 
@@ -413,8 +413,10 @@ def _locate(
 ) -> tuple[Target | None, Any, list[str]]:
     """Search the named target's ledger, or every configured target's, with ``lookup``
     (which returns what it found, or None): (target, found, targets unreachable)."""
+    if not target:
+        settings.require_any()  # "no targets are configured" rather than "unknown run"
     candidates = [settings.target(target)] if target else list(settings.targets.values())
-    unreachable: list[str] = []
+    unreachable: list[str] = [] if target else sorted(settings.broken)
     for t in candidates:
         try:
             with db.connect(t) as conn:
@@ -429,7 +431,7 @@ def _locate(
 
 
 def _unreachable(names: list[str]) -> str:
-    return f" (unreachable: {', '.join(names)})" if names else ""
+    return f" (not searched, unreachable or broken: {', '.join(names)})" if names else ""
 
 
 def _run_or_none(conn: Connection, run_id: str) -> Run | None:
@@ -449,12 +451,123 @@ def _find(settings: Settings, run_id: str, target: str | None) -> tuple[Target, 
     return t, run
 
 
+def _refusal(settings: Settings, work_id: str) -> dict[str, Any] | None:
+    """Why a worker refused ``work_id``, if one did (jobs/refusals.py); None when Redis
+    cannot be asked: the ledger alone still answers."""
+    try:
+        return refusals.read(settings.result_backend, work_id)
+    except Exception:
+        return None
+
+
+def settle_refusal(settings: Settings, t: Target, run: Run) -> Run:
+    """A run still enqueued that a worker refused (its configuration lacks or breaks the
+    target, so it could not reach this ledger) ends failed here, with the worker's line."""
+    if run.state != ENQUEUED:
+        return run
+    found = _refusal(settings, run.id)
+    if found is None:
+        return run
+    with db.connect(t) as conn:
+        ledger.transition(conn, run, FAILED, error=f"a worker refused the run: {found['error']}")
+        refusals.forget(settings.result_backend, run.id)
+        return ledger.get_run(conn, run.id)
+
+
+def _settle_refused_backfill(settings: Settings, conn: Connection, backfill_id: str) -> None:
+    """The same for a backfill: the refused slice is stopped and the backfill errored, unless
+    a newer generation took the slice over since (jobs/backfill.py ``abandon`` fences)."""
+    found = _refusal(settings, backfill_id)
+    if found is None:
+        return
+    backfill.abandon(
+        conn,
+        backfill_id,
+        int(found["slice"]),
+        int(found["generation"]),
+        f"a worker refused it: {found['error']}",
+    )
+    refusals.forget(settings.result_backend, backfill_id)
+
+
 def status(
     run_id: str, target: str | None = None, *, settings: Settings | None = None
 ) -> dict[str, Any]:
     """The run's record: state, revisions, backup, steps, error."""
-    _, run = _find(_settings(settings), run_id, target)
-    return run.as_dict()
+    settings = _settings(settings)
+    t, run = _find(settings, run_id, target)
+    return settle_refusal(settings, t, run).as_dict()
+
+
+def _health(settings: Settings, name: str, project: Project | None) -> dict[str, Any]:
+    """One target's row of ``targets``: config, reachability, revisions, last run."""
+    row: dict[str, Any] = {
+        "name": name,
+        "ok": False,
+        "config": "broken" if name in settings.broken else "ok",
+        "database": None,
+        "reachable": None,
+        "current_revision": None,
+        "head": None,
+        "pending": None,
+        "last_run": None,
+        "error": settings.broken.get(name),
+    }
+    if project is None:
+        return row
+    t = settings.targets[name]
+    row["database"] = t.where
+    try:
+        head = project.resolve("head")
+        with db.connect(t) as conn:
+            row["reachable"] = True
+            current = project.current(conn)
+            pending = project.upgrade_path(current, head)
+            last = ledger.list_runs(conn, limit=1) if ledger.exists(conn) else []
+    except TargetUnreachable as exc:
+        row.update(reachable=False, error=str(exc))
+        return row
+    except RunbookError as exc:  # a project or history problem: `runbook doctor` says more
+        row["error"] = str(exc)
+        return row
+    row.update(
+        ok=True,
+        current_revision=current,
+        head=head,
+        pending=[r.id for r in pending],
+        last_run=(
+            None
+            if not last
+            else {
+                "id": last[0].id,
+                "kind": last[0].kind,
+                "state": last[0].state,
+                "finished_at": last[0].finished_at.isoformat() if last[0].finished_at else None,
+            }
+        ),
+    )
+    return row
+
+
+def targets(*, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Every configured target with its health: config valid, database reachable, current
+    and head revision, pending revisions, last run. Broken targets are listed, not raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = _settings(settings)
+    settings.require_any()
+    projects: dict[str, Project | None] = {}
+    for name in settings.names:
+        projects[name] = None
+        if name in settings.targets:
+            try:
+                projects[name] = Project(settings.targets[name])
+            except RunbookError as exc:
+                settings = dataclasses.replace(settings, broken={**settings.broken, name: str(exc)})
+    # Each target is asked on its own connection at once: one slow host does not hold the
+    # others up beyond its connect timeout (jobs/db.py).
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda n: _health(settings, n, projects[n]), settings.names))
 
 
 def history(
@@ -510,6 +623,8 @@ def wait(
             last = marker
             if run.terminal:
                 return snapshot
+            if settle_refusal(settings, t, run).terminal:
+                continue  # re-read: the worker's refusal is now the run's failure
             if deadline is not None and time.monotonic() > deadline:
                 raise RunbookError(f"run {run_id} is still {run.state} after {timeout_s:.0f}s")
             ledger.wait_for_change(conn, run_id, poll_s)
@@ -556,7 +671,7 @@ def _backfill_spec(
     conn: Connection,
     t: Target,
     table: str,
-    set_sql: str,
+    set_sql: str | Sequence[str],
     *,
     where: str | None,
     key: str | None,
@@ -569,7 +684,7 @@ def _backfill_spec(
     if batch_size <= 0:
         raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
     table_sql = sqlguard.table(table)
-    set_text = sqlguard.render(sqlguard.assignments(set_sql))
+    set_text = sqlguard.render(sqlguard.assignments_of(set_sql))
     where_text = sqlguard.predicate(where) if where else None
     if key is None:
         keys = backfill.candidate_keys(conn, table_sql)
@@ -592,7 +707,7 @@ def _backfill_spec(
 
 def enqueue_backfill(
     table: str,
-    set_sql: str,
+    set_sql: str | Sequence[str],
     *,
     target: str | None = None,
     where: str | None = None,
@@ -629,7 +744,7 @@ def enqueue_backfill(
 
 def dry_run_backfill(
     table: str,
-    set_sql: str,
+    set_sql: str | Sequence[str],
     *,
     target: str | None = None,
     where: str | None = None,
@@ -690,8 +805,11 @@ def backfill_status(
     backfill_id: str, target: str | None = None, *, settings: Settings | None = None
 ) -> dict[str, Any]:
     """The backfill's state and progress (rows done, total, percent, rate, ETA, slices…)."""
-    t = _find_backfill(_settings(settings), backfill_id, target)
+    settings = _settings(settings)
+    t = _find_backfill(settings, backfill_id, target)
     with db.connect(t) as conn:
+        if backfill.get(conn, backfill_id).state not in BACKFILL_TERMINAL:
+            _settle_refused_backfill(settings, conn, backfill_id)
         return backfill_runner.progress(conn, backfill.get(conn, backfill_id))
 
 

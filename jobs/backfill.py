@@ -510,6 +510,8 @@ def _projection(spec: Spec, plan: _Plan, samples: list[dict[str, Any]]) -> dict[
     return {
         "table": plan.table.name,
         "key": spec.key,
+        "set": spec.set_sql,
+        "where": spec.where_sql,
         "batches": samples,
         "rows_per_batch": round(rows / len(samples), 1) if samples else 0,
         "ms_per_batch": round(ms / len(samples), 1) if samples else 0,

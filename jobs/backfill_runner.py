@@ -48,6 +48,8 @@ def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
         "target": bf.target,
         "run_id": bf.run_id,
         "table": bf.table_name,
+        "set": bf.set_sql,
+        "where": bf.where_sql,
         "state": bf.state,
         "rows_done": bf.rows_done,
         "rows_total": total,
@@ -74,10 +76,15 @@ def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
     }
 
 
-def label(bf_id: str, target: str, piece: ledger.Slice, generation: int) -> str:
-    """What Flower shows as the task's arguments: which backfill, slice and key range."""
+def label(bf: ledger.Backfill, piece: ledger.Slice) -> str:
+    """What Flower shows as the task's arguments: which backfill, what it sets, which slice
+    and key range."""
     lo = "start" if piece.lower_key is None else piece.lower_key
-    return f"backfill {bf_id} on {target}, slice {piece.slice} keys ({lo}, {piece.upper_key}]"
+    where = f" WHERE {bf.where_sql}" if bf.where_sql else ""
+    return (
+        f"backfill {bf.id} on {bf.target}: UPDATE {bf.table_name} SET {bf.set_sql}{where}; "
+        f"slice {piece.slice} keys ({lo}, {piece.upper_key}]"
+    )
 
 
 def send_slices(
@@ -85,8 +92,10 @@ def send_slices(
 ) -> None:
     """Queue one task for each (slice, generation) that start() handed out."""
     pieces = {p.slice: p for p in ledger.list_slices(conn, bf_id)}
+    bf = ledger.get_backfill(conn, bf_id)
+    assert bf is not None, bf_id  # start() just handed its slices out
     for number, generation in slices:
-        send(bf_id, target, number, generation, label(bf_id, target, pieces[number], generation))
+        send(bf_id, target, number, generation, label(bf, pieces[number]))
 
 
 def run_slice_and_continue(

@@ -55,10 +55,18 @@ def _backfill_line(now: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _statement(now: dict[str, Any]) -> str:
+    """The backfill's UPDATE, every assignment of it, as the ledger holds it."""
+    where = f" WHERE {now['where']}" if now.get("where") else ""
+    return f"UPDATE {now['table']} SET {now['set']}{where}"
+
+
 def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None:
     """Follow the backfill until it stops (a progress bar on a terminal, lines otherwise);
     exit 0 only when it succeeded."""
     now = api.backfill_status(backfill_id, target)
+    if not as_json:
+        err.print(_statement(now))
     if as_json or not err.is_terminal:
         last = None
         while True:
@@ -77,7 +85,10 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
             TextColumn("{task.fields[detail]}"),
         )
         with Progress(*columns, console=err, transient=False) as bar:
-            task = bar.add_task(f"backfill {backfill_id}", total=now["rows_total"] or None)
+            # Every field the columns format must exist from the first refresh on.
+            task = bar.add_task(
+                f"backfill {backfill_id}", total=now["rows_total"] or None, detail=""
+            )
             while True:
                 detail = _backfill_line(now).split(": ", 1)[1]
                 bar.update(task, completed=now["rows_done"], detail=detail)
@@ -102,6 +113,68 @@ def _console(stderr: bool) -> Console:
 err = _console(stderr=True)
 out = _console(stderr=False)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# What to do instead, when an option that takes one value is given more than once.
+_REPEAT_HINTS = {
+    "--target": "run the command once per target",
+    "--to": "give the one revision to reach",
+    "--where": "combine the conditions with AND",
+    "--key": "a backfill walks one key column",
+    "--backup": "restore one backup per run",
+}
+
+
+def _option_values(command: click.Command, args: list[str]) -> dict[click.Option, list[str]]:
+    """The options of ``command`` found in ``args``, each with how it was spelled each time,
+    read the way click's parser reads them (``--opt v``, ``--opt=v``, ``-tv``; ``--`` ends)."""
+    by_name: dict[str, click.Option] = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            for name in (*param.opts, *param.secondary_opts):
+                by_name[name] = param
+    found: dict[click.Option, list[str]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            continue
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        option = by_name.get(name)
+        if option is None:
+            continue
+        found.setdefault(option, []).append(name)
+        attached = "=" in arg if arg.startswith("--") else len(arg) > 2
+        if not option.is_flag and not option.count and not attached:
+            i += option.nargs  # its value, which may itself look like an option
+    return found
+
+
+def refuse_repeats(command: click.Command, args: list[str], ctx: click.Context) -> None:
+    """Refuse an option that takes one value but was given several times: click would keep
+    the last one and drop the others without a word."""
+    for option, spelled in _option_values(command, args).items():
+        if len(spelled) < 2 or option.multiple or option.is_flag or option.count:
+            continue
+        name = max(option.opts, key=len)
+        times = "twice" if len(spelled) == 2 else f"{len(spelled)} times"
+        hint = _REPEAT_HINTS.get(name, "give it once")
+        raise click.UsageError(f"{name} given {times}; {hint}", ctx=ctx)
+
+
+class Command(click.Command):
+    """A runbook command: refuses repeated single-value options before click parses."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeats(self, args, ctx)
+        return super().parse_args(ctx, args)
+
+
+class Group(click.Group):
+    command_class = Command
 
 
 def friendly(fn: F) -> F:
@@ -172,7 +245,7 @@ def _exit_for(run: dict[str, Any]) -> None:
     sys.exit(0 if run["state"] == SUCCEEDED else 1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="runbook")
 def cli() -> None:
     """Production schema changes for Alembic projects, as queued, resumable jobs."""
@@ -397,6 +470,8 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
         if watch:
             _follow_backfill(run_id, target, as_json)
         click.echo(json.dumps(found, indent=2) if as_json else _backfill_line(found))
+        if not as_json:
+            click.echo(f"  {_statement(found)}")
         if not as_json and found["error"]:
             click.echo(f"  error: {found['error']}")
         return
@@ -425,6 +500,43 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
     out.print(table)
     if run["state"] in TERMINAL:
         _exit_for(run)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the targets as JSON.")
+@friendly
+def targets(as_json: bool) -> None:
+    """List the configured targets with their health; exit 1 when any is broken."""
+    found = api.targets()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        table = Table("target", "health", "database", "revision", "pending", "last run")
+        for row in found:
+            health = (
+                "ok"
+                if row["ok"]
+                else "broken config"
+                if row["config"] == "broken"
+                else "unreachable"
+                if row["reachable"] is False
+                else "error"
+            )
+            last = row["last_run"]
+            table.add_row(
+                row["name"],
+                health,
+                row["database"] or "",
+                (row["current_revision"] or "base") if row["ok"] else "",
+                "" if row["pending"] is None else str(len(row["pending"])),
+                f"{last['id']} {last['kind']} {last['state']}" if last else "",
+            )
+        out.print(table)
+        for row in found:
+            if row["error"]:
+                named = f"{row['name']!r}" in row["error"]
+                out.print(row["error"] if named else f"target {row['name']!r}: {row['error']}")
+    sys.exit(0 if all(row["ok"] for row in found) else 1)
 
 
 @cli.command()
@@ -498,7 +610,13 @@ def resume(run_id: str, target: str | None) -> None:
 @cli.command()
 @click.option("--target", "-t", help="Target name (default: the only one).")
 @click.option("--table", required=True, help="Table to update, e.g. large_table.")
-@click.option("--set", "set_sql", required=True, help="Assignments, e.g. \"col = 'v'\".")
+@click.option(
+    "--set",
+    "set_sql",
+    required=True,
+    multiple=True,
+    help='Assignments, e.g. "col = \'v\'" or "a = 1, b = 2" (repeatable: all of them apply).',
+)
 @click.option("--where", help='Only rows matching this condition, e.g. "col IS NULL".')
 @click.option("--key", help="Unique NOT NULL column to walk (default: the primary key).")
 @click.option("--batch-size", default=1000, show_default=True, type=int, help="First batch size.")
@@ -521,7 +639,7 @@ def resume(run_id: str, target: str | None) -> None:
 def backfill(
     target: str | None,
     table: str,
-    set_sql: str,
+    set_sql: tuple[str, ...],
     where: str | None,
     key: str | None,
     batch_size: int,
@@ -541,7 +659,7 @@ def backfill(
         on_error=on_error,
     )
     if dry_run:
-        report = api.dry_run_backfill(table, set_sql, **options)  # type: ignore[arg-type]
+        report = api.dry_run_backfill(table, list(set_sql), **options)  # type: ignore[arg-type]
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
@@ -549,13 +667,15 @@ def backfill(
             click.echo(
                 f"batch {number}: {sample['keys']} keys, {sample['rows']} rows, {sample['ms']} ms"
             )
+        where = f" WHERE {report['where']}" if report["where"] else ""
+        click.echo(f"UPDATE {report['table']} SET {report['set']}{where}")
         click.echo(
             f"{report['table']}: ~{report['table_rows']} rows, ~{report['rows_to_update']} to "
             f"update ({report['estimate']}); projected {_duration(report['projected_s'])} with "
             f"{report['slices']} slice(s). Rolled back: nothing changed."
         )
         return
-    backfill_id = api.enqueue_backfill(table, set_sql, **options)  # type: ignore[arg-type]
+    backfill_id = api.enqueue_backfill(table, list(set_sql), **options)  # type: ignore[arg-type]
     if wait:
         if not as_json:
             click.echo(backfill_id)

@@ -138,23 +138,38 @@ class Settings:
     result_backend: str
     queue: str
     source: str
+    # Targets whose entry is wrong, each with the one line that says what to fix. They are
+    # kept apart so that one typo stops only its own target, not every other one.
+    broken: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Every configured target's name, broken ones included, sorted."""
+        return sorted({*self.targets, *self.broken})
+
+    def require_any(self) -> None:
+        """Raise ConfigError when no target at all is configured."""
+        if not self.names:
+            raise ConfigError(
+                f"no targets are configured ({self.source}); add [targets.NAME] to "
+                "runbook.toml or set DATABASE_URL"
+            )
 
     def target(self, name: str | None) -> Target:
         """The named target, or the only / ``default`` one when no name is given."""
         if name is None:
-            if "default" in self.targets:
-                return self.targets["default"]
-            if len(self.targets) == 1:
-                return next(iter(self.targets.values()))
-            if not self.targets:
-                raise ConfigError(
-                    f"no targets are configured ({self.source}); add [targets.NAME] to "
-                    "runbook.toml or set DATABASE_URL"
-                )
-            names = ", ".join(sorted(self.targets))
-            raise ConfigError(f"several targets are configured ({names}); pass --target NAME")
+            self.require_any()
+            if "default" in self.names:
+                name = "default"
+            elif len(self.names) == 1:
+                name = self.names[0]
+            else:
+                names = ", ".join(self.names)
+                raise ConfigError(f"several targets are configured ({names}); pass --target NAME")
+        if name in self.broken:
+            raise ConfigError(self.broken[name])
         if name not in self.targets:
-            known = ", ".join(sorted(self.targets)) or "none"
+            known = ", ".join(self.names) or "none"
             raise UnknownTarget(
                 f"unknown target {name!r} (configured: {known}); add [targets.{name}] to "
                 "runbook.toml or pass one of those"
@@ -296,6 +311,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
     queue = os.environ.get("RUNBOOK_QUEUE", DEFAULT_QUEUE)
     targets: dict[str, Target] = {}
+    broken: dict[str, str] = {}
     unreadable = "; make it a readable file or point RUNBOOK_CONFIG at one"
     try:
         present = config_path.exists()
@@ -318,16 +334,29 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         if not isinstance(raw_targets, dict):
             raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]")
         for name, raw in raw_targets.items():
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{config_path}: [targets.{name}] must be a table")
-            targets[name] = _build_target(name, raw, config_path.parent.absolute())
+            try:
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"{config_path}: [targets.{name}] must be a table")
+                targets[name] = _build_target(name, raw, config_path.parent.absolute())
+            except ConfigError as exc:
+                broken[name] = str(exc)
         source = str(config_path)
     elif explicit:
         raise ConfigError(f"configuration file {config_path} does not exist (RUNBOOK_CONFIG)")
     else:
         source = "DATABASE_URL"
         if os.environ.get("DATABASE_URL"):
-            targets["default"] = _build_target("default", {"url_env": "DATABASE_URL"}, Path.cwd())
+            try:
+                targets["default"] = _build_target(
+                    "default", {"url_env": "DATABASE_URL"}, Path.cwd()
+                )
+            except ConfigError as exc:
+                broken["default"] = str(exc)
     return Settings(
-        targets=targets, broker_url=broker, result_backend=backend, queue=queue, source=source
+        targets=targets,
+        broker_url=broker,
+        result_backend=backend,
+        queue=queue,
+        source=source,
+        broken=broken,
     )

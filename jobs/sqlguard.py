@@ -46,7 +46,7 @@ Decisions:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pglast import ast, parse_sql
@@ -437,6 +437,16 @@ def assignments(text: str, what: str = "--set") -> list[tuple[str, str]]:
     if _assignments_once(render(pairs), what) != pairs:
         raise UnsafeSql(f"{what} does not render back to the same SQL: simplify it")
     return pairs
+
+
+def assignments_of(fragments: str | Sequence[str], what: str = "--set") -> list[tuple[str, str]]:
+    """Several ``--set`` fragments (each ``col = expr[, …]``), each checked alone and then
+    together, so that a column assigned in two of them is refused like one assigned twice."""
+    parts = [fragments] if isinstance(fragments, str) else list(fragments)
+    if not parts:
+        raise UnsafeSql(f"{what} is missing: give at least one assignment, e.g. \"col = 'v'\"")
+    pairs = [pair for part in parts for pair in assignments(part, what)]
+    return assignments(render(pairs), what)
 
 
 def _predicate_once(text: str, what: str) -> str:

@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_ready
 from celery.utils.saferepr import saferepr
 
-from jobs import backfill_runner
+from jobs import backfill_runner, refusals
 from jobs.config import load_settings, redact
 from jobs.coordinator import execute
 from jobs.errors import RunbookError
@@ -32,9 +33,11 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
         )
         return outcome.as_dict()
     except RunbookError as exc:
-        # Refused (unknown target, unknown run): nothing to retry, say why in the result.
+        # Refused (unknown or broken target, unknown run): nothing to retry, say why in the
+        # result, and where the CLI finds it to record it in the ledger.
         message = redact(str(exc))
         log.error("run %s on target %s refused: %s", run_id, target, message)
+        _keep_refusal(run_id, message)
         return {"run_id": run_id, "target": target, "state": "refused", "error": message}
 
 
@@ -75,7 +78,29 @@ def backfill_slice(
     except RunbookError as exc:
         message = redact(str(exc))
         log.error("backfill %s on target %s refused: %s", backfill_id, target, message)
+        _keep_refusal(backfill_id, message, slice=slice_no, generation=generation)
         return {"backfill_id": backfill_id, "target": target, "state": "refused", "error": message}
+
+
+def _keep_refusal(work_id: str, message: str, **where: Any) -> None:
+    try:
+        refusals.record(app.conf.result_backend, work_id, message, **where)
+    except Exception:  # logged above either way; the backend may be down too
+        log.exception("could not record the refusal of %s", work_id)
+
+
+@worker_ready.connect
+def _report_broken_targets(**_: Any) -> None:
+    """One line per broken target at start-up; the worker serves the others."""
+    try:
+        settings = load_settings()
+    except RunbookError as exc:  # the whole file is unreadable: every task will say so
+        log.error("configuration: %s", redact(str(exc)))
+        return
+    for name in sorted(settings.broken):
+        log.error("target %s is not served: %s", name, redact(settings.broken[name]))
+    if settings.targets:
+        log.info("serving targets: %s", ", ".join(sorted(settings.targets)))
 
 
 def slice_sender(queue: str) -> backfill_runner.SendSlice:

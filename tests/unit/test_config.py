@@ -112,6 +112,25 @@ def test_database_url_alone_defines_the_default_target(
 )
 def test_invalid_configuration_is_one_clear_error(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_settings(write(tmp_path, body))
+        load_settings(write(tmp_path, body)).target(None)  # a broken target fails when used
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_one_broken_target_leaves_the_others_usable(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    body = (
+        '[targets.good]\nurl = "postgresql://h/db"\n'
+        '[targets.typo]\nurl = "postgresql://h:99999/db"\n'
+        '[targets.envless]\nurl_env = "NOT_SET_HERE"\n'
+    )
+    settings = load_settings(write(tmp_path, body))
+    assert settings.target("good").url.database == "db"
+    assert settings.names == ["envless", "good", "typo"]
+    assert set(settings.broken) == {"typo", "envless"}
+    with pytest.raises(ConfigError, match="invalid port"):
+        settings.target("typo")
+    with pytest.raises(ConfigError, match="NOT_SET_HERE"):
+        settings.target("envless")
+    with pytest.raises(ConfigError, match="several targets are configured"):
+        settings.target(None)
