@@ -90,7 +90,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
                 f"backfill {backfill_id}", total=now["rows_total"] or None, detail=""
             )
             while True:
-                detail = _backfill_line(now).split(": ", 1)[1]
+                detail = _backfill_line(now).split(" ", 2)[2]  # "<state>: <rows> of ..."
                 bar.update(task, completed=now["rows_done"], detail=detail)
                 if now["state"] in BACKFILL_STOPS:
                     break

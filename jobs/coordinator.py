@@ -354,6 +354,8 @@ class Coordinator:
             self._end(step, st.STEP_FAILED, str(exc))
             raise StepFailed(str(exc)) from None
         self._end(step, st.STEP_SUCCEEDED, restore=done, checked=checked)
+        # The backup brought its own version table back: the record says where that left us.
+        ledger.update_run(self.conn, self.run, current_revision=self.project.current(self.conn))
 
     def upgrade(self, rev: Revision) -> None:
         step = self._begin("upgrade", rev.id)

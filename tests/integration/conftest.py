@@ -34,6 +34,8 @@ ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("RUNBOOK_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SESSION = uuid.uuid4().hex[:8]
+# The console script pip installed next to this interpreter ([project.scripts]).
+RUNBOOK = str(Path(sys.executable).parent / "runbook")
 QUEUE = f"runbook-test-{SESSION}"
 
 # The test process and the worker share these, set before worker.app is first imported.
@@ -175,26 +177,18 @@ class Worker:
             **env_overrides,
         }
         self.log = self.log_path.open("ab")
+        # As a user starts it: the installed command, its queue from RUNBOOK_QUEUE and its
+        # default log level; Celery's own options pass through.
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
+                RUNBOOK,
                 "worker",
-                "-Q",
-                QUEUE,
                 "-c",
                 str(concurrency),
                 "--pool",
                 "prefork",
-                "--loglevel",
-                "INFO",
                 "-n",
                 f"test-{SESSION}-{uuid.uuid4().hex[:4]}@%h",
-                "--without-mingle",
-                "--without-gossip",
             ],
             cwd=REPO,
             env=env,
@@ -314,9 +308,9 @@ def runbook_cli(
     timeout: float = 180,
     prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `runbook` command as a user would (under ``prefix``, e.g. setpriv)."""
+    """Run the installed `runbook` command as a user would (under ``prefix``, e.g. setpriv)."""
     return subprocess.run(
-        [*(prefix or []), sys.executable, "-m", "jobs.cli", *args],
+        [*(prefix or []), RUNBOOK, *args],
         cwd=REPO,
         env=dict(os.environ, **(env or {})),
         capture_output=True,

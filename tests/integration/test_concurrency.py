@@ -8,7 +8,6 @@ still going while the test looks, and provably overlapping another, without fixe
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from jobs import api
 from tests.integration.conftest import (
     REPO,
+    RUNBOOK,
     Config,
     Databases,
     Worker,
@@ -96,7 +96,7 @@ def test_five_applies_at_once_admit_exactly_one(
     # Five `runbook apply` processes started together, as five CI jobs or operators would.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "apply", "--target", name],
+            [RUNBOOK, "apply", "--target", name],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

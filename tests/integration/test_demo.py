@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import ADMIN_URL, REDIS_URL, admin_exec, query
+from tests.integration.conftest import ADMIN_URL, REDIS_URL, RUNBOOK, admin_exec, query
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ def run_demo(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
     base.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "demo"],
+        [RUNBOOK, "demo"],
         cwd=cwd,
         env=base,
         capture_output=True,

@@ -204,6 +204,17 @@ def test_operator_rollback_refuses_data_loss_then_keeps_it_in_a_verified_backup(
     assert run["backup"]["id"] in [b["id"] for b in listed]
     assert {"id", "run", "taken_at", "size", "sha256", "verified"} <= set(listed[0])
 
+    # The whole database back to that backup, taken at head: the record says the database is
+    # at head now, as its version table does, in the summary and in status.
+    whole = runbook_cli("restore", "--target", name, "--backup", run["backup"]["id"], "--wait")
+    assert whole.returncode == 0, whole.stderr
+    (version,) = query(dbname, "SELECT version_num FROM alembic_version")[0]
+    assert version == "e3f4g5h6i7j8"
+    assert f"y7z8a9b0c1d2 -> e3f4g5h6i7j8 (now at {version})" in whole.stderr, whole.stderr
+    restored_id = whole.stdout.strip()
+    shown = json.loads(runbook_cli("status", restored_id, "--json").stdout)
+    assert shown["current_revision"] == version
+
 
 def test_restore_refuses_unknown_missing_corrupt_and_foreign_tables(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
