@@ -38,7 +38,7 @@ from tests.integration.conftest import (
     Config,
     PrivatePostgres,
     Worker,
-    _missing,
+    missing,
     runbook_cli,
 )
 from tests.projects import Rev, write_project
@@ -81,7 +81,7 @@ class PrivateRedis:
     def __init__(self, root: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            _missing("no redis-server binary to start a private Redis")
+            missing("no redis-server binary to start a private Redis")
         self.binary = str(binary)
         self.root = root
         self.port = free_port()

@@ -33,6 +33,7 @@ from tests.integration.conftest import (
     PrivatePostgres,
     Worker,
     db_url,
+    missing,
     query,
     runbook_cli,
 )
@@ -472,7 +473,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     prefix: list[str] = []
     if case.no_dac and os.geteuid() == 0:
         if not shutil.which("setpriv"):
-            pytest.skip("root reads any file; setpriv (util-linux) is needed to drop that power")
+            missing("root reads any file; setpriv (util-linux) is needed to drop that power")
         prefix = NO_DAC
     dbname = databases.create()
     ini = write_project(tmp_path / "project", REVS)

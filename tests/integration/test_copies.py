@@ -18,7 +18,7 @@ import pytest
 
 from jobs import copies
 from jobs.errors import BackupError
-from tests.integration.conftest import _missing
+from tests.integration.conftest import missing
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         import moto.server  # noqa: F401
     except ImportError:
-        _missing("moto is not installed; pip install 'moto[server]'")
+        missing("moto is not installed; pip install 'moto[server]'")
     port = _free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     proc = subprocess.Popen(
@@ -56,7 +56,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                _missing(f"moto's S3 server did not start on port {port}")
+                missing(f"moto's S3 server did not start on port {port}")
             time.sleep(0.1)
     yield url
     proc.terminate()

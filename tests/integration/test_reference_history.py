@@ -26,6 +26,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from psycopg2.extensions import connection as PgConnection
 
+from tests.integration.conftest import missing
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,10 +70,7 @@ def admin() -> Iterator[PgConnection]:
     try:
         conn = psycopg2.connect(ADMIN_URL, connect_timeout=3)
     except psycopg2.OperationalError as exc:
-        message = f"PostgreSQL unreachable at {ADMIN_URL}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"PostgreSQL unreachable at {ADMIN_URL}: {exc}")
     conn.autocommit = True
     yield conn
     conn.close()
@@ -353,7 +352,7 @@ def test_nullable_staff_id_downgrade_refuses_to_delete_audit_history(
 def test_offline_sql_applies_with_psql(database: str, db: PgConnection) -> None:
     psql = shutil.which("psql")
     if psql is None:
-        pytest.skip("psql not installed")
+        missing("psql not installed")
 
     def apply(revisions: str) -> None:
         sql = alembic(None, "upgrade", revisions, "--sql").stdout
