@@ -39,8 +39,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The wheel `pip install .` builds (with this environment's setuptools), installed there.
     wheels = venv.parent / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
-        + ["-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"] + ["-w", str(wheels), str(REPO)],
         check=True,
         capture_output=True,
         cwd=venv.parent,
