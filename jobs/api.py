@@ -466,8 +466,8 @@ def settle_refusal(settings: Settings, t: Target, run: Run) -> Run:
     if run.state != ENQUEUED:
         return run
     found = _refusal(settings, run.id)
-    if found is None:
-        return run
+    if found is None or found.get("target") != run.target:
+        return run  # a message naming another target says nothing about this run
     with db.connect(t) as conn:
         ledger.transition(conn, run, FAILED, error=f"a worker refused the run: {found['error']}")
         refusals.forget(settings.result_backend, run.id)
@@ -478,7 +478,8 @@ def _settle_refused_backfill(settings: Settings, conn: Connection, backfill_id: 
     """The same for a backfill: the refused slice is stopped and the backfill errored, unless
     a newer generation took the slice over since (jobs/backfill.py ``abandon`` fences)."""
     found = _refusal(settings, backfill_id)
-    if found is None:
+    bf = ledger.get_backfill(conn, backfill_id)
+    if found is None or bf is None or found.get("target") != bf.target:
         return
     backfill.abandon(
         conn,

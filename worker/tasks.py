@@ -37,7 +37,7 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
         # result, and where the CLI finds it to record it in the ledger.
         message = redact(str(exc))
         log.error("run %s on target %s refused: %s", run_id, target, message)
-        _keep_refusal(run_id, message)
+        _keep_refusal(run_id, message, target=target)
         return {"run_id": run_id, "target": target, "state": "refused", "error": message}
 
 
@@ -78,7 +78,7 @@ def backfill_slice(
     except RunbookError as exc:
         message = redact(str(exc))
         log.error("backfill %s on target %s refused: %s", backfill_id, target, message)
-        _keep_refusal(backfill_id, message, slice=slice_no, generation=generation)
+        _keep_refusal(backfill_id, message, target=target, slice=slice_no, generation=generation)
         return {"backfill_id": backfill_id, "target": target, "state": "refused", "error": message}
 
 
