@@ -28,6 +28,8 @@ import psycopg2
 import pytest
 import redis as redis_lib
 
+from tests.projects import Rev as _Rev
+
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get(
     "RUNBOOK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -252,6 +254,50 @@ def project_target(
         **options,
     )
     return name, dbname
+
+
+# Waits for a row in `gate` (0.05 s a look, 2400 looks at most), then goes on.
+GATED: list[Any] = [
+    _Rev(
+        "g1",
+        'op.execute("DO $$ BEGIN FOR i IN 1..2400 LOOP EXIT WHEN EXISTS (SELECT 1 FROM gate); '
+        'PERFORM pg_sleep(0.05); END LOOP; END $$")\n'
+        "op.execute('CREATE TABLE gated (id int PRIMARY KEY)')",
+        "op.execute('DROP TABLE gated')",
+    ),
+]
+
+
+def gated_target(
+    config: Config, databases: Databases, tmp_path: Path, **options: object
+) -> tuple[str, str]:
+    """A target whose run waits in its upgrade until ``open_gate``; (name, database)."""
+    name, dbname = project_target(config, databases, tmp_path, GATED, backup=False, **options)
+    query(dbname, "CREATE TABLE gate (opened_at timestamptz NOT NULL DEFAULT now())")
+    return name, dbname
+
+
+def open_gate(dbname: str) -> None:
+    query(dbname, "INSERT INTO gate DEFAULT VALUES")
+
+
+def until(what: str, check: Any, timeout_s: float) -> Any:
+    """Poll ``check`` until it returns something true; fail at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out ({timeout_s:.0f}s) waiting for {what}")
+        time.sleep(0.1)
+
+
+def upgrade_running(run_id: str, target: str) -> bool:
+    from jobs import api
+
+    steps = api.status(run_id, target)["steps"]
+    return any(s["kind"] == "upgrade" and s["state"] == "running" for s in steps)
 
 
 def query(dbname: str, sql: str) -> list[tuple[Any, ...]]:

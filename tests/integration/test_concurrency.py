@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
 from jobs import api
+from jobs.db import ADMISSION_LOCK_KEY
 from tests.integration.conftest import (
     REPO,
     RUNBOOK,
@@ -25,51 +26,14 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
-    project_target,
+    gated_target,
+    open_gate,
     query,
+    until,
+    upgrade_running,
 )
-from tests.projects import Rev
 
 pytestmark = pytest.mark.integration
-
-# Waits for a row in `gate` (0.05 s a look, 2400 looks at most), then goes on.
-GATED = [
-    Rev(
-        "g1",
-        'op.execute("DO $$ BEGIN FOR i IN 1..2400 LOOP EXIT WHEN EXISTS (SELECT 1 FROM gate); '
-        'PERFORM pg_sleep(0.05); END LOOP; END $$")\n'
-        "op.execute('CREATE TABLE gated (id int PRIMARY KEY)')",
-        "op.execute('DROP TABLE gated')",
-    ),
-]
-
-
-def gated_target(config: Config, databases: Databases, tmp_path: Path) -> tuple[str, str]:
-    """A target whose run waits in its upgrade until ``open_gate``; (name, database)."""
-    name, dbname = project_target(config, databases, tmp_path, GATED, backup=False)
-    query(dbname, "CREATE TABLE gate (opened_at timestamptz NOT NULL DEFAULT now())")
-    return name, dbname
-
-
-def open_gate(dbname: str) -> None:
-    query(dbname, "INSERT INTO gate DEFAULT VALUES")
-
-
-def until(what: str, check: Any, timeout_s: float) -> Any:
-    """Poll ``check`` until it returns something true; fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out ({timeout_s:.0f}s) waiting for {what}")
-        time.sleep(0.1)
-
-
-def upgrade_running(run_id: str, target: str) -> bool:
-    steps = api.status(run_id, target)["steps"]
-    return any(s["kind"] == "upgrade" and s["state"] == "running" for s in steps)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +56,13 @@ def pool_pids(w: Worker) -> set[str]:
 def test_five_applies_at_once_admit_exactly_one(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    name, dbname = gated_target(config, databases, tmp_path)
+    # Admission waits on the admission lock up to lock_timeout: long enough here for the test
+    # to hold it until all five have arrived.
+    name, dbname = gated_target(config, databases, tmp_path, lock_timeout="60s")
+    holder = psycopg2.connect(db_url(dbname))
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (ADMISSION_LOCK_KEY,))
     # Five `runbook apply` processes started together, as five CI jobs or operators would.
     procs = [
         subprocess.Popen(
@@ -106,10 +76,24 @@ def test_five_applies_at_once_admit_exactly_one(
     ]
     results = []
     try:
+        # All five wait at the admission lock the test holds: they arrive together, whatever
+        # their start-up took. Then the test lets them in.
+        def waiting() -> bool:
+            rows = query(
+                dbname,
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            return rows[0][0] == 5
+
+        until("five applies waiting at admission", waiting, 60)
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (ADMISSION_LOCK_KEY,))
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=120)
             results.append((proc.returncode, stdout, stderr))
     finally:
+        holder.close()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()

@@ -16,14 +16,19 @@ import pytest
 from jobs import api
 from jobs.config import load_settings
 from tests.integration.conftest import (
+    QUEUE,
     Config,
     Databases,
     Worker,
     db_url,
+    gated_target,
+    open_gate,
     project_target,
     query,
     runbook_cli,
     schema_dump,
+    until,
+    upgrade_running,
 )
 from tests.projects import ENV_PY_OWN_ENGINE, Rev, write_project
 
@@ -257,27 +262,31 @@ def test_lock_timeout_is_retried_and_a_second_apply_is_refused(
 def test_duplicate_delivery_does_nothing_twice(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    target, dbname = project_target(config, databases, tmp_path, GOOD, backup=False)
+    from worker.app import app
+
+    # The run waits at its gate while the duplicates are delivered: they overlap it.
+    target, dbname = gated_target(config, databases, tmp_path)
     run_id = api.enqueue(target)
     assert run_id
-    settings = load_settings()
-    threads = [
-        threading.Thread(target=api._send, args=(settings, run_id, settings.target(target)))
-        for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    until("the gated upgrade to run", lambda: upgrade_running(run_id, target), 60)
+    for _ in range(2):
+        duplicate = app.send_task("runbook.execute_run", args=[run_id, target], queue=QUEUE)
+        outcome = duplicate.get(timeout=60)
+        assert outcome["note"] == "another delivery holds the run", outcome
+        assert outcome["state"] == "running"
+    assert query(dbname, "SELECT count(*) FROM gate") == [(0,)]  # still gated: they overlapped
+    open_gate(dbname)
     run = api.wait(run_id, target, timeout_s=60)
     assert run["state"] == "succeeded"
-    time.sleep(1.5)  # let the extra deliveries finish
-    run = api.status(run_id, target)
-    assert [s["attempts"] for s in run["steps"]] == [1] * 7  # preflight, then 3 x up + verify
-    assert len(run["steps"]) == 7
+    assert [(s["kind"], s["attempts"]) for s in run["steps"]] == [
+        ("preflight", 1),
+        ("upgrade", 1),
+        ("verify", 1),
+    ]
+    assert run["deliveries"] == 1  # only the first delivery carried the run
     # A delivery after the end finds the run finished and changes nothing.
-    api._send(settings, run_id, settings.target(target))
-    time.sleep(1.0)
+    late = app.send_task("runbook.execute_run", args=[run_id, target], queue=QUEUE)
+    assert late.get(timeout=60)["note"] == "already finished"
     assert api.status(run_id, target)["steps"] == run["steps"]
     resume = runbook_cli("resume", run_id)
     assert resume.returncode == 2 and "already ended (succeeded)" in resume.stderr
