@@ -542,7 +542,7 @@ def start(conn: Connection, backfill_id: str, *, resume: bool = False) -> list[t
     Without ``resume`` (a start, a reconciler's takeover) a pending pause or cancel stays;
     with it (the operator's resume) a paused or errored backfill runs again.
     """
-    slices = ledger.claim(conn, backfill_id, RESUME if resume else CLAIM)
+    slices = ledger.claim(conn, backfill_id, RESUME if resume else CLAIM, fresh=resume)
     if slices is None:
         raise UnknownBackfill(f"unknown backfill {backfill_id!r}; `runbook backfills` lists them")
     return slices

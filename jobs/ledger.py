@@ -1067,10 +1067,11 @@ def recent_rate(conn: Connection, backfill_id: str, window_s: int = 60) -> tuple
 
 
 def claim(
-    conn: Connection, backfill_id: str, after_claim: dict[str, str]
+    conn: Connection, backfill_id: str, after_claim: dict[str, str], *, fresh: bool = False
 ) -> list[tuple[int, int]] | None:
     """Take a backfill over: every slice not done gets a new generation, fencing every earlier
-    worker, and is active again. Commits.
+    worker, and is active again. Commits. ``fresh`` (an operator's resume) also forgets the
+    deliveries that died: a takeover keeps counting them, so that a poison slice still stops.
 
     ``after_claim`` maps each claimable state to the state the claim leaves (a pause or a
     cancel asked for stays asked for). [(slice, generation)] of the slices to walk; None for
@@ -1099,10 +1100,11 @@ def claim(
         rows = conn.execute(
             text(
                 f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
-                f"state = '{SLICE_ACTIVE}', updated_at = now() "
+                f"state = '{SLICE_ACTIVE}', updated_at = now(), "
+                "unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END "
                 f"WHERE backfill_id = :id AND state <> '{SLICE_DONE}' RETURNING slice, generation"
             ),
-            {"id": backfill_id},
+            {"id": backfill_id, "fresh": fresh},
         ).all()
     return sorted((int(r.slice), int(r.generation)) for r in rows)
 

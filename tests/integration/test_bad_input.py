@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import redis as redis_lib
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from sqlalchemy.engine import make_url
 
 from jobs import api, db, ledger
 from jobs.config import load_settings
@@ -447,11 +449,13 @@ def _file(tmp: Path) -> Path:
     return path
 
 
-def snapshot(dbname: str) -> str:
-    """The whole database, schema and rows, the ledger's included (alembic_version too)."""
-    out = subprocess.run(
-        ["pg_dump", "-d", db_url(dbname)], capture_output=True, text=True, check=True
-    ).stdout
+def snapshot(dbname: str, pg: PrivatePostgres | None = None) -> str:
+    """The whole database, schema and rows, the ledger's included (alembic_version too); on
+    the private server ``pg`` when given."""
+    where = ["-d", db_url(dbname)]
+    if pg is not None:
+        where = ["-h", str(pg.root), "-p", str(pg.port), "-U", "postgres", "-d", dbname]
+    out = subprocess.run(["pg_dump", *where], capture_output=True, text=True, check=True).stdout
     # pg_dump 15.14+ brackets its output with \\restrict lines holding a random key.
     skip = ("--", "\\restrict", "\\unrestrict")
     return "\n".join(line for line in out.splitlines() if not line.startswith(skip))
@@ -485,13 +489,22 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
         "backup_dir": str(tmp_path / "backups"),
     }
     options.update(case.options(tmp_path))
+    named: list[tuple[str, PrivatePostgres | None]] = [(dbname, None)]
     if case.private_pg:
-        options.update(case.private_pg(request.getfixturevalue("private_pg")))
+        pg = request.getfixturevalue("private_pg")
+        options.update(case.private_pg(pg))
+        named.append((make_url(str(options["url"])).database or "", pg))  # the bad URL's own
     config = tmp_path / "runbook.toml"
     config.write_text(case.raw_config(tmp_path) if case.raw_config else toml({"x": options}))
     subs = {"tmp": str(tmp_path), **(case.setup(config) if case.setup else {})}
-    before = snapshot(dbname)
-    env = {"RUNBOOK_CONFIG": str(config), **{k: v.format(**subs) for k, v in case.env.items()}}
+    before = [snapshot(name, pg) for name, pg in named]
+    # A queue of the case's own, which no worker reads: whatever the CLI sent stays in it.
+    queue = f"bad-input-{uuid.uuid4().hex[:8]}"
+    env = {
+        "RUNBOOK_CONFIG": str(config),
+        "RUNBOOK_QUEUE": queue,
+        **{k: v.format(**subs) for k, v in case.env.items()},
+    }
     args = [a.format(**subs) for a in case.args]
 
     result = runbook_cli(*args, env=env, timeout=60, prefix=prefix)
@@ -504,7 +517,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
     assert "Traceback" not in result.stderr + result.stdout
     assert WRONG_PASSWORD not in result.stderr
     assert result.stdout == ""
-    assert snapshot(dbname) == before  # the ledger too (or its absence): nothing was recorded
+    # The ledger too (or its absence): nothing was recorded, in any database named.
+    assert [snapshot(name, pg) for name, pg in named] == before
+    assert redis_lib.Redis.from_url(REDIS_URL).llen(queue) == 0, "a message was sent"
 
 
 def test_worker_meeting_bad_configuration_fails_the_run_with_the_same_line(
@@ -534,6 +549,31 @@ def test_worker_meeting_bad_configuration_fails_the_run_with_the_same_line(
     assert f"runbook: error: {run['error']}\n" == cli.stderr
     assert run["steps"] == []
     redis_lib.Redis.from_url(REDIS_URL).delete(parked.queue)
+
+
+def test_a_malformed_entry_in_the_workers_configuration_stops_only_its_own_target(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    dbname = databases.create()
+    ini = write_project(tmp_path / "project", REVS)
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), alembic_ini=str(ini), backup_dir=str(tmp_path / "b"))
+    # The shared configuration, which the running worker re-reads, gains a malformed entry.
+    broken = f"broken_{dbname}"
+    config.add(broken, url="postgresql://u@127.0.0.1:notaport/db")
+    try:
+        result = runbook_cli("apply", "--target", name, "--wait")
+        assert result.returncode == 0, result.stderr
+        assert query(dbname, "SELECT version_num FROM alembic_version") == [("a3",)]
+        refused = runbook_cli("apply", "--target", broken)
+        assert refused.returncode == 2
+        assert refused.stderr == (
+            f"runbook: error: target {broken!r}: url is malformed "
+            "(expected postgresql://user:password@host:port/dbname)\n"
+        )
+    finally:
+        del config.targets[broken]
+        config.write()
 
 
 def test_cancel_an_enqueued_run_frees_the_target(

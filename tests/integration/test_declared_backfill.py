@@ -266,13 +266,19 @@ def test_a_bad_declaration_is_refused_by_plan_and_apply_before_anything_changes(
     assert plan.returncode == 2 and message in plan.stderr
     assert len(plan.stderr.strip().splitlines()) == 1
 
+    # Refused when enqueued: one line, exit 2, and no run recorded (the ledger may not even
+    # exist yet).
     apply = runbook_cli("apply", "--target", name, "--wait", "--json")
-    if apply.returncode == 2:  # refused when enqueued
-        assert message in apply.stderr
-    else:  # or by the run's preflight, before any backup or upgrade
-        run = json.loads(apply.stdout)
-        assert run["state"] == "failed" and run["error"].startswith(message)
-        assert [(s["kind"], s["state"]) for s in run["steps"]] == [("preflight", "failed")]
+    assert apply.returncode == 2, apply.stdout + apply.stderr
+    assert apply.stderr == f"runbook: error: {message}\n" or (
+        apply.stderr.startswith("runbook: error: ")
+        and message in apply.stderr
+        and apply.stderr.count("\n") == 1
+    ), apply.stderr
+    assert apply.stdout == ""
+    ledger = query(dbname, "SELECT to_regclass('runbook.runs')::text")[0][0]
+    if ledger is not None:
+        assert query(dbname, "SELECT count(*) FROM runbook.runs") == [(0,)]
     assert schema_dump(dbname) == before
 
 

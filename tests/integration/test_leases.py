@@ -4,6 +4,10 @@ without a person; a poison run stops after a bounded number of deliveries."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from tests.integration.conftest import (
     db_url,
     project_target,
     query,
+    runbook_cli,
 )
 from tests.projects import Rev
 
@@ -39,6 +44,13 @@ def reconciling_worker(
     w.start(concurrency=1, RUNBOOK_RECONCILE_S="1", RUNBOOK_LEASE_S=str(LEASE_S))
     yield w
     w.stop()
+
+
+def pool_pids(w: Worker) -> list[str]:
+    """The worker's pool processes (children of its main process)."""
+    assert w.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True)
+    return out.stdout.split()
 
 
 def wait_state(run_id: str, name: str, states: set[str], timeout_s: float = 60) -> dict:
@@ -160,3 +172,55 @@ def test_a_slice_that_keeps_dying_errors_the_backfill(config: Config, databases:
     assert "started 5 times in a row" in result["error"]
     assert query(dbname, "SELECT max(counter) FROM items") == [(0,)]
     engine.dispose()
+
+
+def test_a_slice_whose_worker_keeps_dying_errors_the_backfill_on_a_real_worker(
+    worker: Worker, config: Config, databases: Databases
+) -> None:
+    dbname = databases.create()
+    query(
+        dbname,
+        "CREATE TABLE items (id int PRIMARY KEY, counter int NOT NULL DEFAULT 0); "
+        "INSERT INTO items (id) SELECT generate_series(1, 2000); "
+        "CREATE FUNCTION slow_one() RETURNS int LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(0.002)'",
+    )
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), backup=False)
+    backfill_id = api.enqueue_backfill(
+        "items", "counter = counter + slow_one()", target=name, batch_size=100
+    )
+
+    def unfinished() -> int:
+        rows = query(dbname, "SELECT unfinished FROM runbook.backfill_slices")
+        return int(rows[0][0])
+
+    # Each time a delivery of the slice has started, its worker process is killed (as an OOM
+    # kill would), before the delivery returns.
+    killed = 0
+    deadline = time.monotonic() + 120
+    while api.backfill_status(backfill_id, name)["state"] == "running":
+        assert time.monotonic() < deadline, api.backfill_status(backfill_id, name)
+        if unfinished() > killed:
+            for pid in pool_pids(worker):
+                os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+        time.sleep(0.05)
+    done = api.backfill_status(backfill_id, name)
+    assert done["state"] == "errored", done
+    assert f"started {lease.MAX_UNFINISHED} times in a row" in done["error"], done["error"]
+    # Five deliveries died; the sixth found that out and stopped the slice (the loop may have
+    # killed that one too, once it had said so).
+    assert killed in {lease.MAX_UNFINISHED, lease.MAX_UNFINISHED + 1}, killed
+    assert done["rows_done"] < 2000
+    assert worker.proc is not None and worker.proc.poll() is None  # the worker lives on
+    # Resume continues from the checkpoint once the slice is no longer being killed.
+    assert runbook_cli("resume", backfill_id).returncode == 0
+    deadline = time.monotonic() + 120
+    while api.backfill_status(backfill_id, name)["state"] != "succeeded":
+        now = api.backfill_status(backfill_id, name)
+        assert time.monotonic() < deadline, (
+            json.dumps(now, default=str),
+            query(dbname, "SELECT row_to_json(s)::text FROM runbook.backfill_slices s"),
+        )
+        time.sleep(0.2)
+    assert query(dbname, "SELECT min(counter), max(counter) FROM items") == [(1, 1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg2
@@ -13,7 +14,7 @@ import pytest
 from jobs import db, plan
 from jobs.config import Target, normalize_url
 from jobs.migrate import Project
-from tests.integration.conftest import REPO, Databases, db_url
+from tests.integration.conftest import REPO, Databases, db_url, query
 from tests.projects import Rev, write_project
 
 pytestmark = pytest.mark.integration
@@ -238,7 +239,18 @@ def test_a_locked_table_leaves_its_size_unknown_instead_of_waiting(at_base: Targ
     try:
         with holder.cursor() as cur:
             cur.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
         (orders,) = entry(build(target, to="p2_index"), "p2_index")["tables"]
+        # It gave up at its lock_timeout (200 ms) instead of queueing behind the holder for as
+        # long as it holds (the whole test): a bound far below that, far above 200 ms.
+        assert time.monotonic() - started < 5
+        # ... and left no session of its own holding a transaction open.
+        idle = query(
+            at_base.url.database or "",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'runbook%' AND state LIKE 'idle in transaction%'",
+        )
+        assert idle == [(0,)]
     finally:
         holder.rollback()
         holder.close()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -16,7 +20,9 @@ from tests.integration.conftest import (
     Databases,
     Worker,
     db_url,
+    missing,
     project_target,
+    runbook_cli,
     schema_dump,
 )
 from tests.projects import Rev
@@ -110,3 +116,40 @@ def test_invalid_index_and_full_disk_are_refused(
             c, target, Project(target), "q1", "q2", ["queue"], backup=False
         )
     assert checked["tables"] == ["queue"] and checked["waited_s"] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs), for a backup directory that a database outgrows."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        missing(f"cannot mount a tmpfs (root is needed): {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_full_backup_disk_fails_the_run_in_preflight_on_a_real_worker(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path, small_disk: Path
+) -> None:
+    name, dbname = setup(config, databases, tmp_path)
+    # Even an empty database (about 7 MiB) outgrows the 1 MiB disk.
+    config.add(name, **{**config.targets[name], "backup_dir": str(small_disk / "backups")})
+    before = schema_dump(dbname)
+    result = runbook_cli("apply", "--target", name, "--wait", "--json")
+    assert result.returncode == 1, result.stderr
+    run = json.loads(result.stdout)
+    assert run["state"] == "failed"
+    assert re.match(
+        rf"backup_dir {small_disk / 'backups'} has [01] MiB free, less than the database's "
+        r"\d+ MiB; free space or set backup_dir",
+        run["error"],
+    ), run["error"]
+    assert [(s["kind"], s["state"]) for s in run["steps"]] == [("preflight", "failed")]
+    assert schema_dump(dbname) == before
+    assert list((small_disk / "backups").iterdir()) == []  # no partial dump either
