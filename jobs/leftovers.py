@@ -177,7 +177,9 @@ def _judge(conn: Connection, target: Target, holder: Owner | None) -> list[Lefto
         elif holder is not None and holder != Owner(run.id, item.delivery):
             why = f"its delivery of run {run.id} is over (this delivery holds the run lock)"
         elif lock_free:
-            why = f"no worker holds the run lock of {target.name}: run {run.id} is not being worked"
+            why = (
+                f"no worker holds the run lock of {target.name} (run {run.id} is not being worked)"
+            )
         else:
             continue  # it may be in use right now
         found.append(Leftover(item.kind, item.name, item.run_id, item.delivery, why))

@@ -98,6 +98,7 @@ def rehearse(
     path: list[Any] = []
     leftovers.before_making(target, owner)
     with snapshot.scratch_copy(target, backup, owner=owner) as scratch:
+        scratch_db = str(scratch.url.database)
         project = Project(scratch)
         try:
             with db.connect(scratch) as conn:
@@ -149,4 +150,5 @@ def rehearse(
         "irreversible": {r["revision"]: r["down_error"] for r in results if r.get("down_error")},
         "upgrades_failed": failed,
         "complete": not failed and len(results) == len(path),
+        "scratch_database": scratch_db,  # dropped by now
     }

@@ -230,6 +230,10 @@ def dump_with_stats(
     return {"tables": tables, "snapshot": snapshot}
 
 
+def _scratch_name(target: Target, owner: Owner | None, purpose: str) -> str:
+    return scratch_name(target, owner, purpose)
+
+
 def _create_scratch(target: Target, name: str) -> None:
     """CREATE DATABASE ``name`` with the target database's encoding and locale."""
     server = f"{target.url.host or 'localhost'}:{target.url.port or 5432}"
@@ -358,7 +362,7 @@ def verify_by_restore(
     tables: Mapping[str, TableStats] = (
         expected["tables"] if "tables" in expected and "snapshot" in expected else expected
     )
-    scratch = scratch_name(target, owner, "v")
+    scratch = _scratch_name(target, owner, "v")
     _create_scratch(target, scratch)
     try:
         _restore(target, path, scratch)
@@ -386,7 +390,7 @@ def scratch_copy(target: Target, path: Path, *, owner: Owner | None = None) -> I
 
     The target itself is never touched: this is where a rehearsal runs the migrations.
     """
-    scratch = scratch_name(target, owner, "r")
+    scratch = _scratch_name(target, owner, "r")
     _create_scratch(target, scratch)
     try:
         _restore(target, path, scratch)
