@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jobs.config import Target, redact
 from jobs.errors import BackupError
+from jobs.leftovers import partial_path
 
 
 def libpq_env(target: Target) -> dict[str, str]:
@@ -129,15 +130,28 @@ def archive_tables(target: Target, path: Path) -> set[str]:
     return found
 
 
-def new_backup_file(target: Target, run_id: str) -> tuple[Path, str]:
-    """Create the run's empty backup file, mode 0600, in backup_dir; its path and time."""
+def new_backup_file(
+    target: Target, run_id: str, delivery: int | None = None
+) -> tuple[Path, Path, str]:
+    """Create the run's empty backup file, mode 0600, in backup_dir, under its partial name
+    (jobs/leftovers.py) until ``finish_backup_file``; (partial path, final path, time)."""
     _check_dir_writable(target)
     now = datetime.now(UTC)
-    path = target.backup_dir / f"{target.name}-{now.strftime('%Y%m%dT%H%M%SZ')}-{run_id}.dump"
+    final = target.backup_dir / f"{target.name}-{now.strftime('%Y%m%dT%H%M%SZ')}-{run_id}.dump"
+    path = partial_path(final, delivery)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
         raise BackupError(f"cannot create {path} ({exc.strerror}); check backup_dir") from None
     os.fchmod(fd, 0o600)
     os.close(fd)
-    return path, now.isoformat()
+    return path, final, now.isoformat()
+
+
+def finish_backup_file(partial: Path, final: Path) -> None:
+    """Give a complete, proven dump its backup name (atomically: a file under the final name
+    is always whole)."""
+    try:
+        os.replace(partial, final)
+    except OSError as exc:
+        raise BackupError(f"cannot rename {partial} to {final} ({exc.strerror})") from None

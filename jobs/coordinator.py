@@ -30,6 +30,7 @@ from jobs import (
     hooks,
     lease,
     ledger,
+    leftovers,
     plan,
     preflight,
     restore,
@@ -268,7 +269,12 @@ class Coordinator:
         try:
             assert latest is not None
             backup = vault.usable_backup(self.conn, self.target, latest.id)
-            result = rehearsal.rehearse(self.target, Path(backup.path), run.to_revision)
+            result = rehearsal.rehearse(
+                self.target,
+                Path(backup.path),
+                run.to_revision,
+                owner=leftovers.Owner(run.id, run.deliveries),
+            )
         except RunbookError as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise StepFailed(str(exc)) from None
@@ -314,7 +320,7 @@ class Coordinator:
             return
         try:
             revision = self.project.current(self.conn)
-            info = vault.take_backup(self.target, self.run.id)
+            info = vault.take_backup(self.target, self.run.id, delivery=self.run.deliveries)
             ledger.record_backup(
                 self.conn, info.ledger_row(self.target.name, self.run.id, revision)
             )

@@ -432,6 +432,28 @@ def _progress(started: float, titles: dict[str, str]) -> Callable[[dict[str, Any
     return show
 
 
+def verification_words(verification: dict[str, Any]) -> str:
+    """How a backup was proven, as a sentence (the ledger keeps the structure)."""
+    parts = []
+    if verification.get("list"):
+        parts.append(str(verification["list"]))
+    restore = verification.get("restore")
+    if isinstance(restore, dict):
+        tables, rows = int(restore.get("tables", 0)), int(restore.get("rows", 0))
+        checked = int(restore.get("checksummed", 0))
+        said = (
+            f"a trial restore into a scratch database held the same {tables} "
+            f"table{'s' if tables != 1 else ''} and {rows:,} row{'s' if rows != 1 else ''} "
+            "as the snapshot"
+        )
+        if checked:
+            said += f", content checksums of {checked} table{'s' if checked != 1 else ''} equal"
+        parts.append(said)
+    elif restore:
+        parts.append(f"trial restore {restore}")
+    return ("verified: " + "; ".join(parts)) if parts else "not verified"
+
+
 def _summary(
     run: dict[str, Any], dbname: str, url: URL, elapsed: float, counts: tuple[int, int] | None
 ) -> None:
@@ -458,7 +480,7 @@ def _summary(
         row("backup", escape(str(backup["path"])))
         row("", f"{backup['size']:,} bytes, sha256 {backup['sha256']}")
         if backup.get("verification"):
-            row("", escape(str(backup["verification"])))
+            row("", escape(verification_words(backup["verification"])))
     else:
         row("backup", "none")
     if counts is not None:

@@ -4,7 +4,8 @@ Each finding is ``{code, message, fix}``, one line each: what is wrong and what 
 history is checked against ``alembic_version`` (§8 errors 1 and 4), and every pending
 revision is rendered offline (Alembic's ``--sql`` mode) and its SQL read for what would fail
 on the live database: objects that already exist (§8 error 2) and NOT NULL on columns that
-hold NULLs (§8 error 3).
+hold NULLs (§8 error 3). Scratch databases and partial dumps that killed runs left behind
+are listed too (jobs/leftovers.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from jobs import ledger, verify
+from jobs import ledger, leftovers, verify
 from jobs.config import Target, redact
 from jobs.errors import ProjectError, RevisionError
 from jobs.migrate import Project, Revision, describe
@@ -57,7 +58,7 @@ def diagnose(target: Target, conn: Connection) -> list[Finding]:
     finally:
         if not conn.closed and conn.in_transaction():
             conn.rollback()
-    return findings
+    return findings + leftover_findings(target, conn)
 
 
 # -- the project and its history ---------------------------------------------------------------
@@ -628,3 +629,58 @@ def _adds_required_column(conn: Connection, ev: _Event, plan: _Plan) -> bool:
     if table is None or _live_column(conn, ev.name, ev.column, plan):
         return False
     return bool(_scalar(conn, f"SELECT EXISTS (SELECT 1 FROM {table})"))
+
+
+# -- what killed runs left behind (jobs/leftovers.py) ---------------------------------------------
+
+
+def leftover_findings(target: Target, conn: Connection) -> list[Finding]:
+    """Scratch databases and partial dump files of dead runs, and scratch databases named for
+    this database whose run its ledger does not know."""
+    try:
+        dead = leftovers.dead(conn, target)
+        unknown = leftovers.unknown(conn, target)
+    except DBAPIError as exc:
+        return [
+            finding(
+                "unreadable",
+                f"cannot look for leftovers of killed runs ({describe(exc)})",
+                "connect as the role that owns the database",
+            )
+        ]
+    reconciler = "a running `runbook worker` removes it within RUNBOOK_RECONCILE_S (15 s)"
+    found = []
+    for item in dead:
+        left = f"{item.describe()} was left by run {item.run_id} (delivery {item.delivery})"
+        if item.kind == "scratch":
+            by_hand = f'`DROP DATABASE "{item.name}" WITH (FORCE)`'
+            found.append(
+                finding(
+                    "leftover_scratch",
+                    f"{left} on {_server(target)}, and nothing uses it: {item.why}",
+                    f"{reconciler}; or drop it by hand: {by_hand}",
+                )
+            )
+        else:
+            found.append(
+                finding(
+                    "leftover_dump",
+                    f"{left}, and nothing writes it: {item.why}",
+                    f"{reconciler}; or delete it by hand: `rm {item.name}`",
+                )
+            )
+    for item in unknown:
+        found.append(
+            finding(
+                "unknown_scratch",
+                f"{item.describe()} on {_server(target)} is named for this database, but its run "
+                f"{item.run_id} is not in the ledger (was the database recreated?); runbook "
+                "cannot prove it unused and leaves it alone",
+                f'if nothing uses it, `DROP DATABASE "{item.name}" WITH (FORCE)`',
+            )
+        )
+    return found
+
+
+def _server(target: Target) -> str:
+    return target.where.rsplit("/", 1)[0]

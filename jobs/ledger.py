@@ -1483,6 +1483,35 @@ def take_stale_slices(conn: Connection, lease_s: float) -> list[tuple[str, str, 
     return [(r.backfill_id, r.target, int(r.slice), int(r.generation)) for r in rows]
 
 
+# -- leftovers (jobs/leftovers.py): whose scratch database or partial dump is dead --
+
+
+@dataclass
+class RunDeliveries:
+    id: str
+    target: str
+    state: str
+    finished: bool
+    deliveries: int
+
+
+def run_deliveries(conn: Connection, run_ids: set[str]) -> dict[str, RunDeliveries]:
+    """State and delivery count of each of ``run_ids`` this ledger holds."""
+    rows = conn.execute(
+        text(
+            f"SELECT id, target, state, finished_at IS NOT NULL AS finished, deliveries "
+            f"FROM {SCHEMA}.runs WHERE id = ANY(:ids)"
+        ),
+        {"ids": sorted(run_ids)},
+    ).all()
+    if conn.in_transaction():
+        conn.rollback()
+    return {
+        r.id: RunDeliveries(r.id, r.target, r.state, bool(r.finished), int(r.deliveries))
+        for r in rows
+    }
+
+
 # -- declared backfills (coordinator) --
 
 

@@ -2,7 +2,8 @@
 
 Every worker runs it in a thread of its main process (worker/reconciler.py) every
 RUNBOOK_RECONCILE_S seconds; a session advisory lock per target lets one reconciler at a time
-act on a target. What it sends is safe to receive twice: runs are idempotent by run id under
+act on a target. It also removes what killed deliveries left behind (jobs/leftovers.py).
+What it sends is safe to receive twice: runs are idempotent by run id under
 their run lock, and a slice it takes over gets a new generation that fences the old task.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from jobs import backfill_runner, db, lease, ledger
+from jobs import backfill_runner, db, lease, ledger, leftovers
 from jobs.config import Settings, Target
 from jobs.errors import RunbookError
 
@@ -34,6 +35,7 @@ class Report:
     runs_failed: list[str] = field(default_factory=list)
     slices_sent: list[tuple[str, int, int]] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)
+    leftovers_removed: list[str] = field(default_factory=list)
 
 
 def reconcile(
@@ -71,6 +73,7 @@ def _target(
         if not locked:
             return
         try:
+            _leftovers(target, report)  # before a stale run is sent again and sweeps them
             for run in ledger.stale_runs(conn, lease_s):
                 if run.unfinished >= lease.MAX_UNFINISHED:
                     lease.give_up(target, run.id, run.unfinished)
@@ -93,3 +96,14 @@ def _target(
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": RECONCILE_LOCK_KEY})
             conn.commit()
+
+
+def _leftovers(target: Target, report: Report) -> None:
+    """Remove the scratch databases and partial dumps of dead runs (jobs/leftovers.py), one
+    log line each; a failure is logged and the pass goes on."""
+    try:
+        removed = leftovers.sweep(target)
+    except (DBAPIError, RunbookError, OSError) as exc:
+        log.warning("reconcile %s: could not look for leftovers: %s", target.name, exc)
+        return
+    report.leftovers_removed += [item.name for item in removed]

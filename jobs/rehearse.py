@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from jobs import backfill, db, declared, snapshot
+from jobs import backfill, db, declared, leftovers, snapshot
 from jobs.config import Target
 from jobs.migrate import DeclaredBackfill, Project, Revision, describe
 from jobs.states import SUCCEEDED
@@ -85,12 +85,20 @@ def _up(conn: Connection, scratch: Target, project: Project, rev: Revision) -> N
     project.upgrade_one(rev)
 
 
-def rehearse(target: Target, backup: Path, to: str | None) -> dict[str, Any]:
-    """Up, down, up for each pending revision on a scratch copy; what happened to each."""
+def rehearse(
+    target: Target, backup: Path, to: str | None, *, owner: leftovers.Owner | None = None
+) -> dict[str, Any]:
+    """Up, down, up for each pending revision on a scratch copy; what happened to each.
+
+    ``owner``: the run's delivery, which holds the run lock; what earlier deliveries left
+    behind is removed first, and the scratch database's name carries it (jobs/leftovers.py).
+    """
     results: list[dict[str, Any]] = []
     start: str | None = None
     path: list[Any] = []
-    with snapshot.scratch_copy(target, backup) as scratch:
+    leftovers.before_making(target, owner)
+    with snapshot.scratch_copy(target, backup, owner=owner) as scratch:
+        scratch_db = str(scratch.url.database)
         project = Project(scratch)
         try:
             with db.connect(scratch) as conn:
@@ -142,4 +150,5 @@ def rehearse(target: Target, backup: Path, to: str | None) -> dict[str, Any]:
         "irreversible": {r["revision"]: r["down_error"] for r in results if r.get("down_error")},
         "upgrades_failed": failed,
         "complete": not failed and len(results) == len(path),
+        "scratch_database": scratch_db,  # dropped by now
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 import subprocess
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -32,10 +31,10 @@ from jobs.config import Target, redact
 from jobs.db import connect
 from jobs.errors import BackupError
 from jobs.ledger import SCHEMA as LEDGER_SCHEMA
+from jobs.leftovers import Owner, scratch_name
 
 log = logging.getLogger(__name__)
 
-SCRATCH_PREFIX = "runbook_scratch_"
 INSUFFICIENT_PRIVILEGE = "42501"
 LOCK_NOT_AVAILABLE = "55P03"
 
@@ -231,8 +230,8 @@ def dump_with_stats(
     return {"tables": tables, "snapshot": snapshot}
 
 
-def _scratch_name() -> str:
-    return f"{SCRATCH_PREFIX}{secrets.token_hex(8)}"
+def _scratch_name(target: Target, owner: Owner | None, purpose: str) -> str:
+    return scratch_name(target, owner, purpose)
 
 
 def _create_scratch(target: Target, name: str) -> None:
@@ -351,16 +350,19 @@ def comparable(a: str | None, b: str | None) -> bool:
     )
 
 
-def verify_by_restore(target: Target, path: Path, expected: Mapping[str, Any]) -> dict[str, object]:
+def verify_by_restore(
+    target: Target, path: Path, expected: Mapping[str, Any], *, owner: Owner | None = None
+) -> dict[str, object]:
     """Restore ``path`` into a scratch database and check it holds the ``expected`` stats.
 
     ``expected`` is the "tables" mapping of ``dump_with_stats`` (its whole result is
-    accepted too). Raises RestoreMismatch naming the first differing table.
+    accepted too). Raises RestoreMismatch naming the first differing table. ``owner``, the
+    run's delivery, goes into the scratch database's name (jobs/leftovers.py).
     """
     tables: Mapping[str, TableStats] = (
         expected["tables"] if "tables" in expected and "snapshot" in expected else expected
     )
-    scratch = _scratch_name()
+    scratch = _scratch_name(target, owner, "v")
     _create_scratch(target, scratch)
     try:
         _restore(target, path, scratch)
@@ -383,12 +385,12 @@ def verify_by_restore(target: Target, path: Path, expected: Mapping[str, Any]) -
 
 
 @contextmanager
-def scratch_copy(target: Target, path: Path) -> Iterator[Target]:
+def scratch_copy(target: Target, path: Path, *, owner: Owner | None = None) -> Iterator[Target]:
     """A scratch database restored from ``path``, as a Target of its own; dropped after.
 
     The target itself is never touched: this is where a rehearsal runs the migrations.
     """
-    scratch = _scratch_name()
+    scratch = _scratch_name(target, owner, "r")
     _create_scratch(target, scratch)
     try:
         _restore(target, path, scratch)

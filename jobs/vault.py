@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from jobs import backup as tools
-from jobs import copies, ledger, snapshot
+from jobs import copies, ledger, leftovers, snapshot
 from jobs.config import Target
 from jobs.errors import BackupError, RunbookError
 
@@ -67,9 +67,16 @@ class BackupInfo:
         )
 
 
-def take_backup(target: Target, run_id: str) -> BackupInfo:
-    """Dump ``target``, prove the dump, copy it; BackupError with one line otherwise."""
-    path, taken_at = tools.new_backup_file(target, run_id)
+def take_backup(target: Target, run_id: str, *, delivery: int | None = None) -> BackupInfo:
+    """Dump ``target``, prove the dump, copy it; BackupError with one line otherwise.
+
+    ``delivery``: the run's delivery taking it, which holds the run lock (jobs/leftovers.py):
+    what earlier deliveries left behind is removed first, and the scratch database and the
+    partial file carry it.
+    """
+    owner = leftovers.Owner(run_id, delivery) if delivery is not None else None
+    leftovers.before_making(target, owner)
+    path, final, taken_at = tools.new_backup_file(target, run_id, delivery)
     try:
         dumped = snapshot.dump_with_stats(
             target, path, max_checksum_bytes=target.verify_restore_max_bytes
@@ -80,7 +87,9 @@ def take_backup(target: Target, run_id: str) -> BackupInfo:
         entries = tools.list_entries(target, path)
         verification: dict[str, Any] = {"list": f"pg_restore --list read {entries} entries"}
         if target.verify_restore and size <= target.verify_restore_max_bytes:
-            verification["restore"] = snapshot.verify_by_restore(target, path, dumped["tables"])
+            verification["restore"] = snapshot.verify_by_restore(
+                target, path, dumped["tables"], owner=owner
+            )
         else:
             why = (
                 "verify_restore = false"
@@ -91,13 +100,14 @@ def take_backup(target: Target, run_id: str) -> BackupInfo:
         digest = tools.sha256_file(path)
         made = []
         if target.backup_copy_to:
-            made.append(copies.copy_backup(path, target.backup_copy_to, digest, name=path.name))
+            made.append(copies.copy_backup(path, target.backup_copy_to, digest, name=final.name))
+        tools.finish_backup_file(path, final)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return BackupInfo(
         id=uuid.uuid4().hex[:12],
-        path=str(path),
+        path=str(final),
         size=size,
         sha256=digest,
         verified=True,

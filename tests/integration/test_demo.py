@@ -58,6 +58,9 @@ def test_demo_runs_the_reference_history_to_head(services: None, tmp_path: Path)
         assert "Traceback" not in output
         assert re.search(r"^\s*state\s+succeeded$", proc.stdout, re.M), output
         assert f"w5x6y7z8a9b0 -> {HEAD} (now at {HEAD})" in proc.stdout
+        # The backup check in words, not a Python dict.
+        assert "a trial restore into a scratch database held the same" in proc.stdout, output
+        assert "{'" not in proc.stdout, output
         for line in ("backup", f"upgrade  {HEAD}", f"verify   {HEAD}"):
             assert any(line in out and "succeeded" in out for out in proc.stdout.splitlines()), (
                 line,

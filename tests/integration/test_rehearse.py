@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import psycopg2
 import pytest
 
 from jobs import api
+from jobs.leftovers import database_tag
 from tests.integration.conftest import (
     Config,
     Databases,
     Worker,
     db_url,
     project_target,
+    query,
     reference_copy,
     runbook_cli,
     schema_dump,
@@ -23,6 +24,14 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+def scratch_databases(prefix: str) -> list[str]:
+    """The databases on the server whose names start with ``prefix``."""
+    rows = query(
+        "postgres", f"SELECT datname FROM pg_database WHERE starts_with(datname, '{prefix}')"
+    )
+    return [str(r[0]) for r in rows]
 
 
 def test_rehearsal_reports_the_enum_downgrade_and_leaves_the_target_untouched(
@@ -55,21 +64,21 @@ def test_rehearsal_reports_the_enum_downgrade_and_leaves_the_target_untouched(
     assert "NotImplementedError" in detail["irreversible"]["x6y7z8a9b0c1"]
     revisions = {r["revision"]: r for r in detail["revisions"]}
     assert len(revisions) == 8 and revisions["z8a9b0c1d2e3"]["reversible"] is True
-    assert all(r["up_s"] >= 0 for r in revisions.values())
+    for rev, entry in revisions.items():  # up, down and up again, each done and timed
+        assert entry["up_error"] is None and entry["up_s"] > 0, (rev, entry)
+        assert entry["down_s"] > 0, (rev, entry)
+        if rev == "x6y7z8a9b0c1":  # its downgrade raises: it stays up, not upgraded again
+            assert entry["reversible"] is False and "again_s" not in entry, entry
+            continue
+        assert entry["down_error"] is None and entry["reversible"] is True, (rev, entry)
+        assert entry["again_error"] is None and entry["again_s"] > 0, (rev, entry)
+        assert entry["same_after_again"] is True, (rev, entry)
     assert schema_dump(dbname) == before  # the target was never touched
-    scratch = subprocess.run(
-        [
-            "psql",
-            "-At",
-            "-d",
-            db_url("postgres"),
-            "-c",
-            "SELECT count(*) FROM pg_database WHERE datname LIKE 'runbook_scratch_%'",
-        ],
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert scratch.strip() == "0"
+    # The rehearsal's scratch database (and the trial restore's of the backup it took) was
+    # named for this database and this run, and is gone; other tests' are not ours to count.
+    ours = f"runbook_scratch_{database_tag(dbname)}_"
+    assert detail["scratch_database"].startswith(f"{ours}{run['id']}_d"), detail
+    assert scratch_databases(ours) == []
 
     # Now apply may run; an edited revision file invalidates the rehearsal.
     edited = (

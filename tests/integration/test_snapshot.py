@@ -93,8 +93,8 @@ def scratch_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     names: list[str] = []
     real = snapshot._scratch_name
 
-    def recording() -> str:
-        names.append(real())
+    def recording(*args: Any) -> str:
+        names.append(real(*args))
         return names[-1]
 
     monkeypatch.setattr(snapshot, "_scratch_name", recording)

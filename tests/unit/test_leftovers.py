@@ -1,0 +1,74 @@
+"""Names of what a run leaves behind, and the demo's words for a backup check (no services)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs import leftovers
+from jobs.config import Target, load_settings
+from jobs.demo import verification_words
+from jobs.leftovers import Owner
+
+
+def target(tmp_path: Path, name: str = "prod-eu", database: str = "a" * 63) -> Target:
+    path = tmp_path / "runbook.toml"
+    path.write_text(
+        f'[targets.{name}]\nurl = "postgresql://u:pw@h/{database}"\nalembic_ini = "a.ini"\n'
+        f'backup_dir = "{tmp_path}"\n'
+    )
+    return load_settings(path).target(name)
+
+
+def test_a_scratch_name_carries_database_run_and_delivery_and_fits_postgres(
+    tmp_path: Path,
+) -> None:
+    t = target(tmp_path)
+    name = leftovers.scratch_name(t, Owner("0123456789abcdef", 123456), "r")
+    assert len(name.encode()) <= 63  # NAMEDATALEN - 1: longer names are cut by the server
+    match = leftovers._SCRATCH.match(name)
+    assert match is not None
+    assert match["db"] == leftovers.database_tag("a" * 63)
+    assert (match["run"], match["delivery"], match["purpose"]) == (
+        "0123456789abcdef",
+        "123456",
+        "r",
+    )
+    # Another database on the same server gets another tag; a call outside a run, a name no
+    # sweep can attribute.
+    assert leftovers.database_tag("b") != leftovers.database_tag("a" * 63)
+    anonymous = leftovers.scratch_name(t, None, "v")
+    assert anonymous.startswith(leftovers.SCRATCH_PREFIX) and not leftovers._SCRATCH.match(
+        anonymous
+    )
+
+
+def test_a_partial_dump_name_tells_target_run_and_delivery(tmp_path: Path) -> None:
+    final = tmp_path / "prod-eu-20261201T100000Z-0123456789abcdef.dump"
+    partial = leftovers.partial_path(final, 3)
+    assert partial.name == f"{final.name}.d3.partial"
+    match = leftovers._PARTIAL.match(partial.name)
+    assert match is not None
+    assert (match["target"], match["run"], match["delivery"]) == (
+        "prod-eu",
+        "0123456789abcdef",
+        "3",
+    )
+    assert leftovers._PARTIAL.match(final.name) is None  # a finished dump is never a leftover
+
+
+def test_the_demo_says_how_the_backup_was_checked_in_words() -> None:
+    said = verification_words(
+        {
+            "list": "pg_restore --list read 42 entries",
+            "restore": {"tables": 7, "rows": 3012, "checksummed": 6, "scratch_restore": "ok"},
+        }
+    )
+    assert said == (
+        "verified: pg_restore --list read 42 entries; a trial restore into a scratch database "
+        "held the same 7 tables and 3,012 rows as the snapshot, content checksums of 6 tables "
+        "equal"
+    )
+    skipped = verification_words(
+        {"list": "pg_restore --list read 1 entries", "restore": "skipped (verify_restore = false)"}
+    )
+    assert "{" not in skipped and "trial restore skipped (verify_restore = false)" in skipped
