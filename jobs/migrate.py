@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import io
 import logging.config
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -288,6 +289,21 @@ def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
     return None
 
 
+def _prepend_sys_path(config: Config, here: Path) -> None:
+    """Put the project's ``prepend_sys_path`` entries on sys.path, relative ones read from
+    alembic.ini's folder: Alembic reads them from the working directory, which is the
+    project's when a user types ``alembic``, and seldom a worker's (the templates' ``.`` is
+    how env.py imports the app's models for ``target_metadata``)."""
+    try:
+        entries = config.get_prepend_sys_paths_list() or []
+    except Exception:  # Alembic itself will say what is wrong with the option
+        return
+    for entry in reversed(entries):
+        path = str((here / entry).resolve()) if entry else ""
+        if path and path not in sys.path:
+            sys.path.insert(0, path)
+
+
 class Project:
     """An Alembic project on disk, as seen by one run."""
 
@@ -300,6 +316,7 @@ class Project:
                 "in runbook.toml to your project's alembic.ini"
             )
         self.config = Config(str(ini))
+        _prepend_sys_path(self.config, ini.parent)
         location = self.config.get_main_option("script_location")
         if not location:
             raise ProjectError(f"{ini}: no script_location in [alembic]; point it at migrations/")
