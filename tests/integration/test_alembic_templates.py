@@ -16,6 +16,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -227,7 +228,9 @@ def test_plan_rehearse_check_and_stamp_run_the_template_env_py(
         )
     )
     name = f"{template}_{dbname}"
-    config.add(name, url=db_url(dbname), alembic_ini=str(ini), backup_dir=str(tmp_path / "b"))
+    config.add(
+        name, url=db_url(dbname), alembic_ini=str(ini), backup_dir=str(tmp_path / "b"), backup=False
+    )
     assert runbook("apply", "--target", name, "--to", "m2", "--wait", cwd=tmp_path).returncode == 0
 
     # plan renders m3 offline through env.py's offline branch (no driver needed).
@@ -408,3 +411,70 @@ def test_async_project_with_a_password_role(
     seen_text = "\n".join([*ledger.values(), result.stdout, result.stderr, worker.log_text()])
     for form in {password, quote(password, safe=""), quote(password)}:
         assert form not in seen_text
+
+
+def test_async_project_ddl_waits_lock_timeout_and_is_retried(
+    worker: Worker, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    """An application transaction holds a lock on the table: the async env.py's ALTER gives
+    up after lock_timeout (asyncpg's SQLSTATE 55P03), is retried with backoff, and goes
+    through once the application lets go."""
+    dbname = databases.create()
+    root = tmp_path / "app"
+    ini = alembic_init(root, "async", [ACCOUNTS])
+    name = config.add(
+        f"async_lock_{dbname}",
+        url=db_url(dbname),
+        alembic_ini=str(ini),
+        backup=False,
+        lock_timeout="200ms",
+        lock_retries=20,
+        lock_retry_backoff=0.2,
+    )
+    assert runbook("apply", "--target", name, "--wait", cwd=tmp_path).returncode == 0
+    add_revisions(root, [NICKNAME], down="m2")
+
+    # An application query reading the table, held running (not idle in a transaction,
+    # which preflight would wait out) on an advisory lock the test holds.
+    key = secrets.randbits(31)
+    gate = psycopg2.connect(db_url(dbname))
+    gate.autocommit = True
+    gate.cursor().execute("SELECT pg_advisory_lock(%s)", (key,))
+    app = psycopg2.connect(db_url(dbname))
+    app.autocommit = True
+    reader = threading.Thread(
+        target=app.cursor().execute,
+        args=("SELECT pg_advisory_lock(%s), (SELECT count(*) FROM accounts)", (key,)),
+    )
+    reader_pid = app.get_backend_pid()
+    reader.start()
+    try:
+        while not query(
+            dbname,
+            "SELECT count(*) FROM pg_locks WHERE relation = 'accounts'::regclass AND granted "
+            f"AND pid = {reader_pid}",
+        )[0][0]:
+            time.sleep(0.05)
+        started = runbook("apply", "--target", name, cwd=tmp_path)
+        assert started.returncode == 0, started.stderr
+        run_id = started.stdout.strip().splitlines()[-1]
+
+        def upgrade_step() -> dict[str, Any] | None:
+            shown = run_json(runbook("status", run_id, "--json", cwd=tmp_path))
+            return next((s for s in shown["steps"] if s["kind"] == "upgrade"), None)
+
+        deadline = time.monotonic() + 60
+        while not ((step := upgrade_step()) and (step["attempts"] >= 2 or step["finished_at"])):
+            assert time.monotonic() < deadline, "the upgrade never started"
+            time.sleep(0.2)
+        assert "lock timeout" in (step["error"] or "")
+        assert step["state"] == "running" and columns(dbname, "accounts") == ["id", "email"]
+    finally:
+        gate.close()  # the reader's query finishes, its lock goes
+        reader.join(30)
+        app.close()
+    done = run_json(runbook("status", run_id, "--watch", "--json", cwd=tmp_path))
+    assert done["state"] == "succeeded", done
+    (upgrade,) = [s for s in done["steps"] if s["kind"] == "upgrade"]
+    assert upgrade["attempts"] >= 2
+    assert columns(dbname, "accounts") == ["id", "email", "nickname"]
