@@ -47,7 +47,7 @@ INI_URLS = {
     "generic": "postgresql+psycopg2://dev:devpass@127.0.0.1:5432/dev_only_db",
     "async": "postgresql+asyncpg://dev:devpass@127.0.0.1:5432/dev_only_db",
 }
-DRIVERS = {"generic": "psycopg2", "async": "asyncpg"}
+DRIVERS = {"generic": "psycopg2", "async": "asyncpg", "async-cookbook": "psycopg2"}
 
 # The settings the migration's own session runs with, and the driver it runs on.
 SEEN = Rev(
@@ -151,13 +151,29 @@ def columns(dbname: str, table: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-@pytest.mark.parametrize("template", ["generic", "async"])
+# The Alembic cookbook's async recipe for a shared connection: runbook's, when given.
+COOKBOOK_ONLINE = """def run_migrations_online() -> None:
+    connectable = config.attributes.get("connection", None)
+    if connectable is None:
+        asyncio.run(run_async_migrations())
+    else:
+        do_run_migrations(connectable)
+"""
+
+
+@pytest.mark.parametrize("template", ["generic", "async", "async-cookbook"])
 def test_template_project_is_migrated_verified_and_rolled_back(
     template: str, worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
     dbname = databases.create()
     root = tmp_path / "app"
-    ini = alembic_init(root, template, [SEEN, ACCOUNTS])
+    ini = alembic_init(root, template.split("-")[0], [SEEN, ACCOUNTS])
+    if template == "async-cookbook":
+        env_py = root / "migrations" / "env.py"
+        text = env_py.read_text()
+        start = text.index("def run_migrations_online")
+        end = text.index("if context.is_offline_mode()")
+        env_py.write_text(text[:start] + COOKBOOK_ONLINE + "\n\n" + text[end:])
     name = f"{template}_{dbname}"
     config.add(
         name,

@@ -125,3 +125,13 @@ def test_loopback_names_are_one_host() -> None:
         dialect, cparams = cparams_for("postgresql+psycopg2://postgres@localhost/app")
         envpy._on_connect(dialect, None, [], cparams)
         assert refused == []
+
+
+def test_a_driver_runbook_cannot_set_settings_on_is_refused() -> None:
+    from sqlalchemy.dialects.postgresql.pg8000 import PGDialect_pg8000
+
+    with envpy.rules(target()) as refused:
+        cparams = {"host": "db.internal", "port": 6432, "database": "prod", "user": "app"}
+        with pytest.raises(ProjectError, match="driver 'pg8000', on which runbook cannot set"):
+            envpy._on_connect(PGDialect_pg8000(), None, [], cparams)
+        assert len(refused) == 1
