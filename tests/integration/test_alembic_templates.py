@@ -372,6 +372,20 @@ def test_env_py_reading_its_own_url_from_the_environment(
         assert query(same, "SELECT lock_timeout, app, driver FROM seen") == [
             ("2s", f"runbook:{targets['SAME']}", "asyncpg")
         ]
+        # A rehearsal runs on a scratch copy: this env.py would migrate the real database.
+        add_revisions(tmp_path / "same", [ACCOUNTS], down="m1")
+        rehearsed = run_json(
+            runbook(
+                "rehearse", "--target", targets["SAME"], "--wait", "--json", cwd=tmp_path, env=env
+            )
+        )
+        assert rehearsed["state"] != "succeeded", rehearsed
+        assert (
+            f"the project's env.py connects to 127.0.0.1:5432/{same}, not to the target's "
+            "127.0.0.1:5432/runbook_scratch_"
+        ) in rehearsed["error"]
+        assert columns(same, "accounts") == []
+        assert query(same, "SELECT version_num FROM alembic_version") == [("m1",)]
 
         refused = runbook(
             "apply", "--target", targets["OTHER"], "--wait", "--json", cwd=tmp_path, env=env
