@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql
 from jobs import db, ledger
 from jobs.config import Target, redact
 from jobs.errors import RevisionError, RunbookError
-from jobs.migrate import Project, _keep_logging, describe
+from jobs.migrate import Project, describe
 
 
 def check(target: Target, project: Project) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _run_env(
     project.config.attributes["connection"] = conn
     try:
         with (
-            _keep_logging(),
+            project.environment(read_only=True),  # env.py's own engine reads only, too
             EnvironmentContext(project.config, project.script, fn=fn, dont_mutate=True),
         ):
             project.script.run_env()

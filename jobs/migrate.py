@@ -3,7 +3,8 @@
 A project is loaded once per run (alembic.ini and the script directory); each upgrade or
 downgrade runs the project's own env.py on a connection runbook hands it through
 ``config.attributes["connection"]`` (the Alembic cookbook's way) and, for env.py files that
-build their own engine, through ``sqlalchemy.url`` with the same session settings.
+build their own engine (sync or async), through ``sqlalchemy.url`` with the project's own
+driver and the same session settings (jobs/envpy.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import inspect
 import io
 import logging.config
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +31,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import ProgrammingError
 
-from jobs import db, sqlguard
+from jobs import db, envpy, sqlguard
 from jobs.config import Target, redact
 from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
 
@@ -61,6 +63,21 @@ def _keep_logging() -> Iterator[None]:
         logging.config.fileConfig = original
 
 
+def _missing_module(exc: BaseException) -> str | None:
+    """The database driver a ModuleNotFoundError in ``exc``'s chain names, else None (a
+    missing module of the project's own is its own error, left as it is)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ModuleNotFoundError) and cur.name:
+            top = cur.name.split(".")[0]
+            if top in envpy.DRIVERS:
+                return top
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE behind an exception, looking through SQLAlchemy and Alembic wrappers."""
     seen: set[int] = set()
@@ -76,6 +93,8 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def describe(exc: BaseException) -> str:
     """One redacted line for an exception raised by a migration."""
+    if isinstance(exc, RunbookError):  # already one line for an operator
+        return redact(str(exc))
     if isinstance(exc, NotImplementedError):
         msg = str(exc) or "downgrade raises NotImplementedError"
         return redact(f"NotImplementedError: {msg}")
@@ -270,6 +289,21 @@ def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
     return None
 
 
+def _prepend_sys_path(config: Config, here: Path) -> None:
+    """Put the project's ``prepend_sys_path`` entries on sys.path, relative ones read from
+    alembic.ini's folder: Alembic reads them from the working directory, which is the
+    project's when a user types ``alembic``, and seldom a worker's (the templates' ``.`` is
+    how env.py imports the app's models for ``target_metadata``)."""
+    try:
+        entries = config.get_prepend_sys_paths_list() or []
+    except Exception:  # Alembic itself will say what is wrong with the option
+        return
+    for entry in reversed(entries):
+        path = str((here / entry).resolve()) if entry else ""
+        if path and path not in sys.path:
+            sys.path.insert(0, path)
+
+
 class Project:
     """An Alembic project on disk, as seen by one run."""
 
@@ -282,6 +316,7 @@ class Project:
                 "in runbook.toml to your project's alembic.ini"
             )
         self.config = Config(str(ini))
+        _prepend_sys_path(self.config, ini.parent)
         location = self.config.get_main_option("script_location")
         if not location:
             raise ProjectError(f"{ini}: no script_location in [alembic]; point it at migrations/")
@@ -306,10 +341,34 @@ class Project:
             )
         self.head = heads[0] if heads else None
         self._conn: Connection | None = None
-        # For env.py files that build their own engine: same URL, same session settings.
-        url = target.url.update_query_dict({"options": f"-c lock_timeout={target.lock_timeout_ms}"})
-        raw = url.render_as_string(hide_password=False)
+        # For env.py files that build their own engine: the target's URL with the driver the
+        # project names (asyncpg for an async env.py); session settings come at connect time.
+        try:
+            ini_url = self.config.get_main_option("sqlalchemy.url")
+        except Exception:  # an interpolation alembic.ini cannot fill
+            ini_url = None
+        self.driver = envpy.project_driver(ini_url)
+        raw = envpy.project_url(target, self.driver).render_as_string(hide_password=False)
         self.config.set_main_option("sqlalchemy.url", raw.replace("%", "%%"))
+
+    @contextmanager
+    def environment(self, *, read_only: bool = False) -> Iterator[None]:
+        """Around one ``run_env()``: worker logging kept, runbook's session settings on every
+        connection env.py opens itself, and a refusal or a missing driver said in one line."""
+        with _keep_logging(), envpy.rules(self.target, read_only=read_only) as refused:
+            try:
+                yield
+            except Exception as exc:
+                if refused:
+                    raise ProjectError(refused[0]) from None
+                missing = _missing_module(exc)
+                if missing is not None:
+                    raise ProjectError(
+                        f"target {self.target.name!r}: the project's env.py needs the driver "
+                        f"{missing!r}, which this Python cannot import; install it where "
+                        f"runbook runs (pip install {missing})"
+                    ) from None
+                raise
 
     # -- revisions ---------------------------------------------------------------------------
 
@@ -471,7 +530,7 @@ class Project:
         self.config.attributes["connection"] = conn
         try:
             with (
-                _keep_logging(),
+                self.environment(),
                 EnvironmentContext(
                     self.config, script, fn=plan, destination_rev=(destination,), purge=True
                 ),
@@ -510,7 +569,7 @@ class Project:
         self.config.attributes[RUNS_DECLARED_BACKFILLS] = True
         try:
             with (
-                _keep_logging(),
+                self.environment(),
                 EnvironmentContext(self.config, script, fn=plan, destination_rev=destination),
             ):
                 script.run_env()
