@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +37,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).stdout.strip()
     # A plain path entry: the editable-install hook in this environment is not run there.
     Path(site, "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # The wheel `pip install .` builds (with this environment's setuptools), installed there.
+    # The wheel `pip install .` builds, installed there. Built from a copy: setuptools writes
+    # build/ and *.egg-info next to the sources.
+    source = venv.parent / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", "backups", ".*_cache"
+        ),
+    )
     wheels = venv.parent / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"] + ["-w", str(wheels), str(REPO)],
