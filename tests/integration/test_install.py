@@ -49,7 +49,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     wheels = venv.parent / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"] + ["-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
+        + ["-w", str(wheels), str(source)],
         check=True,
         capture_output=True,
         cwd=venv.parent,
