@@ -26,15 +26,19 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import ProgrammingError
 
-from jobs import db, sqlguard
+from jobs import db
 from jobs.config import Target, redact
 from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
+from jobs.lazy import lazy
 
 if TYPE_CHECKING:
+    from jobs import sqlguard
     from jobs.backfill import Spec
+else:
+    sqlguard = lazy("jobs.sqlguard")  # pglast, for declared backfills only
 
 log = logging.getLogger("runbook.migrate")
 
@@ -306,6 +310,7 @@ class Project:
             )
         self.head = heads[0] if heads else None
         self._conn: Connection | None = None
+        self._engine: Engine | None = None
         # For env.py files that build their own engine: same URL, same session settings.
         url = target.url.update_query_dict({"options": f"-c lock_timeout={target.lock_timeout_ms}"})
         raw = url.render_as_string(hide_password=False)
@@ -450,13 +455,18 @@ class Project:
     def _connection(self) -> Connection:
         """The run's migration connection (with lock_timeout), opened once and reused."""
         if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = db.engine(self.target).connect()
+            if self._engine is None:
+                self._engine = db.pooled_engine(self.target)
+            self._conn = self._engine.connect()
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()  # no idle connection outlives the run
+            self._engine = None
 
     def stamp(self, revision: str | None) -> None:
         """``alembic stamp --purge``: record ``revision`` without running migrations. Purge,
