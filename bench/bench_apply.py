@@ -251,6 +251,9 @@ class Bench:
             CELERY_BROKER_URL=REDIS_URL,
             CELERY_RESULT_BACKEND=REDIS_URL,
             PYTHONUNBUFFERED="1",
+            # MLflow's own switch (both sides import mlflow): its usage upload at import and
+            # exit waits on a network this machine does not have.
+            MLFLOW_DISABLE_TELEMETRY="true",
         )
         # As on a user's machine, .pyc files are written and read (on both sides).
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)

@@ -462,18 +462,17 @@ def start_step(conn: Connection, run: Run, kind: str, revision: str | None = Non
     """Record that a step starts, or that an interrupted one starts again (attempts + 1)."""
     rev = revision or ""
     with _tx(conn):
-        _notify(conn, run.id, flush=False)
         row = conn.execute(
             text(
-                f"INSERT INTO {SCHEMA}.steps (run_id, kind, revision, state) "
-                "VALUES (:run, :kind, :rev, 'running') "
+                f"{_ANNOUNCED} INSERT INTO {SCHEMA}.steps (run_id, kind, revision, state) "
+                "SELECT :run, :kind, :rev, 'running' FROM announced "
                 "ON CONFLICT (run_id, kind, revision) DO UPDATE SET "
                 "attempts = steps.attempts + 1, state = 'running', error = NULL, "
                 "started_at = clock_timestamp(), finished_at = NULL "
                 "RETURNING id, run_id, kind, revision, state, started_at, finished_at, "
                 "attempts, error, detail"
             ),
-            {"run": run.id, "kind": kind, "rev": rev},
+            {"ch": CHANNEL, "run": run.id, "kind": kind, "rev": rev},
         ).one()
     step = Step(**row._mapping)
     run.steps = [s for s in run.steps if s.id != step.id] + [step]
@@ -505,27 +504,25 @@ def finish_step(
     """Close a step; with ``current_revision``, move the run's revision in the same commit."""
     step.detail = {**step.detail, **detail}
     with _tx(conn):
-        _notify(conn, step.run_id, flush=False)
         conn.execute(
             text(
+                f"{_ANNOUNCED}, moved AS (UPDATE {SCHEMA}.runs SET current_revision = :rev, "
+                "updated_at = now() WHERE id = :run AND CAST(:move AS boolean)) "
                 f"UPDATE {SCHEMA}.steps SET state = :state, error = :error, "
-                "finished_at = clock_timestamp(), detail = CAST(:d AS jsonb) WHERE id = :id"
+                "finished_at = clock_timestamp(), detail = CAST(:d AS jsonb) "
+                "FROM announced WHERE id = :id"
             ),
             {
+                "ch": CHANNEL,
+                "run": step.run_id,
+                "rev": current_revision,
+                "move": current_revision is not None,
                 "state": state,
                 "error": _clean(error),
                 "d": json.dumps(step.detail),
                 "id": step.id,
             },
         )
-        if current_revision is not None:
-            conn.execute(
-                text(
-                    f"UPDATE {SCHEMA}.runs SET current_revision = :rev, updated_at = now() "
-                    "WHERE id = :id"
-                ),
-                {"rev": current_revision, "id": step.run_id},
-            )
     step.state = state
     step.error = _clean(error)
 
@@ -708,6 +705,14 @@ def recorded_fingerprint(conn: Connection, revision: str | None) -> str | None:
     if conn.in_transaction():
         conn.rollback()
     return str(value) if value else None
+
+
+# What _notify(flush=False) does, as a CTE of a step record's own statement (one round trip
+# less per record); the statement must read from ``announced`` for it to run.
+_ANNOUNCED = (
+    "WITH announced AS (SELECT pg_notify(:ch, :run), "
+    "set_config('synchronous_commit', 'off', true))"
+)
 
 
 def _notify(conn: Connection, run_id: str, *, flush: bool = True) -> None:

@@ -9,6 +9,7 @@ build their own engine, through ``sqlalchemy.url`` with the same session setting
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -539,6 +540,12 @@ class Project:
         plain ``alembic upgrade --sql`` shows it, or (``as_runbook_runs_it``) without the
         inline loop of a revision whose declared backfills runbook runs itself."""
         return self._render(rev, upgrade=True, as_runbook_runs_it=as_runbook_runs_it)
+
+    def upgrade_range_sql(self, path: list[Revision], *, as_runbook_runs_it: bool = False) -> str:
+        """The SQL of every revision of ``path`` (oldest first, consecutive), rendered
+        offline in one run of env.py, as ``upgrade_sql`` renders each."""
+        span = dataclasses.replace(path[-1], down=path[0].down)
+        return self._render(span, upgrade=True, as_runbook_runs_it=as_runbook_runs_it)
 
     def downgrade_sql(self, rev: Revision) -> str:
         """The SQL ``rev``'s downgrade would run, rendered offline (no database touched)."""
