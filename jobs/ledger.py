@@ -710,8 +710,7 @@ def recorded_fingerprint(conn: Connection, revision: str | None) -> str | None:
 # What _notify(flush=False) does, as a CTE of a step record's own statement (one round trip
 # less per record); the statement must read from ``announced`` for it to run.
 _ANNOUNCED = (
-    "WITH announced AS (SELECT pg_notify(:ch, :run), "
-    "set_config('synchronous_commit', 'off', true))"
+    "WITH announced AS (SELECT pg_notify(:ch, :run), set_config('synchronous_commit', 'off', true))"
 )
 
 
