@@ -38,3 +38,11 @@ def test_command_help_imports_no_heavy_module() -> None:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"Usage: runbook {command}" in proc.stdout
         assert sorted(names & set(HEAVY)) == [], command
+
+
+def test_the_console_script_keeps_exit_codes() -> None:
+    """jobs.cli:run exits without module teardown; the code and the one line stay."""
+    proc, _ = imported_by("no-such-command")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert len(errors) == 1 and errors[0].startswith("runbook: error: No such command"), errors
