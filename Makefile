@@ -53,7 +53,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: $(STAMP)
+# bench_apply.py needs the `bench` extra (mlflow-skinny, for MLflow's migration history).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_apply.py
 	$(BIN)/python bench/bench_backup.py
 

@@ -8,22 +8,23 @@ VACUUM (FREEZE, ANALYZE). Then, interleaved in the same run, medians over the re
 
 1. backup
    (a) raw: ``pg_dump -Fc -f FILE`` then ``pg_restore --list FILE`` (subprocesses);
-   (b) runbook: ``jobs.vault.take_backup`` with ``verify_restore = false`` and the default
-       ``verify_restore_max_bytes`` (dump + per-table row counts and checksums from one
-       snapshot, list check, sha256);
-   (c) runbook, ``verify_restore_max_bytes = 0``: the same without any per-table checksum
-       (row counts only), so (b) - (c) is what the checksums cost.
-   The full trial-restore verification (``verify_restore = true``) is timed once, for
-   information.
+   (b) runbook as a target takes it by default: ``jobs.vault.take_backup`` with the
+       default settings (``verify_restore = true`` below ``verify_restore_max_bytes``):
+       dump + per-table row counts and checksums from one snapshot, list check, sha256,
+       and the trial restore into a scratch database checked table by table;
+   variants that are not the default, reported separately and not judged: (c) with
+   ``verify_restore = false`` (no trial restore), and (d) also with
+   ``verify_restore_max_bytes = 0`` (no per-table checksum), so (c) - (d) is what the
+   checksums cost and (b) - (c) what the trial restore costs.
 2. restore, into a database recreated (untimed) before every timed restore as a copy of the
    source (CREATE DATABASE ... TEMPLATE) whose rows and columns were then changed:
    (a) raw: ``pg_restore --clean --if-exists --single-transaction -d DB FILE``;
    (b) runbook: ``jobs.restore.restore_database(target, FILE)``.
    Both end states are checked (untimed) against the source.
 
-Targets: backup (b) <= 1.15x (a), restore (b) <= 1.2x (a). Exit 0 when both are met, 1 when
-not, 2 when PostgreSQL or its client tools are missing. Every database created here is
-dropped and every dump file deleted at the end, also on error or Ctrl-C.
+Targets: backup (b), the default, <= 1.15x (a); restore (b) <= 1.2x (a). Exit 0 when both
+are met, 1 when not, 2 when PostgreSQL or its client tools are missing. Every database
+created here is dropped and every dump file deleted at the end, also on error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -272,9 +273,9 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
     for table, (rows, nbytes) in built["tables"].items():
         print(f"  {table:<10} {rows:>9} rows  {mb(nbytes):>7} with indexes")
 
-    src = target_for(source, verify_restore=False)
+    src_full = target_for(source)  # the default settings
+    src = dataclasses.replace(src_full, verify_restore=False)
     src_nosum = dataclasses.replace(src, verify_restore_max_bytes=0)
-    src_full = dataclasses.replace(src, verify_restore=True)
     src_env = tools.libpq_env(src)
 
     # ---- backup -----------------------------------------------------------------------
@@ -310,11 +311,12 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
     n_tables = len(built["tables"])
     backup_sides: dict[str, Callable[[], float]] = {
         "raw": raw_backup,
-        "runbook": lambda: runbook_backup(src, checksummed=n_tables),
+        "runbook": lambda: runbook_backup(src_full, checksummed=n_tables),
+        "runbook_list": lambda: runbook_backup(src, checksummed=n_tables),
         "runbook_nosum": lambda: runbook_backup(src_nosum, checksummed=0),
     }
 
-    # Once, for information (and as the runbook side's warm-up): the full verification.
+    # Once, untimed: the runbook side's warm-up, and what the default's trial restore checks.
     checkpoint()
     run_id = uuid.uuid4().hex[:12]
     start = time.perf_counter()
@@ -323,7 +325,7 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
     Path(info.path).unlink(missing_ok=True)
     checked = info.verification["restore"]
     print(
-        f"runbook take_backup, verify_restore = true (once, not in the ratios): {full_s:.2f}s; "
+        f"runbook take_backup, default settings (warm-up, not timed): {full_s:.2f}s; "
         f"scratch restore checked {checked['tables']} tables, {checked['rows']} rows, "
         f"{checked['checksummed']} checksummed"
     )
@@ -339,9 +341,10 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
             got[side] = backup_sides[side]()
             times[side].append(got[side])
         print(
-            f"  repeat {i + 1}: raw {got['raw']:.2f}s  runbook {got['runbook']:.2f}s "
-            f"({got['runbook'] / got['raw']:.2f}x)  runbook without checksums "
-            f"{got['runbook_nosum']:.2f}s ({got['runbook_nosum'] / got['raw']:.2f}x)"
+            f"  repeat {i + 1}: raw {got['raw']:.2f}s  runbook default {got['runbook']:.2f}s "
+            f"({got['runbook'] / got['raw']:.2f}x)  no trial restore "
+            f"{got['runbook_list']:.2f}s ({got['runbook_list'] / got['raw']:.2f}x)  nor "
+            f"checksums {got['runbook_nosum']:.2f}s ({got['runbook_nosum'] / got['raw']:.2f}x)"
         )
 
     # ---- restore ----------------------------------------------------------------------
@@ -416,14 +419,13 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
         parts["check_restored's table_stats after a restore"] = time.perf_counter() - start
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (shared machine: quote medians)")
-    return report(built["size"], times, rtimes, full_s, parts)
+    return report(built["size"], times, rtimes, parts)
 
 
 def report(
     size: int,
     times: dict[str, list[float]],
     rtimes: dict[str, list[float]],
-    full_s: float,
     parts: dict[str, float],
 ) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -436,6 +438,7 @@ def report(
         return f"median of per-repeat ratios {statistics.median(ratios):.2f}x"
 
     b_ratio = med["runbook"] / med["raw"]
+    list_ratio = med["runbook_list"] / med["raw"]
     nosum_ratio = med["runbook_nosum"] / med["raw"]
     r_ratio = rmed["runbook"] / rmed["raw"]
     print()
@@ -443,19 +446,24 @@ def report(
     print("backup:")
     print(f"  raw pg_dump + --list          median {med['raw']:.2f}s  [{fmt(times['raw'])}]")
     print(
-        f"  runbook take_backup (default) median {med['runbook']:.2f}s  "
+        f"  runbook take_backup, default  median {med['runbook']:.2f}s  "
         f"[{fmt(times['runbook'])}]  {b_ratio:.2f}x ({paired(times['runbook'], times['raw'])})"
     )
+    print("  not the default (verify_restore = false), not judged:")
     print(
-        f"  runbook, no table checksummed median {med['runbook_nosum']:.2f}s  "
+        f"  runbook, no trial restore     median {med['runbook_list']:.2f}s  "
+        f"[{fmt(times['runbook_list'])}]  {list_ratio:.2f}x "
+        f"({paired(times['runbook_list'], times['raw'])})"
+    )
+    print(
+        f"  runbook, nor table checksums  median {med['runbook_nosum']:.2f}s  "
         f"[{fmt(times['runbook_nosum'])}]  {nosum_ratio:.2f}x "
         f"({paired(times['runbook_nosum'], times['raw'])})"
     )
     print(
-        f"  per-table checksums cost      {med['runbook'] - med['runbook_nosum']:+.2f}s "
-        "(default minus verify_restore_max_bytes = 0)"
+        f"  the trial restore costs       {med['runbook'] - med['runbook_list']:+.2f}s, "
+        f"the per-table checksums {med['runbook_list'] - med['runbook_nosum']:+.2f}s"
     )
-    print(f"  verify_restore = true (once)  {full_s:.2f}s  ({full_s / med['raw']:.2f}x raw)")
     print("restore:")
     print(f"  raw pg_restore --clean        median {rmed['raw']:.2f}s  [{fmt(rtimes['raw'])}]")
     print(
@@ -469,8 +477,8 @@ def report(
     ok_b, ok_r = b_ratio <= TARGET_BACKUP, r_ratio <= TARGET_RESTORE
     print()
     print(
-        f"target backup  <= {TARGET_BACKUP:g}x raw: {'MET' if ok_b else 'NOT MET'} "
-        f"(ratio of medians {b_ratio:.2f}x; without checksums {nosum_ratio:.2f}x)"
+        f"target backup  <= {TARGET_BACKUP:g}x raw, default settings: "
+        f"{'MET' if ok_b else 'NOT MET'} (ratio of medians {b_ratio:.2f}x)"
     )
     print(
         f"target restore <= {TARGET_RESTORE:g}x raw: {'MET' if ok_r else 'NOT MET'} "

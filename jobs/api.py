@@ -13,14 +13,12 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from jobs import backfill, backfill_runner, db, ledger, refusals, sqlguard, vault
-from jobs import backup as backups
-from jobs import plan as planning
+from jobs import db, ledger, refusals
 from jobs.config import Settings, Target, load_settings, redact
 from jobs.errors import (
     BackupError,
@@ -30,11 +28,29 @@ from jobs.errors import (
     TargetUnreachable,
     UnknownRun,
 )
+from jobs.lazy import lazy, lazy_callable
 from jobs.ledger import Run
-from jobs.migrate import Project, Revision
 from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 
+# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
+# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
+# that need them (tests/unit/test_cli_imports.py).
+if TYPE_CHECKING:
+    from jobs import backfill, backfill_runner, sqlguard, vault
+    from jobs import backup as backups
+    from jobs import plan as planning
+    from jobs.migrate import Project, Revision
+else:
+    backfill = lazy("jobs.backfill")
+    backfill_runner = lazy("jobs.backfill_runner")
+    sqlguard = lazy("jobs.sqlguard")
+    vault = lazy("jobs.vault")
+    backups = lazy("jobs.backup")
+    planning = lazy("jobs.plan")
+    Project = lazy_callable("jobs.migrate", "Project")
+
 EXECUTE_TASK = "runbook.execute_run"
+WAIT_REREAD_S = 0.05
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -613,9 +629,14 @@ def wait(
     t, _ = _find(settings, run_id, target)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: Any = None
+    read_at = 0.0
     with db.connect(t, autocommit=True) as conn:
         ledger.listen(conn)
         while True:
+            # Every step record is announced; a read takes the whole run. Read at most every
+            # WAIT_REREAD_S, or a long history costs hundreds of reads on the worker's cores.
+            time.sleep(max(0.0, read_at + WAIT_REREAD_S - time.monotonic()))
+            read_at = time.monotonic()
             run = ledger.get_run(conn, run_id)
             snapshot = run.as_dict()
             marker = (run.state, [(s.kind, s.revision, s.state, s.attempts) for s in run.steps])

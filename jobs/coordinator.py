@@ -14,6 +14,7 @@ backfill step's outcome in the ledger and goes on, or rolls back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,10 +211,7 @@ class Coordinator:
         tables: list[str] = []
         for rev in path:
             tables += [str(item.declared["table"]) for item in rev.backfills]
-            try:
-                sql = self.project.upgrade_sql(rev, as_runbook_runs_it=True)
-            except RunbookError:
-                continue  # cannot render offline: its tables are unknown
+        for sql in self._render_offline(path):
             tables += [t for t in plan.tables_in(sql) if t != self.target.version_table]
         try:
             checked = preflight.preflight(
@@ -230,6 +228,32 @@ class Coordinator:
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
         self._end(step, st.STEP_SUCCEEDED, **checked)
+
+    def _render_offline(self, path: list[Revision]) -> list[str]:
+        """The SQL of the revisions of ``path`` that render offline, in as few runs of env.py
+        as it takes: the rest of the path at once; when a revision fails, the revisions before
+        it at once and the rest after it (a revision that cannot render is left out, its
+        tables unknown). One env.py run per revision took longer than the run's upgrades."""
+        rendered: list[str] = []
+        rest = list(path)
+        while rest:
+            try:
+                rendered.append(self.project.upgrade_range_sql(rest, as_runbook_runs_it=True))
+                break
+            except RunbookError as exc:
+                bad = _failing_revision(exc, rest)
+            if bad is None:  # no revision to blame: one by one, as each renders alone
+                for rev in rest:
+                    with contextlib.suppress(RunbookError):
+                        rendered.append(self.project.upgrade_sql(rev, as_runbook_runs_it=True))
+                break
+            if bad:
+                with contextlib.suppress(RunbookError):
+                    rendered.append(
+                        self.project.upgrade_range_sql(rest[:bad], as_runbook_runs_it=True)
+                    )
+            rest = rest[bad + 1 :]
+        return rendered
 
     def hook(self, which: str, state: str | None = None) -> None:
         """Run the target's before_run / after_run hook, recorded as a step."""
@@ -594,6 +618,21 @@ class Coordinator:
             ledger.update_run(self.conn, self.run, irreversible=found)
             raise DowngradeImpossible(error)
         self._end(step, st.STEP_SUCCEEDED, fingerprint=now)
+
+
+def _failing_revision(exc: BaseException, path: list[Revision]) -> int | None:
+    """The index in ``path`` of the revision whose code raised ``exc``'s cause (the deepest
+    frame in one of their files), or None."""
+    files = {str(Path(rev.path).resolve()): i for i, rev in enumerate(path)}
+    found: int | None = None
+    cause = exc.__cause__ or exc.__context__
+    tb = cause.__traceback__ if cause is not None else None
+    while tb is not None:
+        index = files.get(str(Path(tb.tb_frame.f_code.co_filename).resolve()))
+        if index is not None:
+            found = index
+        tb = tb.tb_next
+    return found
 
 
 def execute(

@@ -10,6 +10,7 @@ driver and the same session settings (jobs/envpy.py).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -28,15 +29,19 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import ProgrammingError
 
-from jobs import db, envpy, sqlguard
+from jobs import db, envpy
 from jobs.config import Target, redact
 from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
+from jobs.lazy import lazy
 
 if TYPE_CHECKING:
+    from jobs import sqlguard
     from jobs.backfill import Spec
+else:
+    sqlguard = lazy("jobs.sqlguard")  # pglast, for declared backfills only
 
 log = logging.getLogger("runbook.migrate")
 
@@ -341,6 +346,7 @@ class Project:
             )
         self.head = heads[0] if heads else None
         self._conn: Connection | None = None
+        self._engine: Engine | None = None
         # For env.py files that build their own engine: the target's URL with the driver the
         # project names (asyncpg for an async env.py); session settings come at connect time.
         try:
@@ -509,13 +515,18 @@ class Project:
     def _connection(self) -> Connection:
         """The run's migration connection (with lock_timeout), opened once and reused."""
         if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = db.engine(self.target).connect()
+            if self._engine is None:
+                self._engine = db.pooled_engine(self.target)
+            self._conn = self._engine.connect()
         return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()  # no idle connection outlives the run
+            self._engine = None
 
     def stamp(self, revision: str | None) -> None:
         """``alembic stamp --purge``: record ``revision`` without running migrations. Purge,
@@ -588,6 +599,12 @@ class Project:
         plain ``alembic upgrade --sql`` shows it, or (``as_runbook_runs_it``) without the
         inline loop of a revision whose declared backfills runbook runs itself."""
         return self._render(rev, upgrade=True, as_runbook_runs_it=as_runbook_runs_it)
+
+    def upgrade_range_sql(self, path: list[Revision], *, as_runbook_runs_it: bool = False) -> str:
+        """The SQL of every revision of ``path`` (oldest first, consecutive), rendered
+        offline in one run of env.py, as ``upgrade_sql`` renders each."""
+        span = dataclasses.replace(path[-1], down=path[0].down)
+        return self._render(span, upgrade=True, as_runbook_runs_it=as_runbook_runs_it)
 
     def downgrade_sql(self, rev: Revision) -> str:
         """The SQL ``rev``'s downgrade would run, rendered offline (no database touched)."""
