@@ -54,9 +54,14 @@ def _broker_gone(settings: Settings) -> str:
 def _check_broker(settings: Settings) -> None:
     from kombu import Connection
 
+    # A timeout on every socket read too: a stopped Redis accepts connections, never answers.
+    options = {"socket_timeout": 3, "socket_connect_timeout": 3}
     try:
-        with Connection(settings.broker_url, connect_timeout=3) as conn:
+        with Connection(settings.broker_url, connect_timeout=3, transport_options=options) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+            client = getattr(conn.default_channel, "client", None)  # Redis: a real round trip
+            if client is not None:
+                client.ping()
     except Exception:
         raise BrokerUnavailable(_broker_gone(settings)) from None
 
