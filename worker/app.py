@@ -5,10 +5,12 @@ Start a worker with ``runbook worker`` (or ``celery -A worker.app worker -Q runb
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 from celery import Celery
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -20,6 +22,7 @@ VISIBILITY_TIMEOUT_S = int(os.environ.get("RUNBOOK_VISIBILITY_TIMEOUT", 6 * 3600
 # A broker that does not answer for this long is lost: a socket waits no longer (a stopped or
 # unplugged Redis leaves half-open sockets that would otherwise wait for ever).
 BROKER_TIMEOUT_S = float(os.environ.get("RUNBOOK_BROKER_TIMEOUT", "10"))
+RECONNECT_MAX_S = 5.0
 
 
 class _Channel(kombu_redis.Channel):
@@ -53,6 +56,18 @@ class RedisTransport(kombu_redis.Transport):
 
 for _scheme in ("redis", "rediss"):
     TRANSPORT_ALIASES[_scheme] = "worker.app:RedisTransport"
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, trying to reconnect at least every RECONNECT_MAX_S (kombu's
+    default backoff reaches 30 s, so after a long outage a worker would sit up to 30 s
+    beside a broker that is back, while the reconciler's re-sent work waits in it)."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=1, interval_step=1, interval_max=RECONNECT_MAX_S
+        )
+        return super().ensure_connected(conn)
 
 
 def _redis_socket_options() -> dict[str, Any]:
@@ -103,5 +118,6 @@ app.conf.update(
     # A task in flight when the broker goes is left to finish: its run or slice is in the
     # ledger, and cancelling it would interrupt a migration half-way.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    worker_consumer="worker.app:Consumer",
     worker_hijack_root_logger=True,
 )

@@ -210,6 +210,50 @@ class InFlight:
     backfill_id: str
 
 
+def ddl_in_flight(world: World, run_db: str) -> None:
+    wait_for(
+        "a1's DDL in flight",
+        lambda: query(
+            run_db,
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state = 'active' AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+        ),
+        90,
+        world.log,
+    )
+
+
+def run_finished(world: World, run_db: str, run_id: str) -> float:
+    """When (monotonic) the run was seen finished."""
+    wait_for(
+        f"run {run_id} to finish",
+        lambda: query(
+            run_db, f"SELECT 1 FROM runbook.runs WHERE id = '{run_id}' AND finished_at IS NOT NULL"
+        ),
+        DEADLINE_S,
+        lambda: world.log()[-6000:],
+    )
+    return time.monotonic()
+
+
+def check_run(world: World, run_db: str, run_id: str) -> None:
+    """The run succeeded, each step once, a1's DDL done by the delivery that was in it."""
+    [(state, error)] = query(run_db, f"SELECT state, error FROM runbook.runs WHERE id = '{run_id}'")
+    assert (state, error) == ("succeeded", None), world.log()[-6000:]
+    steps = query(
+        run_db,
+        f"SELECT kind, revision, state, attempts FROM runbook.steps WHERE run_id = "
+        f"'{run_id}' AND kind IN ('upgrade', 'verify') ORDER BY id",
+    )
+    assert steps == [
+        ("upgrade", "a1", "succeeded", 1),
+        ("verify", "a1", "succeeded", 1),
+        ("upgrade", "a2", "succeeded", 1),
+        ("verify", "a2", "succeeded", 1),
+    ]
+    assert query(run_db, "SELECT version_num FROM alembic_version") == [("a2",)]
+
+
 def start_work(world: World, ddl_s: float) -> InFlight:
     """An apply whose first revision is in its DDL, and a backfill walking, both mid-way."""
     run_target, run_db = world.target(slow_ddl(ddl_s))
@@ -223,16 +267,7 @@ def start_work(world: World, ddl_s: float) -> InFlight:
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
     backfill_id = started.stdout.strip().split()[0]
-    wait_for(
-        "a1's DDL in flight",
-        lambda: query(
-            run_db,
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state = 'active' AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
-        ),
-        90,
-        world.log,
-    )
+    ddl_in_flight(world, run_db)
 
     def walking() -> bool:
         [(state, done)] = query(
@@ -274,23 +309,7 @@ def finish(world: World, work: InFlight, result: Finished, back_at: float) -> No
     world.results.append(result)
     assert world.worker is not None and world.worker.poll() is None, "runbook worker exited"
 
-    # The run: succeeded, each step once, a1's DDL done by the delivery that was in it.
-    [(state, error)] = query(
-        work.run_db, f"SELECT state, error FROM runbook.runs WHERE id = '{work.run_id}'"
-    )
-    assert (state, error) == ("succeeded", None), world.log()[-6000:]
-    steps = query(
-        work.run_db,
-        f"SELECT kind, revision, state, attempts FROM runbook.steps WHERE run_id = "
-        f"'{work.run_id}' AND kind IN ('upgrade', 'verify') ORDER BY id",
-    )
-    assert steps == [
-        ("upgrade", "a1", "succeeded", 1),
-        ("verify", "a1", "succeeded", 1),
-        ("upgrade", "a2", "succeeded", 1),
-        ("verify", "a2", "succeeded", 1),
-    ]
-    assert query(work.run_db, "SELECT version_num FROM alembic_version") == [("a2",)]
+    check_run(world, work.run_db, work.run_id)
 
     # The backfill: succeeded, every row updated exactly once, the batches say so too.
     [(bf_state,)] = query(
@@ -357,6 +376,26 @@ def test_broker_away_5s(world: World) -> None:
 
 def test_broker_away_30s_refuses_new_work_and_status_answers(world: World) -> None:
     killed_for(world, 30, probe=True)
+
+
+def test_broker_away_5s_under_a_lone_apply(world: World) -> None:
+    """Only a run's task in flight: the recipe of kombu's crash (its late ack, or its
+    restore of the unacked message, through a closed channel; worker/app.py)."""
+    run_target, run_db = world.target(slow_ddl(13))
+    started = world.cli("apply", "--target", run_target)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    ddl_in_flight(world, run_db)
+    away = time.monotonic()
+    world.redis.kill()
+    time.sleep(5)
+    world.redis.start()
+    back = time.monotonic()
+    result = Finished("Redis killed, started again empty (a lone apply)", back - away)
+    result.run_s = run_finished(world, run_db, run_id) - back
+    world.results.append(result)
+    check_run(world, run_db, run_id)
+    assert "Unrecoverable error" not in world.log(), world.log()[-6000:]
 
 
 def test_broker_flapping(world: World) -> None:
