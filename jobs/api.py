@@ -57,24 +57,52 @@ def _settings(settings: Settings | None) -> Settings:
     return settings if settings is not None else load_settings()
 
 
+def _broker_gone(settings: Settings) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    safe = redact(maybe_sanitize_url(settings.broker_url))
+    return (
+        f"the broker at {safe} is unreachable; start Redis (e.g. `docker compose up -d "
+        "redis`) or set CELERY_BROKER_URL"
+    )
+
+
 def _check_broker(settings: Settings) -> None:
     from kombu import Connection
 
+    # A timeout on every socket read too: a stopped Redis accepts connections, never answers.
+    options = {"socket_timeout": 3, "socket_connect_timeout": 3}
     try:
-        with Connection(settings.broker_url, connect_timeout=3) as conn:
+        with Connection(settings.broker_url, connect_timeout=3, transport_options=options) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+            client = getattr(conn.default_channel, "client", None)  # Redis: a real round trip
+            if client is not None:
+                client.ping()
     except Exception:
-        safe = redact(settings.broker_url)
-        raise BrokerUnavailable(
-            f"the broker at {safe} is unreachable; start Redis (e.g. `docker compose up -d "
-            "redis`) or set CELERY_BROKER_URL"
-        ) from None
+        raise BrokerUnavailable(_broker_gone(settings)) from None
+
+
+def _publish(settings: Settings, task: str, args: list[Any], **options: Any) -> None:
+    """Send one task message; BrokerUnavailable when the broker cannot take it (it went away
+    since _check_broker): a few quick retries, not Celery's default of a second or more."""
+    from kombu.exceptions import OperationalError
+
+    from worker.app import app
+
+    try:
+        app.send_task(
+            task,
+            args=args,
+            queue=settings.queue,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2},
+            **options,
+        )
+    except (OperationalError, OSError):
+        raise BrokerUnavailable(_broker_gone(settings)) from None
 
 
 def _send(settings: Settings, run_id: str, target: Target) -> None:
-    from worker.app import app
-
-    app.send_task(EXECUTE_TASK, args=[run_id, target.name], queue=settings.queue)
+    _publish(settings, EXECUTE_TASK, [run_id, target.name])
 
 
 def _check_scratch(conn: Connection, target: Target) -> None:
@@ -121,7 +149,13 @@ def _admit(
         options=options,
         irreversible=irreversible,
     )
-    _send(settings, run_id, t)
+    try:
+        _send(settings, run_id, t)
+    except BrokerUnavailable as exc:
+        # Recorded but never sent: cancel it, so that it neither runs later (sent by the
+        # reconciler) nor blocks the next apply on this target.
+        ledger.transition(conn, ledger.get_run(conn, run_id), CANCELLED, error=str(exc))
+        raise BrokerUnavailable(f"{exc} (run {run_id} was not sent, and is cancelled)") from None
     return run_id
 
 
@@ -760,7 +794,14 @@ def enqueue_backfill(
         if backfill.get(conn, backfill_id).state == "succeeded":
             return backfill_id  # an empty table: nothing to queue
         started = backfill.start(conn, backfill_id)
-        backfill_runner.send_slices(conn, t.name, backfill_id, started, _slice_sender(settings))
+        try:
+            backfill_runner.send_slices(conn, t.name, backfill_id, started, _slice_sender(settings))
+        except BrokerUnavailable as exc:
+            # Never let it run later behind the operator's back (they will start it again).
+            backfill.cancel(conn, backfill_id)
+            raise BrokerUnavailable(
+                f"{exc} (backfill {backfill_id} was not sent, and is cancelled)"
+            ) from None
     return backfill_id
 
 
@@ -796,13 +837,11 @@ def dry_run_backfill(
 
 
 def _slice_sender(settings: Settings) -> backfill_runner.SendSlice:
-    from worker.app import app
-
     def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
-        app.send_task(
+        _publish(
+            settings,
             "runbook.backfill_slice",
-            args=[backfill_id, target, slice_no, generation],
-            queue=settings.queue,
+            [backfill_id, target, slice_no, generation],
             argsrepr=label,
             kwargsrepr="{}",
         )

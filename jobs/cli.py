@@ -743,12 +743,11 @@ def cancel(run_id: str, target: str | None) -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @friendly
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Start a Celery worker for runbook's queue; extra arguments go to `celery worker`."""
-    settings = load_settings()
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", settings.queue]
-    if not any(a.startswith(("--loglevel", "-l")) for a in celery_args):
-        args += ["--loglevel", "INFO"]
-    os.execv(sys.executable, args + list(celery_args))
+    """Start a Celery worker for runbook's queue, and start it again should it die (extra
+    arguments go to `celery worker`)."""
+    from worker import supervise
+
+    sys.exit(supervise.main(load_settings().queue, celery_args))
 
 
 @cli.command()

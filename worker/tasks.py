@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
@@ -18,13 +20,24 @@ from worker.app import app
 log = logging.getLogger("runbook.worker")
 
 
+@contextmanager
+def _best_effort(what: str) -> Iterator[None]:
+    """Progress goes to Redis, the record to the ledger: a broker that is away must not fail
+    the step (or the batch) that reports it."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("%s not published (the broker is away?): %s", what, redact(str(exc)))
+
+
 @app.task(name="runbook.execute_run", bind=True)
 def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
     """Carry a run as far as it goes. Arguments are names only, never URLs."""
 
     def progress(info: dict[str, Any]) -> None:
         if self.request.id:
-            self.update_state(state="PROGRESS", meta=info)
+            with _best_effort("progress"):
+                self.update_state(state="PROGRESS", meta=info)
 
     try:
         settings = load_settings()
@@ -53,7 +66,9 @@ def backfill_slice(
         # reads events only, makes the task PROGRESS and shows the event's `result` field (its
         # other fields are kept but not shown). `state` is left out: applied after the task's
         # success event, it would overwrite the task's state in Flower.
-        if self.request.id:
+        if not self.request.id:
+            return
+        with _best_effort("progress"):
             self.update_state(state="PROGRESS", meta=info)
             fields = {k: v for k, v in info.items() if k != "state"}
             self.send_event(

@@ -216,6 +216,20 @@ class Worker:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def celery_pid(self) -> int:
+        """The Celery main process that `runbook worker` (worker/supervise.py) runs."""
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        (pid,) = out.stdout.split()
+        return int(pid)
+
+    def pool_pids(self) -> list[str]:
+        """Celery's pool processes: what a deploy's or the OOM killer's SIGKILL hits."""
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.celery_pid())], capture_output=True, text=True
+        )
+        return out.stdout.split()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

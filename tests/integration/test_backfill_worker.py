@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -63,10 +62,7 @@ def test_every_row_updated_exactly_once_through_three_worker_kills(
     for threshold in (2000, 6000, 11000):
         now = wait_for_rows(backfill_id, name, threshold)
         assert now["state"] == "running", now
-        children = subprocess.run(
-            ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        for pid in children:  # no chance to clean up: acks_late brings the slice back
+        for pid in worker.pool_pids():  # no chance to clean up: acks_late brings the slice back
             os.kill(int(pid), signal.SIGKILL)
     done = wait_for_rows(backfill_id, name, ROWS, timeout_s=120)
     deadline = time.monotonic() + 60

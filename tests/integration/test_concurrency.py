@@ -48,9 +48,7 @@ def second_worker(
 
 
 def pool_pids(w: Worker) -> set[str]:
-    assert w.proc is not None
-    out = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True)
-    return set(out.stdout.split())
+    return set(w.pool_pids())
 
 
 def test_five_applies_at_once_admit_exactly_one(

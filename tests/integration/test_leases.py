@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,13 +43,6 @@ def reconciling_worker(
     w.start(concurrency=1, RUNBOOK_RECONCILE_S="1", RUNBOOK_LEASE_S=str(LEASE_S))
     yield w
     w.stop()
-
-
-def pool_pids(w: Worker) -> list[str]:
-    """The worker's pool processes (children of its main process)."""
-    assert w.proc is not None
-    out = subprocess.run(["pgrep", "-P", str(w.proc.pid)], capture_output=True, text=True)
-    return out.stdout.split()
 
 
 def wait_state(run_id: str, name: str, states: set[str], timeout_s: float = 60) -> dict:
@@ -201,7 +193,7 @@ def test_a_slice_whose_worker_keeps_dying_errors_the_backfill_on_a_real_worker(
     while api.backfill_status(backfill_id, name)["state"] == "running":
         assert time.monotonic() < deadline, api.backfill_status(backfill_id, name)
         if unfinished() > killed:
-            for pid in pool_pids(worker):
+            for pid in worker.pool_pids():
                 os.kill(int(pid), signal.SIGKILL)
             killed += 1
         time.sleep(0.05)

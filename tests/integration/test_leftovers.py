@@ -91,8 +91,12 @@ class UserWorker:
     def kill_pool(self) -> None:
         """SIGKILL the pool processes only; the main process lives and delivers again."""
         assert self.proc is not None
-        children = subprocess.run(
+        # `runbook worker` runs Celery as its child (worker/supervise.py): its pool is below.
+        (celery,) = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        children = subprocess.run(
+            ["pgrep", "-P", celery], capture_output=True, text=True
         ).stdout.split()
         assert children, self.log()
         for pid in children:

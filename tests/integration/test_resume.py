@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -50,10 +49,7 @@ def test_sigkilled_worker_mid_upgrade_is_redelivered_and_the_run_completes(
     else:
         pytest.fail("the slow revision never started")
     assert worker.proc is not None
-    children = subprocess.run(
-        ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True
-    ).stdout.split()
-    for pid in children:  # SIGKILL the pool processes: no chance to clean up or record
+    for pid in worker.pool_pids():  # SIGKILL the pool processes: no chance to clean up or record
         os.kill(int(pid), signal.SIGKILL)
 
     run = api.wait(run_id, name, timeout_s=90)
