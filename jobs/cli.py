@@ -102,7 +102,8 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
             TextColumn("{task.percentage:>5.1f}%"),
             TextColumn("{task.fields[detail]}"),
         )
-        with Progress(*columns, console=err, transient=False) as bar:
+        console = cast(_LazyConsole, err).resolve()
+        with Progress(*columns, console=console, transient=False) as bar:
             # Every field the columns format must exist from the first refresh on.
             task = bar.add_task(
                 f"backfill {backfill_id}", total=now["rows_total"] or None, detail=""
@@ -135,10 +136,14 @@ class _LazyConsole:
         self._stderr = stderr
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def resolve(self) -> Console:
+        """The console itself: rich's Live (a progress bar) needs the object, not a proxy."""
         if self._console is None:
             self._console = _console(self._stderr)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resolve(), name)
 
 
 err = cast("Console", _LazyConsole(stderr=True))
