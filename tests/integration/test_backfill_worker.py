@@ -7,10 +7,19 @@ import os
 import signal
 import time
 
+import psycopg2
 import pytest
 
 from jobs import api
-from tests.integration.conftest import Config, Databases, Worker, db_url, query, runbook_cli
+from tests.integration.conftest import (
+    Config,
+    Databases,
+    Worker,
+    db_url,
+    query,
+    runbook_cli,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +142,55 @@ def test_pause_resume_and_the_cli(worker: Worker, config: Config, databases: Dat
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert query(dbname, "SELECT count(*) FROM large") == [(ROWS,)]
+
+
+def test_a_worker_killed_while_its_batch_update_waits_commits_nothing_and_the_batch_is_redone(
+    worker: Worker, config: Config, databases: Databases
+) -> None:
+    name, dbname = make_table(config, databases)
+    locked_key = 3 * 5000  # a row in the middle of the walk
+    holder = psycopg2.connect(db_url(dbname))
+    with holder.cursor() as cur:  # the application holds this row: the batch reaching it waits
+        cur.execute("SELECT id FROM large WHERE id = %s FOR UPDATE", (locked_key,))
+    try:
+        backfill_id = api.enqueue_backfill(
+            "large", "counter = counter + 1", target=name, batch_size=500
+        )
+
+        def waiting_update() -> bool:
+            return (
+                query(
+                    dbname,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'runbook%' AND wait_event_type = 'Lock' "
+                    "AND query LIKE 'UPDATE%'",
+                )[0][0]
+                == 1
+            )
+
+        until("the batch UPDATE to wait on the held row", waiting_update, 60)
+        killed_at = query(dbname, "SELECT clock_timestamp()")[0][0]
+        for pid in worker.pool_pids():  # mid-statement: no chance to commit or record anything
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        holder.rollback()
+        holder.close()
+    done = wait_for_rows(backfill_id, name, ROWS, timeout_s=120)
+    deadline = time.monotonic() + 60
+    while done["state"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        done = api.backfill_status(backfill_id, name)
+    assert done["state"] == "succeeded", done
+    assert query(dbname, "SELECT count(*), min(counter), max(counter) FROM large") == [(ROWS, 1, 1)]
+    # The batch holding that row was redone after the kill, and recorded once.
+    covering = query(
+        dbname,
+        "SELECT committed_at FROM runbook.backfill_batches WHERE backfill_id = "
+        f"'{backfill_id}' AND coalesce(lo::bigint, 0) < {locked_key} AND hi::bigint >= {locked_key}",
+    )
+    assert len(covering) == 1, covering
+    assert covering[0][0] > killed_at
+    assert query(
+        dbname,
+        f"SELECT sum(rows) FROM runbook.backfill_batches WHERE backfill_id = '{backfill_id}'",
+    ) == [(ROWS,)]
