@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -693,6 +693,27 @@ def backfill_status(
     t = _find_backfill(_settings(settings), backfill_id, target)
     with db.connect(t) as conn:
         return backfill_runner.progress(conn, backfill.get(conn, backfill_id))
+
+
+def follow_backfill(
+    backfill_id: str,
+    target: str | None = None,
+    *,
+    interval_s: float = 0.5,
+    settings: Settings | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The backfill's progress now, then again at once when its state changes (the ledger's
+    notification) and at least every ``interval_s``, until it stops (succeeded, paused,
+    cancelled, errored): the last one yielded."""
+    t = _find_backfill(_settings(settings), backfill_id, target)
+    with db.connect(t, autocommit=True) as conn:
+        ledger.listen(conn)
+        while True:
+            info = backfill_runner.progress(conn, backfill.get(conn, backfill_id))
+            yield info
+            if info["state"] in backfill_runner.STOPS:
+                return
+            ledger.wait_for_change(conn, backfill_id, interval_s)
 
 
 def control_backfill(

@@ -6,10 +6,10 @@ state; 2 bad input or configuration, with nothing enqueued and nothing changed.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
@@ -58,7 +58,8 @@ def _backfill_line(now: dict[str, Any]) -> str:
 def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None:
     """Follow the backfill until it stops (a progress bar on a terminal, lines otherwise);
     exit 0 only when it succeeded."""
-    now = api.backfill_status(backfill_id, target)
+    updates = api.follow_backfill(backfill_id, target)  # woken by the ledger at each change
+    now = next(updates)
     if as_json or not err.is_terminal:
         last = None
         while True:
@@ -67,8 +68,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
                 last = (now["state"], now["rows_done"])
             if now["state"] in BACKFILL_STOPS:
                 break
-            time.sleep(0.5)
-            now = api.backfill_status(backfill_id, target)
+            now = next(updates)
     else:
         columns = (
             TextColumn("{task.description}"),
@@ -83,8 +83,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
                 bar.update(task, completed=now["rows_done"], detail=detail)
                 if now["state"] in BACKFILL_STOPS:
                     break
-                time.sleep(0.5)
-                now = api.backfill_status(backfill_id, target)
+                now = next(updates)
     if as_json:
         click.echo(json.dumps(now, indent=2))
     elif now["error"]:
@@ -620,6 +619,10 @@ def main() -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    finally:
+        # Objects frozen now are left out of the interpreter's last collection at exit,
+        # which would otherwise walk everything the imports made (~0.1 s a command).
+        gc.freeze()
 
 
 if __name__ == "__main__":
