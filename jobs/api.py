@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -701,19 +701,11 @@ def follow_backfill(
     *,
     interval_s: float = 0.5,
     settings: Settings | None = None,
-) -> Iterator[dict[str, Any]]:
-    """The backfill's progress now, then again at once when its state changes (the ledger's
-    notification) and at least every ``interval_s``, until it stops (succeeded, paused,
-    cancelled, errored): the last one yielded."""
+) -> backfill_runner.Updates:
+    """The backfill's progress now, then at once at each change of its state and at least
+    every ``interval_s``, until it stops (see backfill_runner.follow)."""
     t = _find_backfill(_settings(settings), backfill_id, target)
-    with db.connect(t, autocommit=True) as conn:
-        ledger.listen(conn)
-        while True:
-            info = backfill_runner.progress(conn, backfill.get(conn, backfill_id))
-            yield info
-            if info["state"] in backfill_runner.STOPS:
-                return
-            ledger.wait_for_change(conn, backfill_id, interval_s)
+    return backfill_runner.follow(t, backfill_id, interval_s)
 
 
 def control_backfill(

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection
 
 from jobs import backfill, db, lease, ledger
-from jobs.config import Settings
+from jobs.config import Settings, Target
 from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
 
 log = logging.getLogger("runbook.backfill")
 
-# A slice task's time before it hands on. Each hand-off costs a new task (ledger commits,
-# a Celery hop, new connections: 50-90 ms here), so 3 s cost 2-3% of a backfill; 10 s
-# keeps tasks short (a worker's warm shutdown waits at most this long) for under 1%.
-SLICE_SECONDS = 10.0
+SLICE_SECONDS = 3.0
 PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
 # The outcomes of a slice that stopped the whole backfill: a run waiting on it goes on.
 STOPS = frozenset({SUCCEEDED, PAUSED, CANCELLED, ERRORED})
@@ -33,6 +30,7 @@ SendSlice = Callable[[str, str, int, int, str], None]
 # (run id, target name): queue the run that waits for a backfill.
 ResumeRun = Callable[[str, str], None]
 Progress = Callable[[dict[str, Any]], None]
+Updates = Iterator[dict[str, Any]]
 
 
 def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
@@ -75,6 +73,20 @@ def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
         "error": bf.error,
         "error_range": bf.error_range,
     }
+
+
+def follow(target: Target, backfill_id: str, interval_s: float = 0.5) -> Updates:
+    """The backfill's progress now, then again at once when its state changes (the ledger's
+    notification: `runbook backfill --wait` exits as soon as it stopped, not at the next
+    poll) and at least every ``interval_s``, until it stops: the last one yielded."""
+    with db.connect(target, autocommit=True) as conn:
+        ledger.listen(conn)
+        while True:
+            info = progress(conn, backfill.get(conn, backfill_id))
+            yield info
+            if info["state"] in STOPS:
+                return
+            ledger.wait_for_change(conn, backfill_id, interval_s)
 
 
 def label(bf_id: str, target: str, piece: ledger.Slice, generation: int) -> str:

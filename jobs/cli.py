@@ -6,7 +6,6 @@ state; 2 bad input or configuration, with nothing enqueued and nothing changed.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import sys
@@ -619,10 +618,6 @@ def main() -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    finally:
-        # Objects frozen now are left out of the interpreter's last collection at exit,
-        # which would otherwise walk everything the imports made (~0.1 s a command).
-        gc.freeze()
 
 
 if __name__ == "__main__":
