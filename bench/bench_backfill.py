@@ -513,7 +513,7 @@ def statement_kind(query: str) -> str:
         return "COMMIT"
     if upper.startswith(("BEGIN", "ROLLBACK")):
         return upper.split()[0]
-    if "FOR UPDATE OF s" in q:
+    if "AS bf_col_0" in q:  # the open statement (its end may be cut off in pg_stat_activity)
         return "open: set_config, lock the slice, read the backfill (+ next bound)"
     if "set_config" in q:
         return "set_config (timeouts, application_name)"

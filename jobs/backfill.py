@@ -28,6 +28,7 @@ operator's input with ``jobs.sqlguard`` before it reaches a Spec.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -109,6 +110,8 @@ BLOCKED_PAUSE_S = 0.05  # after a batch that made sessions wait: let them run fi
 STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
 
 Connector = Engine | Callable[[], Connection]
+# The bound and the UPDATE of every batch, parsed once per text (text() costs ~50 us).
+_cached_text = functools.lru_cache(maxsize=256)(text)
 _UNKNOWN = object()
 OnBatch = Callable[[], None]
 
@@ -1008,7 +1011,9 @@ class _Walk:
         """The last key of the next batch; None when the slice's range is walked."""
         lo = piece.position
         sql = _bound_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
-        value = conn.execute(text(sql), {"lo": lo, "upper": piece.upper_key, "n": size}).scalar()
+        value = conn.execute(
+            _cached_text(sql), {"lo": lo, "upper": piece.upper_key, "n": size}
+        ).scalar()
         return None if value is None else str(value)
 
     def update(self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str) -> int:
@@ -1021,7 +1026,7 @@ class _Walk:
             bf.where_sql,
             lo is not None,
         )
-        return int(conn.execute(text(sql), {"lo": lo, "hi": hi}).rowcount)
+        return int(conn.execute(_cached_text(sql), {"lo": lo, "hi": hi}).rowcount)
 
     def bisect(
         self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str

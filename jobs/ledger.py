@@ -7,6 +7,7 @@ and is excluded from every backup and restore.
 
 from __future__ import annotations
 
+import functools
 import json
 import select
 import time
@@ -23,6 +24,8 @@ from jobs.errors import IllegalTransition, TargetBusy, UnknownRun
 from jobs.states import ENQUEUED, TERMINAL, check_transition
 
 SCHEMA = "runbook"
+# The statements a backfill batch runs each time, parsed once (text() costs ~50 us each).
+_cached_text = functools.lru_cache(maxsize=256)(text)
 # Every change to a run or its steps is announced here (payload: the run id), so that
 # `wait` and `status --watch` follow a run without polling it.
 CHANNEL = "runbook_runs"
@@ -1201,7 +1204,7 @@ def open_batch(
         binds.update(extra[1])
     selected = "".join(f"{c} AS bf_col_{i}, " for i, c in enumerate(columns))
     row = conn.execute(
-        text(
+        _cached_text(
             f"SELECT {selected}{_SLICE_AS}, {_BACKFILL_ROW} "
             f"FROM {SCHEMA}.backfill_slices s JOIN {SCHEMA}.backfills b ON b.id = s.backfill_id "
             "WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s"
@@ -1284,7 +1287,7 @@ def record_batch(
         )
     blocked = f"({blocked_sql})" if blocked_sql else "0"
     value = conn.execute(
-        text(
+        _cached_text(
             f"WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n), "
             f"batch AS (INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, "
             "batch_size, rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES "
