@@ -1,6 +1,9 @@
-"""Benchmark: runbook's backfill vs. one UPDATE statement vs. the runbook's §6.4 loop.
+"""Benchmark: `runbook backfill --wait` vs. one UPDATE through psql vs. the §6.4 loop.
 
     .venv/bin/python bench/bench_backfill.py [--rows 5000000] [--repeats 3]
+
+Every side is timed as a user times the command: wall clock from the command's start to its
+exit, the baseline in the same run.
 
 large_table (id bigserial PRIMARY KEY, payload text NOT NULL, new_column text NULL, payloads
 like migrations/seed.py's) with --rows rows is built once, untimed, in a template database,
@@ -9,16 +12,18 @@ already worked on). Every measurement runs on a fresh copy of it (CREATE DATABAS
 TEMPLATE ... STRATEGY FILE_COPY, then CHECKPOINT): the same table state, no bloat, a clean
 checkpoint, for every side. Every side sets new_column = 'default_value' on all rows:
 
-single   UPDATE large_table SET new_column = 'default_value' WHERE new_column IS NULL
-         (one statement, autocommit);
+single   psql -X -c "UPDATE large_table SET new_column = 'default_value'
+         WHERE new_column IS NULL" (one statement, autocommit; the psql process timed);
 loop     the runbook's §6.4 loop: UPDATE large_table SET new_column = 'default_value'
          WHERE id IN (SELECT id FROM large_table WHERE new_column IS NULL LIMIT 1000),
-         autocommit each, repeated until it updates no row;
-runbook  jobs.api.enqueue_backfill("large_table", "new_column = 'default_value'",
-         where="new_column IS NULL") with the API's defaults (checkpoints, progress, batch
-         records: the product path), run by a real Celery worker (prefork, -c 2) started by
-         the bench, timed from the call until the ledger says succeeded (polled every 20 ms);
-slices2  the same with slices=2 (when jobs.api.enqueue_backfill takes ``slices``).
+         autocommit each, repeated until it updates no row; with synchronous_commit = off
+         like runbook's batches (--loop-sync also runs it with the server's default, on);
+runbook  .venv/bin/runbook backfill --table large_table --set "new_column = 'default_value'"
+         --where "new_column IS NULL" --wait (the installed console script in a subprocess,
+         the CLI's defaults), run by a real worker the bench starts as a user does,
+         `.venv/bin/runbook worker -c 2` (its own queue through RUNBOOK_QUEUE, RUNBOOK_CONFIG
+         naming a runbook.toml the bench writes), timed until the command exits;
+slices2  the same with --slices 2.
 
 1. Throughput: rows/s of each side, interleaved, their order rotating every repeat; medians,
    with the WAL each side wrote and the checkpoints meanwhile.
@@ -28,26 +33,28 @@ slices2  the same with slices=2 (when jobs.api.enqueue_backfill takes ``slices``
    also for the writer alone on an idle copy; what the writer waited on (pg_stat_activity),
    which of its stalls hit a row of a runbook batch in flight (row locks) and which came
    near the end of a checkpoint. Drawn to bench/backfill_latency.png.
-3. Where runbook's time goes, from runbook.backfill_batches: time inside the batch UPDATEs,
-   between them (commit, ledger rows, next bound), slice hand-offs, start and end; and from
-   one more run per runbook side with pg_stat_activity sampled every 5 ms.
+3. Where runbook's time goes, from runbook.backfill_batches and the backfill's timestamps:
+   the command's start until the backfill is recorded (CLI start, checks), until its first
+   batch, inside the batch UPDATEs, between them, slice hand-offs, the end, until the
+   command exits; and from one more run per runbook side with pg_stat_activity sampled
+   every 5 ms.
 
 Targets: runbook >= 0.9x single and >= 1.5x loop (rows/s); writer max <= 100 ms during
-runbook's backfill; slices2 >= 1.1x single. Exit 0 all met, 1 not, 2 PostgreSQL or Redis
-unreachable. Every database created here (bench_backfill_*) is dropped and the worker
-stopped at the end, also on error, Ctrl-C or SIGTERM.
+runbook's backfill; slices2 >= 1.15x single. Exit 0 all met, 1 not, 2 PostgreSQL or Redis
+unreachable (or psql missing). Every database created here (bench_backfill_*) is dropped and
+the worker stopped at the end, also on error, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import multiprocessing as mp
 import os
 import random
+import shlex
 import signal
 import statistics
 import subprocess
@@ -81,7 +88,8 @@ STALL_MS = 100.0
 TARGET_VS_SINGLE = 0.9
 TARGET_VS_LOOP = 1.5
 TARGET_MAX_STALL_MS = 100.0
-TARGET_SLICES2_VS_SINGLE = 1.1
+TARGET_SLICES2_VS_SINGLE = 1.15
+RUNBOOK = REPO / ".venv" / "bin" / "runbook"
 
 SET_SQL = "new_column = 'default_value'"
 WHERE_SQL = "new_column IS NULL"
@@ -94,6 +102,7 @@ LABELS = {
     "idle": "writer alone (no backfill)",
     "single": "one UPDATE statement",
     "loop": "§6.4 loop (LIMIT 1000)",
+    "loop_sync": "§6.4 loop, synchronous_commit on",
     "runbook": "runbook backfill",
     "slices2": "runbook backfill, slices=2",
 }
@@ -125,9 +134,16 @@ def admin_exec(sql: str, dbname: str | None = None) -> list[tuple[Any, ...]]:
 
 
 def services_problem() -> str | None:
-    """One line naming the first unreachable service, or None."""
+    """One line naming the first unreachable service or missing command, or None."""
+    import shutil
+
     import psycopg2
     import redis
+
+    if shutil.which("psql") is None:
+        return "psql is not on PATH; install the PostgreSQL client and run the benchmark again"
+    if not RUNBOOK.exists():
+        return f"{RUNBOOK} is missing; run `make install` first"
 
     try:
         psycopg2.connect(ADMIN_URL, connect_timeout=3).close()
@@ -239,7 +255,8 @@ def check_done(rows: int) -> None:
 
 
 class Worker:
-    """A real Celery worker process on a queue of this run's own."""
+    """``runbook worker`` as a user starts it (the console script), on a queue of this run's
+    own (RUNBOOK_QUEUE in the environment)."""
 
     def __init__(self, log: Path, concurrency: int) -> None:
         self.log_path = log
@@ -251,24 +268,12 @@ class Worker:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.app",
+                    str(RUNBOOK),
                     "worker",
-                    "-Q",
-                    QUEUE,
                     "-c",
                     str(self.concurrency),
-                    "--pool",
-                    "prefork",
-                    "--loglevel",
-                    "INFO",
                     "-n",
                     f"bench-backfill-{SESSION}@%h",
-                    "--without-mingle",
-                    "--without-gossip",
                 ],
                 cwd=REPO,
                 env=env,
@@ -331,23 +336,30 @@ class Outcome:
 
 
 def run_single() -> Outcome:
-    conn = connect(RUN_DB)
-    try:
-        with conn.cursor() as cur:
-            start = time.monotonic()
-            cur.execute(SINGLE_SQL)
-            end = time.monotonic()
-            return Outcome(end - start, cur.rowcount, start, end)
-    finally:
-        conn.close()
+    """The one UPDATE as a user runs it: a psql process, timed from its start to its exit."""
+    start = time.monotonic()
+    done = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", db_url(RUN_DB), "-c", SINGLE_SQL],
+        capture_output=True,
+        text=True,
+    )
+    end = time.monotonic()
+    if done.returncode != 0:
+        raise RuntimeError(f"psql failed: {done.stderr.strip()}")
+    rows = int(done.stdout.split()[-1])  # "UPDATE 5000000"
+    return Outcome(end - start, rows, start, end)
 
 
-def run_loop() -> Outcome:
+def run_loop(sync_commit: bool = False) -> Outcome:
+    """The §6.4 loop as a script runs it (one connection, autocommit); with
+    ``sync_commit`` off, each commit does not wait for its WAL flush, as runbook's batches."""
+    start = time.monotonic()
     conn = connect(RUN_DB)
     rows = 0
     try:
         with conn.cursor() as cur:
-            start = time.monotonic()
+            if not sync_commit:
+                cur.execute("SET synchronous_commit = off")
             while True:
                 cur.execute(LOOP_SQL)
                 if cur.rowcount == 0:
@@ -359,54 +371,51 @@ def run_loop() -> Outcome:
         conn.close()
 
 
-def backfill_kwargs(slices: int, batch_size: int | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"target": TARGET, "where": WHERE_SQL}
+def cli_args(slices: int, batch_size: int | None, table: str) -> list[str]:
+    args = [str(RUNBOOK), "backfill", "--table", table, "--set", SET_SQL, "--where", WHERE_SQL]
     if slices != 1:
-        kwargs["slices"] = slices
+        args += ["--slices", str(slices)]
     if batch_size is not None:
-        kwargs["batch_size"] = batch_size
-    return kwargs
+        args += ["--batch-size", str(batch_size)]
+    return [*args, "--wait"]
 
 
 def run_runbook(
     slices: int, batch_size: int | None, timeout_s: float, table: str = "large_table"
 ) -> Outcome:
-    """enqueue_backfill, then poll the ledger until the backfill succeeded."""
-    from jobs import api
-
+    """`runbook backfill ... --wait` in a subprocess, timed from its start to its exit; then
+    the backfill's record read from the ledger (untimed)."""
+    args = cli_args(slices, batch_size, table)
+    wall0 = time.time()
+    start = time.monotonic()
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`runbook backfill` still running after {timeout_s:.0f}s") from None
+    end = time.monotonic()
+    backfill_id = done.stdout.split()[0] if done.stdout.split() else ""
+    if done.returncode != 0 or not backfill_id:
+        raise RuntimeError(
+            f"`runbook backfill` exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+        )
     conn = connect(RUN_DB)
     try:
         with conn.cursor() as cur:
-            wall0 = time.time()
-            start = time.monotonic()
-            backfill_id = api.enqueue_backfill(
-                table, SET_SQL, **backfill_kwargs(slices, batch_size)
+            cur.execute(
+                "SELECT b.state, (SELECT coalesce(sum(rows_done), 0) FROM "
+                "runbook.backfill_slices s WHERE s.backfill_id = b.id) "
+                "FROM runbook.backfills b WHERE b.id = %s",
+                (backfill_id,),
             )
-            enqueued = time.monotonic()
-            while True:  # the state only: cheap enough to poll every 20 ms
-                cur.execute("SELECT state FROM runbook.backfills WHERE id = %s", (backfill_id,))
-                state = cur.fetchone()[0]
-                if state == "succeeded":
-                    break
-                if state in ("errored", "cancelled", "paused") or (
-                    time.monotonic() - start > timeout_s
-                ):
-                    status = api.backfill_status(backfill_id, TARGET)
-                    raise RuntimeError(
-                        f"backfill {backfill_id} {state} after {time.monotonic() - start:.0f}s "
-                        f"({status['rows_done']} rows done): {status['error']}"
-                    )
-                time.sleep(POLL_S)
-            end = time.monotonic()
-            rows_done = api.backfill_status(backfill_id, TARGET)["rows_done"]
-            wall_end = wall0 + (end - start)
-            diag = analyse(cur, backfill_id, wall0, wall_end)
-            diag["enqueue_backfill() call"] = enqueued - start
-            return Outcome(
-                end - start, int(rows_done), start, end, diag, wall0=wall0, backfill_id=backfill_id
-            )
+            state, rows_done = cur.fetchone()
+            if state != "succeeded":
+                raise RuntimeError(f"backfill {backfill_id} is {state} after the command exited")
+            diag = analyse(cur, backfill_id, wall0, wall0 + (end - start))
     finally:
         conn.close()
+    return Outcome(
+        end - start, int(rows_done), start, end, diag, wall0=wall0, backfill_id=backfill_id
+    )
 
 
 # -- where runbook's time goes --------------------------------------------------------------
@@ -417,13 +426,13 @@ def _ts(value: str) -> float:
 
 
 DIAG_ORDER = (
-    "enqueue_backfill() call",
-    "enqueue -> first batch's UPDATE starts",
+    "command start -> backfill recorded (CLI start, checks)",
+    "recorded -> first batch's UPDATE starts (queue, worker)",
     "inside the batch UPDATEs",
     "between batches, same task (commit, ledger, next bound)",
     "between slice tasks (hand-off, Celery hop)",
     "last batch -> ledger finished_at",
-    "finished_at -> seen by the poll",
+    "finished_at -> command exit (--wait sees it, exits)",
 )
 
 
@@ -468,16 +477,18 @@ def analyse(cur: Any, backfill_id: str, wall0: float, wall_end: float) -> dict[s
                     handoffs += 1
             prev = b
     finished = _ts(bf["finished_at"]) if bf.get("finished_at") else last_commit
+    created = _ts(bf["created_at"])
     rows = sum(int(b["rows"]) for b in batches)
     sizes = [int(b["batch_size"]) for b in batches]
     durations = [float(b["duration_ms"]) for b in batches]
     return {
-        "enqueue -> first batch's UPDATE starts": first_start - wall0,
+        "command start -> backfill recorded (CLI start, checks)": created - wall0,
+        "recorded -> first batch's UPDATE starts (queue, worker)": first_start - created,
         "inside the batch UPDATEs": update_s,
         "between batches, same task (commit, ledger, next bound)": between_s,
         "between slice tasks (hand-off, Celery hop)": handoff_s,
         "last batch -> ledger finished_at": finished - last_commit,
-        "finished_at -> seen by the poll": wall_end - finished,
+        "finished_at -> command exit (--wait sees it, exits)": wall_end - finished,
         "slices seen": float(len(by_slice)),
         "batches": float(len(batches)),
         "slice tasks (hand-offs + slices)": float(handoffs + len(by_slice)),
@@ -502,10 +513,14 @@ def statement_kind(query: str) -> str:
         return "COMMIT"
     if upper.startswith(("BEGIN", "ROLLBACK")):
         return upper.split()[0]
+    if "AS bf_col_0" in q:  # the open statement (its end may be cut off in pg_stat_activity)
+        return "open: set_config, lock the slice, read the backfill (+ next bound)"
     if "set_config" in q:
         return "set_config (timeouts, application_name)"
-    if "ORDER BY s.k" in q:
+    if "ORDER BY s.k" in q or q.startswith("SELECT coalesce((SELECT CAST"):
         return "bound query (the batch's last key)"
+    if "WITH blocked AS" in q:
+        return "close: blocked check, batch row, cursor (one statement)"
     if "pg_blocking_pids" in q:
         return "blocked check (pg_blocking_pids, after each batch)"
     if "oldest_xact_s" in q:
@@ -919,6 +934,11 @@ def main(argv: list[str] | None = None) -> int:
         "--impact-repeats", type=int, default=1, help="runs of each side with the writer (1)"
     )
     parser.add_argument("--no-loop", action="store_true", help="skip the §6.4 loop")
+    parser.add_argument(
+        "--loop-sync",
+        action="store_true",
+        help="also run the §6.4 loop with synchronous_commit on (the server's default)",
+    )
     parser.add_argument("--no-impact", action="store_true", help="skip part 2 (the writer)")
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the pg_stat_activity-sampled run"
@@ -978,35 +998,25 @@ def _delete_queue() -> None:
 
 
 def run(args: argparse.Namespace, dbs: Databases, worker: Worker, root: Path) -> int:
-    from jobs import api
-
-    has_slices = "slices" in inspect.signature(api.enqueue_backfill).parameters
     timeout_s = max(600.0, args.rows / 2000)
     sides: dict[str, Callable[[], Outcome]] = {
         "single": run_single,
         "runbook": lambda: run_runbook(1, args.batch_size, timeout_s),
+        "slices2": lambda: run_runbook(2, args.batch_size, timeout_s),
     }
-    if has_slices:
-        sides["slices2"] = lambda: run_runbook(2, args.batch_size, timeout_s)
     if not args.no_loop:
         sides["loop"] = run_loop
-    defaults = {
-        k: v.default
-        for k, v in inspect.signature(api.enqueue_backfill).parameters.items()
-        if v.default is not inspect.Parameter.empty and k in ("batch_size", "slices")
-    }
+        if args.loop_sync:
+            sides["loop_sync"] = lambda: run_loop(sync_commit=True)
     print(
         f"bench: backfill of {args.rows:,} rows, {args.repeats} repeats, sides "
         f"{', '.join(sides)}; worker prefork -c {WORKER_CONCURRENCY}, queue {QUEUE}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
-        f"runbook: enqueue_backfill(large_table, {SET_SQL!r}, where={WHERE_SQL!r}"
-        + (f", batch_size={args.batch_size}" if args.batch_size else "")
-        + f"), API defaults {defaults}"
+        "runbook: " + " ".join(shlex.quote(a) for a in cli_args(1, args.batch_size, "large_table"))
     )
-    if not has_slices:
-        print("note: jobs.api.enqueue_backfill takes no `slices` yet: part 3 skipped")
+    print(f"single: psql -X -c {shlex.quote(SINGLE_SQL)}")
     t0 = time.monotonic()
     worker.start()
     print(f"worker ready in {time.monotonic() - t0:.1f}s (not timed)")

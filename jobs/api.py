@@ -874,6 +874,28 @@ def backfill_status(
         return backfill_runner.progress(conn, backfill.get(conn, backfill_id))
 
 
+def follow_backfill(
+    backfill_id: str,
+    target: str | None = None,
+    *,
+    interval_s: float = 0.5,
+    settings: Settings | None = None,
+) -> backfill_runner.Updates:
+    """The backfill's progress now, then at once at each change of its state and at least
+    every ``interval_s``, until it stops (see backfill_runner.follow)."""
+    settings = _settings(settings)
+    t = _find_backfill(settings, backfill_id, target)
+
+    def settle(conn: Connection) -> None:
+        if _refusal(settings, backfill_id) is None:
+            return
+        if backfill.get(conn, backfill_id).state not in BACKFILL_TERMINAL:
+            with db.connect(t) as own:  # abandon() locks rows: a transaction, not autocommit
+                _settle_refused_backfill(settings, own, backfill_id)
+
+    return backfill_runner.follow(t, backfill_id, interval_s, before_each=settle)
+
+
 def control_backfill(
     action: str, backfill_id: str, target: str | None = None, *, settings: Settings | None = None
 ) -> dict[str, Any]:

@@ -28,6 +28,7 @@ operator's input with ``jobs.sqlguard`` before it reaches a Spec.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -109,6 +110,9 @@ BLOCKED_PAUSE_S = 0.05  # after a batch that made sessions wait: let them run fi
 STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
 
 Connector = Engine | Callable[[], Connection]
+# The bound and the UPDATE of every batch, parsed once per text (text() costs ~50 us).
+_cached_text = functools.lru_cache(maxsize=256)(text)
+_UNKNOWN = object()
 OnBatch = Callable[[], None]
 
 
@@ -611,21 +615,28 @@ def abandon(conn: Connection, backfill_id: str, slice_no: int, generation: int, 
 # -- the walk ---------------------------------------------------------------------------------
 
 
+def _session(lock_ms: int, statement_ms: int) -> dict[str, str]:
+    """A batch transaction's settings: its lock and statement timeouts, its name (see
+    APPLICATION_NAME), and an asynchronous commit: its COMMIT need not wait for the WAL flush
+    (about 10 ms a batch). A server crash can then lose only the last batches together with
+    their cursor moves and batch rows (one transaction each), so none is lost or applied
+    twice; every state change and hand-off commits synchronously, which flushes them."""
+    return {
+        "lock_timeout": str(lock_ms),
+        "statement_timeout": str(statement_ms),
+        "application_name": APPLICATION_NAME,
+        "synchronous_commit": "off",
+    }
+
+
 def _set_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> None:
-    """This batch transaction's lock and statement timeouts, its name (see APPLICATION_NAME),
-    and an asynchronous commit: its COMMIT need not wait for the WAL flush (about 10 ms a
-    batch). A server crash can then lose only the last batches together with their cursor
-    moves and batch rows (one transaction each), so none is lost or applied twice; every state
-    change and hand-off commits synchronously, which flushes them."""
-    conn.execute(
-        text(
-            "SELECT set_config('lock_timeout', :lock, true), "
-            "set_config('statement_timeout', :stmt, true), "
-            "set_config('application_name', :name, true), "
-            "set_config('synchronous_commit', 'off', true)"
-        ),
-        {"lock": str(lock_ms), "stmt": str(statement_ms), "name": APPLICATION_NAME},
-    )
+    """The settings of _session for the caller's transaction (the dry run's)."""
+    settings = _session(lock_ms, statement_ms)
+    sets = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))
+    binds: dict[str, str] = {}
+    for i, (name, value) in enumerate(settings.items()):
+        binds[f"n{i}"], binds[f"v{i}"] = name, value
+    conn.execute(text(f"SELECT {sets}"), binds)
 
 
 def _lower(key: str, key_type: str, has_lo: bool) -> str:
@@ -633,11 +644,16 @@ def _lower(key: str, key_type: str, has_lo: bool) -> str:
 
 
 def _bound_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
-    """The batch's last key: the ``:n``-th key after ``:lo``, or the last one up to ``:upper``."""
+    """The batch's last key: the ``:n``-th key after ``:lo``, or the last one up to ``:upper``.
+    OFFSET steps over the keys without sorting them again (about 1 ms less per batch of
+    10,000 keys than taking the largest of the first n); COALESCE evaluates the second
+    subquery only when fewer than n keys are left."""
+    keys = f"FROM {table} t WHERE {_lower('t.' + key, key_type, has_lo)}"
+    keys += f"t.{key} <= CAST(:upper AS {key_type})"
     return (
-        f"SELECT CAST(s.k AS text) AS bound FROM (SELECT t.{key} AS k FROM {table} t "
-        f"WHERE {_lower('t.' + key, key_type, has_lo)}t.{key} <= CAST(:upper AS {key_type}) "
-        f"ORDER BY t.{key} LIMIT :n) s ORDER BY s.k DESC LIMIT 1"
+        f"SELECT coalesce((SELECT CAST(t.{key} AS text) {keys} ORDER BY t.{key} "
+        f"OFFSET CAST(:n AS bigint) - 1 LIMIT 1), (SELECT CAST(t.{key} AS text) {keys} "
+        f"ORDER BY t.{key} DESC LIMIT 1)) AS bound"
     )
 
 
@@ -667,10 +683,12 @@ def _update_sql(
 APPLICATION_NAME = "runbook backfill"
 # The application's sessions waiting for a lock that this session (inside its batch) holds.
 # OFFSET 0 keeps pg_blocking_pids() to the few sessions that wait on a lock at all.
+# pg_stat_get_activity() rather than the pg_stat_activity view: the view's joins (roles,
+# databases) cost more than the count (0.1 ms instead of 0.26 ms a batch here).
 _BLOCKED_SQL = (
-    "SELECT count(*) FROM (SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-    f"AND application_name <> '{APPLICATION_NAME}' OFFSET 0) w "
-    "WHERE pg_backend_pid() = ANY(pg_blocking_pids(w.pid))"
+    "SELECT count(*) FROM (SELECT a.pid FROM pg_stat_get_activity(NULL) a "
+    f"WHERE a.wait_event_type = 'Lock' AND a.application_name <> '{APPLICATION_NAME}' "
+    "OFFSET 0) w WHERE pg_backend_pid() = ANY(pg_blocking_pids(w.pid))"
 )
 # The database's reasons to hold back: the oldest open transaction of another client (it
 # keeps the xmin horizon, so vacuum cannot remove the dead rows our batches leave), and
@@ -752,6 +770,10 @@ class _Walk:
         self.isolating = False  # the next attempt bisects the batch (on_error = isolate)
         self.pending_throttle_ms = 0.0  # waited since the last batch row; goes into the next
         self.signals_checked = 0.0
+        # After a batch of ours: where the next one starts and the slice's last key, so that
+        # its bound is taken in the statement that opens it (_UNKNOWN: take it on its own).
+        self.next_lo: str | None | object = _UNKNOWN
+        self.upper: str | None = None
 
     def load(self, conn: Connection) -> ledger.Backfill:
         """The backfill's settings (timeouts, sizes, pacing), read once per slice."""
@@ -886,22 +908,44 @@ class _Walk:
             self.close()
 
     def attempt(self, attempt: int) -> str:
-        """One try of one batch, in one transaction."""
+        """One try of one batch, in one transaction: four round trips (open with the bound,
+        the UPDATE, the ledger rows, COMMIT), five for a task's first batch."""
         conn = self.connection()
         self.range = _Range(self.slice)
         settings = self.settings or self.load(conn)
+        expected, ahead = self.next_lo, None
+        if expected is not _UNKNOWN and self.size and settings.key_type in KEY_TYPES.values():
+            lo_guess = None if expected is None else str(expected)
+            sql = _bound_sql(
+                settings.table_name,
+                quote(settings.key_column),
+                settings.key_type,
+                lo_guess is not None,
+            )
+            ahead = (sql, {"lo": lo_guess, "upper": self.upper, "n": self.size})
+        self.next_lo = _UNKNOWN  # until this batch commits
         with conn.begin():
-            _set_timeouts(conn, settings.lock_timeout_ms, settings.statement_timeout_ms)
-            piece = ledger.lock_slice(conn, self.id, self.slice)
-            bf = ledger.read_backfill(conn, self.id)
-            if piece is None or bf is None:
+            # One round trip: the timeouts, the slice locked, the backfill's flags and,
+            # after a batch of ours, the next bound from where that one ended.
+            opened = ledger.open_batch(
+                conn,
+                self.id,
+                self.slice,
+                _session(settings.lock_timeout_ms, settings.statement_timeout_ms),
+                ahead,
+            )
+            if opened is None:
                 raise UnknownBackfill(f"unknown backfill {self.id!r} or slice {self.slice}")
+            piece, bf, bound = opened
             stop = self.verdict(conn, bf, piece)
             if stop is not None:
                 return stop
             size = self.size = self.size or piece.batch_size
             self.range.lo = lo = piece.position
-            hi = self.bound(conn, bf, piece, size)
+            if ahead is not None and lo == expected and size == ahead[1]["n"]:
+                hi = None if bound is None else str(bound)
+            else:  # a first batch, or the cursor moved under us (a duplicate delivery)
+                hi = self.bound(conn, bf, piece, size)
             if hi is None:
                 ledger.set_slice_state(conn, piece, ledger.SLICE_DONE)
                 return ledger.SLICE_DONE
@@ -912,17 +956,17 @@ class _Walk:
             else:
                 rows, skipped = self.update(conn, bf, lo, hi), []
             ms = (time.monotonic() - started) * 1000
-            blocked = int(conn.execute(text(_BLOCKED_SQL)).scalar_one())
-            self.size = next_batch_size(
+            grown = next_batch_size(
                 size,
                 ms,
                 target_ms=bf.target_batch_ms,
                 min_batch=bf.min_batch,
                 max_batch=bf.max_batch,
             )
-            if blocked:  # our locks held others up: smaller batches, and let them go first
-                self.size = max(bf.min_batch, min(self.size, size // 2))
-            ledger.record_batch(
+            # Our locks held others up: smaller batches, and let them go first. Whether they
+            # did is counted in the same statement that records the batch.
+            shrunk = max(bf.min_batch, min(grown, size // 2))
+            blocked = ledger.record_batch(
                 conn,
                 bf,
                 piece,
@@ -933,9 +977,13 @@ class _Walk:
                 duration_ms=round(ms),
                 attempt=attempt,
                 generation=self.generation,
-                next_batch_size=self.size,
+                next_batch_size=grown,
                 throttled_ms=round(self.pending_throttle_ms),
+                blocked_sql=_BLOCKED_SQL,
+                next_if_blocked=shrunk,
             )
+            self.size = shrunk if blocked else grown
+        self.next_lo, self.upper = hi, piece.upper_key
         self.pending_throttle_ms = 0.0
         self.isolating = False
         if blocked:
@@ -965,7 +1013,9 @@ class _Walk:
         """The last key of the next batch; None when the slice's range is walked."""
         lo = piece.position
         sql = _bound_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
-        value = conn.execute(text(sql), {"lo": lo, "upper": piece.upper_key, "n": size}).scalar()
+        value = conn.execute(
+            _cached_text(sql), {"lo": lo, "upper": piece.upper_key, "n": size}
+        ).scalar()
         return None if value is None else str(value)
 
     def update(self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str) -> int:
@@ -978,7 +1028,7 @@ class _Walk:
             bf.where_sql,
             lo is not None,
         )
-        return int(conn.execute(text(sql), {"lo": lo, "hi": hi}).rowcount)
+        return int(conn.execute(_cached_text(sql), {"lo": lo, "hi": hi}).rowcount)
 
     def bisect(
         self, conn: Connection, bf: ledger.Backfill, lo: str | None, hi: str

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import Connection
 
 from jobs import backfill, db, lease, ledger
-from jobs.config import Settings
+from jobs.config import Settings, Target
 from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
 
 log = logging.getLogger("runbook.backfill")
@@ -30,6 +30,7 @@ SendSlice = Callable[[str, str, int, int, str], None]
 # (run id, target name): queue the run that waits for a backfill.
 ResumeRun = Callable[[str, str], None]
 Progress = Callable[[dict[str, Any]], None]
+Updates = Iterator[dict[str, Any]]
 
 
 def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
@@ -74,6 +75,29 @@ def progress(conn: Connection, bf: ledger.Backfill) -> dict[str, Any]:
         "error": bf.error,
         "error_range": bf.error_range,
     }
+
+
+def follow(
+    target: Target,
+    backfill_id: str,
+    interval_s: float = 0.5,
+    before_each: Callable[[Connection], None] | None = None,
+) -> Updates:
+    """The backfill's progress now, then again at once when its state changes (the ledger's
+    notification: `runbook backfill --wait` exits as soon as it stopped, not at the next
+    poll) and at least every ``interval_s``, until it stops: the last one yielded.
+    ``before_each`` runs on the connection before each look (jobs/api.py settles a worker's
+    refusal there)."""
+    with db.connect(target, autocommit=True) as conn:
+        ledger.listen(conn)
+        while True:
+            if before_each is not None:
+                before_each(conn)
+            info = progress(conn, backfill.get(conn, backfill_id))
+            yield info
+            if info["state"] in STOPS:
+                return
+            ledger.wait_for_change(conn, backfill_id, interval_s)
 
 
 def label(bf: ledger.Backfill, piece: ledger.Slice) -> str:
@@ -128,7 +152,8 @@ def run_slice_and_continue(
                 info = progress(watch, backfill.get(watch, backfill_id))
                 on_progress({**info, "slice": slice_no})
 
-        report()
+        # The first progress report comes after the first batch (on_batch): before it, it
+        # would only delay that batch (five ledger reads and two Redis writes a task).
         outcome = backfill.run_slice(
             db.engine(target),
             backfill_id,

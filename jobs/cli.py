@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -82,7 +81,8 @@ def _statement(now: dict[str, Any]) -> str:
 def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None:
     """Follow the backfill until it stops (a progress bar on a terminal, lines otherwise);
     exit 0 only when it succeeded."""
-    now = api.backfill_status(backfill_id, target)
+    updates = api.follow_backfill(backfill_id, target)  # woken by the ledger at each change
+    now = next(updates)
     if not as_json:
         err.print(_statement(now))
     if as_json or not err.is_terminal:
@@ -93,8 +93,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
                 last = (now["state"], now["rows_done"])
             if now["state"] in BACKFILL_STOPS:
                 break
-            time.sleep(0.5)
-            now = api.backfill_status(backfill_id, target)
+            now = next(updates)
     else:
         columns = (
             TextColumn("{task.description}"),
@@ -113,8 +112,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
                 bar.update(task, completed=now["rows_done"], detail=detail)
                 if now["state"] in BACKFILL_STOPS:
                     break
-                time.sleep(0.5)
-                now = api.backfill_status(backfill_id, target)
+                now = next(updates)
     if as_json:
         click.echo(json.dumps(now, indent=2))
     elif now["error"]:

@@ -7,6 +7,7 @@ and is excluded from every backup and restore.
 
 from __future__ import annotations
 
+import functools
 import json
 import select
 import time
@@ -23,6 +24,8 @@ from jobs.errors import IllegalTransition, TargetBusy, UnknownRun
 from jobs.states import ENQUEUED, TERMINAL, check_transition
 
 SCHEMA = "runbook"
+# The statements a backfill batch runs each time, parsed once (text() costs ~50 us each).
+_cached_text = functools.lru_cache(maxsize=256)(text)
 # Every change to a run or its steps is announced here (payload: the run id), so that
 # `wait` and `status --watch` follow a run without polling it.
 CHANNEL = "runbook_runs"
@@ -732,7 +735,7 @@ def _notify(conn: Connection, run_id: str, *, flush: bool = True) -> None:
 
 
 def listen(conn: Connection) -> None:
-    """Subscribe an autocommit connection to run changes (see wait_for_change)."""
+    """Subscribe an autocommit connection to run and backfill changes (see wait_for_change)."""
     conn.execute(text(f"LISTEN {CHANNEL}"))
 
 
@@ -899,6 +902,9 @@ _BACKFILL_SETTINGS = (
     "statement_timeout_ms",
     "max_xact_age_s",
 )
+
+
+_BACKFILL_FIELDS = frozenset(c.strip().removeprefix("b.") for c in _BACKFILL_ROW.split(","))
 
 
 def _backfill(row: Any) -> Backfill:
@@ -1105,6 +1111,7 @@ def claim(
             )
         if current.run_id:
             _notify(conn, current.run_id)
+        _notify(conn, backfill_id)
         conn.execute(
             text(
                 f"UPDATE {SCHEMA}.backfills SET state = :state, "
@@ -1184,6 +1191,53 @@ def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     return _backfill(row) if row else None
 
 
+_SLICE_NAMES = tuple(c.strip() for c in _SLICE_COLUMNS.split(","))
+_SLICE_AS = ", ".join(f"s.{c} AS s_{c}" for c in _SLICE_NAMES)
+
+
+def open_batch(
+    conn: Connection,
+    backfill_id: str,
+    slice_no: int,
+    session: dict[str, str],
+    extra: tuple[str, dict[str, Any]] | None = None,
+) -> tuple[Slice, Backfill, Any] | None:
+    """A batch transaction's first statement: set ``session``'s settings for the transaction
+    (set_config, local), lock the slice row (until the transaction ends; no commit here) and
+    read the backfill's own row, unlocked (so that slices never wait for each other on it).
+    ``extra`` is one more scalar query (SQL, binds; binds must not start with ``bf_``)
+    evaluated in the same statement: its value is the third item. One round trip instead of
+    three or four; None for an unknown backfill or slice.
+
+    The settings are set in the projection, which runs before the row lock is taken, so a
+    lock_timeout among them already bounds this statement's wait for the slice row (the
+    statement_timeout applies from the next statement on)."""
+    names = sorted(session)
+    columns = [f"set_config(:bf_name_{i}, :bf_value_{i}, true)" for i in range(len(names))]
+    binds: dict[str, Any] = {"bf_id": backfill_id, "bf_slice": slice_no}
+    for i, name in enumerate(names):
+        binds[f"bf_name_{i}"], binds[f"bf_value_{i}"] = name, session[name]
+    if extra is not None:
+        assert not any(k.startswith("bf_") for k in extra[1]), extra[1]
+        columns.append(f"({extra[0]})")
+        binds.update(extra[1])
+    selected = "".join(f"{c} AS bf_col_{i}, " for i, c in enumerate(columns))
+    row = conn.execute(
+        _cached_text(
+            f"SELECT {selected}{_SLICE_AS}, {_BACKFILL_ROW} "
+            f"FROM {SCHEMA}.backfill_slices s JOIN {SCHEMA}.backfills b ON b.id = s.backfill_id "
+            "WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s"
+        ),
+        binds,
+    ).first()
+    if row is None:
+        return None
+    values = row._mapping
+    piece = Slice(**{c: values[f"s_{c}"] for c in _SLICE_NAMES})
+    bf = Backfill(**{k: v for k, v in values.items() if k in _BACKFILL_FIELDS})
+    return piece, bf, values[f"bf_col_{len(columns) - 1}"] if extra is not None else None
+
+
 def lock_slice(conn: Connection, backfill_id: str, slice_no: int) -> Slice | None:
     """The slice, row-locked until the caller's transaction ends (no commit here)."""
     row = conn.execute(
@@ -1231,16 +1285,37 @@ def record_batch(
     generation: int,
     next_batch_size: int,
     throttled_ms: int,
-) -> None:
+    blocked_sql: str | None = None,
+    next_if_blocked: int | None = None,
+) -> int:
     """Within the caller's batch transaction: the batch row, rows skipped by isolation, the
-    slice's cursor and counters."""
+    slice's cursor and counters, in one statement (one round trip).
+
+    ``blocked_sql`` (a scalar query: how many sessions wait on this transaction's locks),
+    when given, is counted in the same statement; when it counts any, the slice's next batch
+    size is ``next_if_blocked`` instead of ``next_batch_size``. The count (0 without it)."""
     if backfill.run_id:
         _notify(conn, backfill.run_id)
-    conn.execute(
-        text(
-            f"INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, batch_size, "
-            "rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES (:b, :n, "
-            ":lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)"
+    for key, error in skipped:
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.backfill_skipped (backfill_id, slice, key, error) "
+                "VALUES (:b, :n, :key, :error)"
+            ),
+            {"b": backfill.id, "n": piece.slice, "key": key, "error": _clean(error)},
+        )
+    blocked = f"({blocked_sql})" if blocked_sql else "0"
+    value = conn.execute(
+        _cached_text(
+            f"WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n), "
+            f"batch AS (INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, "
+            "batch_size, rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES "
+            "(:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)), "
+            f"moved AS (UPDATE {SCHEMA}.backfill_slices SET cursor = :hi, "
+            "rows_done = rows_done + :rows, batch_size = CASE WHEN (SELECT n FROM blocked) > 0 "
+            "THEN :shrunk ELSE :next END, throttled_ms = throttled_ms + :throttled, "
+            "updated_at = now() WHERE backfill_id = :b AND slice = :n) "
+            "SELECT n FROM blocked"
         ),
         {
             "b": backfill.id,
@@ -1254,32 +1329,12 @@ def record_batch(
             "throttled": throttled_ms,
             "attempt": attempt,
             "g": generation,
-        },
-    )
-    for key, error in skipped:
-        conn.execute(
-            text(
-                f"INSERT INTO {SCHEMA}.backfill_skipped (backfill_id, slice, key, error) "
-                "VALUES (:b, :n, :key, :error)"
-            ),
-            {"b": backfill.id, "n": piece.slice, "key": key, "error": _clean(error)},
-        )
-    conn.execute(
-        text(
-            f"UPDATE {SCHEMA}.backfill_slices SET cursor = :hi, rows_done = rows_done + :rows, "
-            "batch_size = :next, throttled_ms = throttled_ms + :throttled, updated_at = now() "
-            "WHERE backfill_id = :id AND slice = :n"
-        ),
-        {
-            "hi": hi,
-            "rows": rows,
             "next": next_batch_size,
-            "throttled": throttled_ms,
-            "id": backfill.id,
-            "n": piece.slice,
+            "shrunk": next_batch_size if next_if_blocked is None else next_if_blocked,
         },
-    )
+    ).scalar_one()
     piece.cursor = hi
+    return int(value)
 
 
 def add_throttled(
@@ -1352,6 +1407,7 @@ def _mark(
 ) -> None:
     if backfill.run_id:
         _notify(conn, backfill.run_id)
+    _notify(conn, backfill.id)  # wakes `runbook backfill --wait` (api.follow_backfill)
     sets = ["state = :state", "updated_at = now()"]
     if finished:
         sets.append("finished_at = now()")

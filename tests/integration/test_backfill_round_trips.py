@@ -1,0 +1,126 @@
+"""What a backfill batch costs in round trips, and the ledger's word when a backfill stops.
+
+bench/bench_backfill.py times these; here the counts themselves are held (no timing): a
+batch after the first is three statements and one commit (open: timeouts, slice lock,
+backfill row and the bound; the UPDATE; close: blocked check, batch row, cursor), and every
+state change of a backfill is announced on the ledger's channel with the backfill's id,
+which is what wakes `runbook backfill --wait` when it ends.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import NullPool
+
+from jobs import backfill, ledger
+from jobs.backfill import Spec
+from jobs.config import normalize_url
+from tests.integration.conftest import Databases, db_url, query
+
+pytestmark = pytest.mark.integration
+
+ROWS = 3000
+BATCH = 100  # fixed (min = max): ROWS / BATCH batches
+
+
+@pytest.fixture
+def dbname(databases: Databases) -> str:
+    name = databases.create()
+    query(name, "CREATE TABLE items (id int PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
+    query(name, f"INSERT INTO items (id) SELECT i * 3 FROM generate_series(1, {ROWS}) i")
+    query(name, "ANALYZE items")
+    return name
+
+
+@pytest.fixture
+def engine(dbname: str) -> Iterator[Engine]:
+    eng = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    with eng.connect() as conn:
+        ledger.ensure(conn)
+    yield eng
+    eng.dispose()
+
+
+def start(engine: Engine) -> tuple[str, int]:
+    spec = Spec(
+        table="items",
+        key="id",
+        set_sql="counter = counter + 1",
+        batch_size=BATCH,
+        min_batch=BATCH,
+        max_batch=BATCH,
+    )
+    with engine.connect() as conn:
+        backfill_id = backfill.create(conn, "test", spec)
+        [(_, generation)] = backfill.start(conn, backfill_id)
+    return backfill_id, generation
+
+
+def test_a_batch_after_the_first_is_three_statements_and_one_commit(
+    engine: Engine, dbname: str
+) -> None:
+    backfill_id, generation = start(engine)
+    log: list[tuple[str, str]] = []  # ("execute", sql) or ("commit", "")
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def executed(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        log.append(("execute", sql))
+
+    @event.listens_for(engine, "commit")
+    def committed(conn: Any) -> None:
+        log.append(("commit", ""))
+
+    assert backfill.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
+    assert query(dbname, "SELECT count(*) FILTER (WHERE counter <> 1) FROM items") == [(0,)]
+
+    updates = [i for i, (kind, sql) in enumerate(log) if sql.startswith("UPDATE public.items")]
+    assert len(updates) == ROWS // BATCH
+    for before, after in zip(updates, updates[1:], strict=False):
+        between = [
+            (kind, sql)
+            for kind, sql in log[before + 1 : after]
+            if "oldest_xact_s" not in sql  # the database's signals, once a second
+        ]
+        kinds = [kind for kind, _ in between]
+        assert kinds == ["execute", "commit", "execute"], between
+        close, opened = between[0][1], between[2][1]
+        assert "INSERT INTO runbook.backfill_batches" in close and "pg_blocking_pids" in close
+        assert "FOR UPDATE OF s" in opened and "OFFSET" in opened  # the bound rides along
+
+
+def test_every_state_change_of_a_backfill_is_announced_with_its_id(
+    engine: Engine, dbname: str
+) -> None:
+    backfill_id, generation = start(engine)  # enqueued -> running: announced too
+    listener = psycopg2.connect(db_url(dbname))
+    listener.autocommit = True
+    try:
+        with listener.cursor() as cur:
+            cur.execute(f"LISTEN {ledger.CHANNEL}")
+        seen: list[str] = []
+
+        def drain() -> list[str]:
+            while select.select([listener], [], [], 0.5)[0]:
+                listener.poll()
+                seen.extend(n.payload for n in listener.notifies)
+                listener.notifies.clear()
+            return seen
+
+        with engine.connect() as conn:
+            assert backfill.pause(conn, backfill_id) == "pausing"
+        assert drain().count(backfill_id) == 1
+        assert backfill.run_slice(engine, backfill_id, generation) == "paused"
+        assert drain().count(backfill_id) == 2  # pausing -> paused
+        with engine.connect() as conn:
+            [(_, generation)] = backfill.start(conn, backfill_id, resume=True)
+        assert drain().count(backfill_id) == 3
+        assert backfill.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
+        assert drain().count(backfill_id) == 4
+    finally:
+        listener.close()
