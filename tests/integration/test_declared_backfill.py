@@ -120,7 +120,8 @@ def test_the_run_waits_for_its_backfill_and_a_later_delivery_carries_on(
     sent: list[tuple[str, str, int, int]] = []
 
     def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
-        assert f"backfill {backfill_id} on {target}, slice {slice_no}" in label
+        assert label.startswith(f"backfill {backfill_id} on {target}: UPDATE "), label
+        assert f"; slice {slice_no} keys (" in label, label
         sent.append((backfill_id, target, slice_no, generation))
 
     settings = load_settings()
