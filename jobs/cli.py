@@ -241,8 +241,11 @@ def friendly(fn: F) -> F:
 def _step_line(step: dict[str, Any]) -> str:
     rev = f" {step['revision']}" if step.get("revision") else ""
     tries = f" (attempt {step['attempts']})" if step.get("attempts", 1) > 1 else ""
-    error = f": {step['error']}" if step.get("error") and step["state"] == "failed" else ""
-    return f"{step['kind']}{rev} {step['state']}{tries}{error}"
+    head = f"{step['kind']}{rev} {step['state']}{tries}"
+    if not (step.get("error") and step["state"] == "failed"):
+        return head
+    # Step errors often name the step already ("upgrade r1 failed: ..."): say it once.
+    return step["error"] if step["error"].startswith(head) else f"{head}: {step['error']}"
 
 
 def _progress_printer() -> Callable[[dict[str, Any]], None]:

@@ -583,9 +583,26 @@ def test_two_workers_race_for_duplicated_deliveries(stage: Stage, entry: Entry) 
     )
     assert started.returncode == 0, started.stderr
     backfill_id = started.stdout.strip()
-    [(number, generation)] = slices_walking(stage, backfill_id, 1)
-    stage.send_task("runbook.backfill_slice", backfill_id, stage.name, number, generation)
-    entry.injected += 1
+    # The copy names the generation walking when it is sent; it overlaps the first delivery
+    # when both have started as that generation before either returned (`unfinished` counts
+    # the deliveries of the current generation that started and did not return: 2). A copy
+    # that arrives after the hand-off proves nothing: send another for the new generation.
+    overlapped = False
+    for _ in range(3):
+        [(number, generation)] = slices_walking(stage, backfill_id, 1)
+        stage.send_task("runbook.backfill_slice", backfill_id, stage.name, number, generation)
+        entry.injected += 1
+        deadline = time.monotonic() + 3
+        while not overlapped and time.monotonic() < deadline:
+            rows = stage.probe(
+                "SELECT generation, unfinished FROM runbook.backfill_slices "
+                f"WHERE backfill_id = '{backfill_id}' AND slice = {number}"
+            )
+            overlapped = bool(rows) and (int(rows[0][0]), int(rows[0][1])) == (generation, 2)
+            time.sleep(0.02)
+        if overlapped:
+            break
+    assert overlapped, "no copy of a slice's message ran alongside the delivery it copied"
     wait_for(
         "the backfill to end",
         lambda: (stage.rows_done(backfill_id) or ("?", 0))[0] not in ("enqueued", "running"),
