@@ -177,6 +177,9 @@ class Settings:
         return self.targets[name]
 
 
+# The top-level sections runbook.toml may hold.
+_SECTIONS = {"targets"}
+
 _TARGET_KEYS = {
     "url",
     "url_env",
@@ -330,6 +333,12 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             raise ConfigError(
                 f"{config_path}: cannot be read ({exc.strerror}){unreadable}"
             ) from None
+        unknown = sorted(set(data) - _SECTIONS)
+        if unknown:  # a typo such as [target.prod] would otherwise configure nothing, silently
+            raise ConfigError(
+                f"{config_path}: unknown section {unknown[0]!r} (known: "
+                f"{', '.join(sorted(_SECTIONS))}); targets go in [targets.NAME]"
+            )
         raw_targets = data.get("targets", {})
         if not isinstance(raw_targets, dict):
             raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]")

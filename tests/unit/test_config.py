@@ -107,6 +107,8 @@ def test_database_url_alone_defines_the_default_target(
         ('[targets.x]\nalembic_ini = "a.ini"\n', "exactly one of url"),
         ('[targets."bad name"]\nurl = "postgresql://h/db"\n', "names may hold"),
         ("targets = 3\n", "must be a table"),
+        ('[target.x]\nurl = "postgresql://h/db"\n', "unknown section 'target'"),
+        ('queue = "q"\n[targets.x]\nurl = "postgresql://h/db"\n', "unknown section 'queue'"),
         ("[targets.x\n", "invalid TOML"),
     ],
 )
