@@ -524,20 +524,24 @@ def settle_refusal(settings: Settings, t: Target, run: Run) -> Run:
         return ledger.get_run(conn, run.id)
 
 
-def _settle_refused_backfill(settings: Settings, conn: Connection, backfill_id: str) -> None:
+def _settle_refused_backfill(settings: Settings, t: Target, backfill_id: str) -> None:
     """The same for a backfill: the refused slice is stopped and the backfill errored, unless
-    a newer generation took the slice over since (jobs/backfill.py ``abandon`` fences)."""
+    it ended or a newer generation took the slice over since (jobs/backfill.py ``abandon``
+    fences). Redis is asked first: without a refusal, nothing more is read."""
     found = _refusal(settings, backfill_id)
-    bf = ledger.get_backfill(conn, backfill_id)
-    if found is None or bf is None or found.get("target") != bf.target:
+    if found is None:
         return
-    backfill.abandon(
-        conn,
-        backfill_id,
-        int(found["slice"]),
-        int(found["generation"]),
-        f"a worker refused it: {found['error']}",
-    )
+    with db.connect(t) as conn:  # abandon() locks rows: a transaction, not autocommit
+        bf = ledger.get_backfill(conn, backfill_id)
+        if bf is None or bf.state in BACKFILL_TERMINAL or found.get("target") != bf.target:
+            return
+        backfill.abandon(
+            conn,
+            backfill_id,
+            int(found["slice"]),
+            int(found["generation"]),
+            f"a worker refused it: {found['error']}",
+        )
     refusals.forget(settings.result_backend, backfill_id)
 
 
@@ -868,9 +872,8 @@ def backfill_status(
     """The backfill's state and progress (rows done, total, percent, rate, ETA, slices…)."""
     settings = _settings(settings)
     t = _find_backfill(settings, backfill_id, target)
+    _settle_refused_backfill(settings, t, backfill_id)
     with db.connect(t) as conn:
-        if backfill.get(conn, backfill_id).state not in BACKFILL_TERMINAL:
-            _settle_refused_backfill(settings, conn, backfill_id)
         return backfill_runner.progress(conn, backfill.get(conn, backfill_id))
 
 
@@ -885,15 +888,12 @@ def follow_backfill(
     every ``interval_s``, until it stops (see backfill_runner.follow)."""
     settings = _settings(settings)
     t = _find_backfill(settings, backfill_id, target)
-
-    def settle(conn: Connection) -> None:
-        if _refusal(settings, backfill_id) is None:
-            return
-        if backfill.get(conn, backfill_id).state not in BACKFILL_TERMINAL:
-            with db.connect(t) as own:  # abandon() locks rows: a transaction, not autocommit
-                _settle_refused_backfill(settings, own, backfill_id)
-
-    return backfill_runner.follow(t, backfill_id, interval_s, before_each=settle)
+    return backfill_runner.follow(
+        t,
+        backfill_id,
+        interval_s,
+        before_each=lambda: _settle_refused_backfill(settings, t, backfill_id),
+    )
 
 
 def control_backfill(

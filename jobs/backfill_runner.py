@@ -81,18 +81,17 @@ def follow(
     target: Target,
     backfill_id: str,
     interval_s: float = 0.5,
-    before_each: Callable[[Connection], None] | None = None,
+    before_each: Callable[[], None] | None = None,
 ) -> Updates:
     """The backfill's progress now, then again at once when its state changes (the ledger's
     notification: `runbook backfill --wait` exits as soon as it stopped, not at the next
     poll) and at least every ``interval_s``, until it stops: the last one yielded.
-    ``before_each`` runs on the connection before each look (jobs/api.py settles a worker's
-    refusal there)."""
+    ``before_each`` runs before each look (jobs/api.py settles a worker's refusal there)."""
     with db.connect(target, autocommit=True) as conn:
         ledger.listen(conn)
         while True:
             if before_each is not None:
-                before_each(conn)
+                before_each()
             info = progress(conn, backfill.get(conn, backfill_id))
             yield info
             if info["state"] in STOPS:

@@ -54,6 +54,17 @@ def wait_for_rows(backfill_id: str, name: str, rows: int, timeout_s: float = 60)
     pytest.fail(f"backfill {backfill_id} did not reach {rows} rows: {now}")
 
 
+def wait_until_succeeded(backfill_id: str, name: str) -> dict:
+    """Every row done (after kills, through redeliveries), then the backfill settled."""
+    done = wait_for_rows(backfill_id, name, ROWS, timeout_s=120)
+    deadline = time.monotonic() + 60
+    while done["state"] != "succeeded" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        done = api.backfill_status(backfill_id, name)
+    assert done["state"] == "succeeded", done
+    return done
+
+
 @pytest.mark.parametrize("slices", [1, 2])
 def test_every_row_updated_exactly_once_through_three_worker_kills(
     worker: Worker, config: Config, databases: Databases, slices: int
@@ -73,12 +84,7 @@ def test_every_row_updated_exactly_once_through_three_worker_kills(
         assert now["state"] == "running", now
         for pid in worker.pool_pids():  # no chance to clean up: acks_late brings the slice back
             os.kill(int(pid), signal.SIGKILL)
-    done = wait_for_rows(backfill_id, name, ROWS, timeout_s=120)
-    deadline = time.monotonic() + 60
-    while done["state"] != "succeeded" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        done = api.backfill_status(backfill_id, name)
-    assert done["state"] == "succeeded", done
+    done = wait_until_succeeded(backfill_id, name)
     assert done["rows_done"] == ROWS
     assert query(dbname, "SELECT count(*), min(counter), max(counter) FROM large") == [(ROWS, 1, 1)]
     assert query(
@@ -175,12 +181,7 @@ def test_a_worker_killed_while_its_batch_update_waits_commits_nothing_and_the_ba
     finally:
         holder.rollback()
         holder.close()
-    done = wait_for_rows(backfill_id, name, ROWS, timeout_s=120)
-    deadline = time.monotonic() + 60
-    while done["state"] != "succeeded" and time.monotonic() < deadline:
-        time.sleep(0.2)
-        done = api.backfill_status(backfill_id, name)
-    assert done["state"] == "succeeded", done
+    wait_until_succeeded(backfill_id, name)
     assert query(dbname, "SELECT count(*), min(counter), max(counter) FROM large") == [(ROWS, 1, 1)]
     # The batch holding that row was redone after the kill, and recorded once.
     covering = query(
