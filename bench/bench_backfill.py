@@ -188,7 +188,7 @@ def build_template(dbs: Databases, rows: int) -> dict[str, int]:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from jobs import ledger
+    from jobs.ledger import schema
 
     dbs.create(TEMPLATE_DB)
     admin_exec(
@@ -206,7 +206,7 @@ def build_template(dbs: Databases, rows: int) -> dict[str, int]:
         poolclass=NullPool,
     )
     with engine.connect() as conn:
-        ledger.ensure(conn)
+        schema.ensure(conn)
     engine.dispose()
     size = admin_exec(
         "SELECT pg_relation_size('large_table'), pg_total_relation_size('large_table')",

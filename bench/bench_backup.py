@@ -239,10 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
-    from jobs import backup as tools
-    from jobs import restore, snapshot, vault
+    from jobs.backups import dump, restore, snapshot, vault
     from jobs.config import Target, normalize_url
-    from jobs.db import connect
+    from jobs.pg.db import connect
 
     source = f"rb_bench_bk_{SESSION}_src"
     copy = f"rb_bench_bk_{SESSION}_copy"
@@ -276,7 +275,7 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
     src_full = target_for(source)  # the default settings
     src = dataclasses.replace(src_full, verify_restore=False)
     src_nosum = dataclasses.replace(src, verify_restore_max_bytes=0)
-    src_env = tools.libpq_env(src)
+    src_env = dump.libpq_env(src)
 
     # ---- backup -----------------------------------------------------------------------
     reference = tmp / "reference.dump"
@@ -409,8 +408,8 @@ def run(args: argparse.Namespace, dbs: Databases, tmp: Path) -> int:
     parts = {
         "table_stats with checksums, alone": timed(lambda: stats(src.verify_restore_max_bytes)),
         "table_stats row counts only, alone": timed(lambda: stats(0)),
-        "pg_restore --list": timed(lambda: tools.list_entries(src, reference)),
-        "sha256 of the dump": timed(lambda: tools.sha256_file(reference)),
+        "pg_restore --list": timed(lambda: dump.list_entries(src, reference)),
+        "sha256 of the dump": timed(lambda: dump.sha256_file(reference)),
     }
     # What coordinator.restore runs after restore_database, on the restored copy.
     with connect(copy_target) as conn, conn.begin():

@@ -21,8 +21,8 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 from kombu.utils.url import maybe_sanitize_url
 
-from jobs import lease, reconcile
 from jobs.config import load_settings
+from jobs.run import lease, reconcile
 
 log = logging.getLogger("runbook.reconcile")
 

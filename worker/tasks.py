@@ -11,10 +11,11 @@ from celery import Task
 from celery.signals import worker_ready
 from celery.utils.saferepr import saferepr
 
-from jobs import backfill_runner, refusals
+from jobs.backfill import slices
 from jobs.config import load_settings, redact
-from jobs.coordinator import execute
 from jobs.errors import RunbookError
+from jobs.run import refusals
+from jobs.run.coordinator import execute
 from worker.app import app
 
 log = logging.getLogger("runbook.worker")
@@ -80,7 +81,7 @@ def backfill_slice(
 
     try:
         settings = load_settings()
-        return backfill_runner.run_slice_and_continue(
+        return slices.run_slice_and_continue(
             settings,
             target,
             backfill_id,
@@ -118,7 +119,7 @@ def _report_broken_targets(**_: Any) -> None:
         log.info("serving targets: %s", ", ".join(sorted(settings.targets)))
 
 
-def slice_sender(queue: str) -> backfill_runner.SendSlice:
+def slice_sender(queue: str) -> slices.SendSlice:
     """Queue a backfill slice's task on ``queue``; Flower shows ``argsrepr`` as its arguments."""
 
     def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
@@ -132,7 +133,7 @@ def slice_sender(queue: str) -> backfill_runner.SendSlice:
     return send
 
 
-def run_sender(queue: str) -> backfill_runner.ResumeRun:
+def run_sender(queue: str) -> slices.ResumeRun:
     """Queue a run again (a backfill it waits for has stopped)."""
 
     def send(run_id: str, target: str) -> None:

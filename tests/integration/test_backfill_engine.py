@@ -20,10 +20,15 @@ import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
-from jobs import backfill, ledger
-from jobs.backfill import Spec
+from jobs import errors
+from jobs import states as jobs_states
+from jobs.backfill import control, dryrun, sizing, walk
+from jobs.backfill import create as backfill_create
+from jobs.backfill import keys as backfill_keys
+from jobs.backfill.spec import Spec
 from jobs.config import normalize_url
 from jobs.errors import IllegalTransition
+from jobs.ledger import backfills, schema, slices
 from tests.integration.conftest import REPO, Databases, db_url, query
 
 pytestmark = pytest.mark.integration
@@ -51,7 +56,7 @@ def dbname(databases: Databases) -> str:
 def engine(dbname: str) -> Iterator[Engine]:
     eng = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
     with eng.connect() as conn:
-        ledger.ensure(conn)
+        schema.ensure(conn)
     yield eng
     eng.dispose()
 
@@ -70,39 +75,37 @@ def spec(**overrides: Any) -> Spec:
 
 def create(engine: Engine, s: Spec) -> str:
     with engine.connect() as conn:
-        return backfill.create(conn, "test", s)
+        return backfill_create.create(conn, "test", s)
 
 
 def claim(engine: Engine, backfill_id: str, *, resume: bool = False) -> int:
     """Start (or resume) a one-slice backfill; its slice's generation."""
     with engine.connect() as conn:
-        [(number, generation)] = backfill.start(conn, backfill_id, resume=resume)
+        [(number, generation)] = control.start(conn, backfill_id, resume=resume)
     assert number == 0
     return generation
 
 
-def the_slice(engine: Engine, backfill_id: str) -> ledger.Slice:
+def the_slice(engine: Engine, backfill_id: str) -> backfills.Slice:
     with engine.connect() as conn:
-        [piece] = ledger.list_slices(conn, backfill_id)
+        [piece] = backfills.list_slices(conn, backfill_id)
     return piece
 
 
-def get(engine: Engine, backfill_id: str) -> ledger.Backfill:
+def get(engine: Engine, backfill_id: str) -> backfills.Backfill:
     with engine.connect() as conn:
-        return backfill.get(conn, backfill_id)
+        return control.get(conn, backfill_id)
 
 
-def batches(engine: Engine, backfill_id: str) -> list[ledger.BackfillBatch]:
+def batches(engine: Engine, backfill_id: str) -> list[backfills.BackfillBatch]:
     with engine.connect() as conn:
-        return ledger.list_batches(conn, backfill_id)
+        return backfills.list_batches(conn, backfill_id)
 
 
 def run_to_end(engine: Engine, backfill_id: str, generation: int, **kwargs: Any) -> str:
     """Slices until the backfill stops; the outcome of the last one."""
     kwargs.setdefault("budget_s", 0.5)
-    while (outcome := backfill.run_slice(engine, backfill_id, generation, **kwargs)) == (
-        backfill.CONTINUE
-    ):
+    while (outcome := walk.run_slice(engine, backfill_id, generation, **kwargs)) == (walk.CONTINUE):
         pass
     return outcome
 
@@ -115,7 +118,7 @@ def counters(dbname: str) -> dict[int, int]:
 def assert_every_row_once(dbname: str, engine: Engine, backfill_id: str, rows: int) -> None:
     """Succeeded; each row updated exactly once; the batches tile the key range."""
     bf = get(engine, backfill_id)
-    assert bf.state == backfill.SUCCEEDED, bf.error
+    assert bf.state == jobs_states.SUCCEEDED, bf.error
     assert counters(dbname) == {1: rows}
     assert query(dbname, "SELECT count(*) FROM items WHERE new_column = 'v'") == [(rows,)]
     done = batches(engine, backfill_id)
@@ -325,7 +328,7 @@ def test_a_zombie_generation_cannot_commit_a_batch(dbname: str, engine: Engine) 
     make_items(dbname, 2000)
     bf_id = create(engine, spec(sleep_ms=20, **FIXED))
     old = claim(engine, bf_id)
-    zombie, zombie_out = in_thread(backfill.run_slice, engine, bf_id, old, budget_s=60)
+    zombie, zombie_out = in_thread(walk.run_slice, engine, bf_id, old, budget_s=60)
     wait_for(lambda: len(batches(engine, bf_id)) >= 3)
 
     new = claim(engine, bf_id)  # a resume / reconciler takes over while the zombie still runs
@@ -363,12 +366,12 @@ def test_handoff_fences_a_redelivered_copy_of_the_finished_slice(
     make_items(dbname, 500)
     bf_id = create(engine, spec(**FIXED))
     generation = claim(engine, bf_id)
-    assert backfill.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
+    assert walk.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
     with engine.connect() as conn:
-        nxt = ledger.handoff(conn, bf_id, 0, generation)
+        nxt = slices.handoff(conn, bf_id, 0, generation)
         assert nxt == generation + 1
-        assert ledger.handoff(conn, bf_id, 0, generation) is None
-    assert backfill.run_slice(engine, bf_id, generation) == "fenced"
+        assert slices.handoff(conn, bf_id, 0, generation) is None
+    assert walk.run_slice(engine, bf_id, generation) == "fenced"
     assert run_to_end(engine, bf_id, nxt) == "succeeded"
     assert_every_row_once(dbname, engine, bf_id, 500)
 
@@ -409,11 +412,11 @@ SLICE = """
 import sys
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
-from jobs import backfill
+from jobs.backfill import walk
 from jobs.config import normalize_url
 url, backfill_id, generation = sys.argv[1], sys.argv[2], int(sys.argv[3])
-backfill.run_slice(create_engine(normalize_url(url), poolclass=NullPool), backfill_id,
-                   generation, budget_s=120)
+walk.run_slice(create_engine(normalize_url(url), poolclass=NullPool), backfill_id,
+               generation, budget_s=120)
 """
 
 
@@ -452,18 +455,18 @@ def test_pause_takes_effect_before_the_next_batch_and_resume_finishes(
 ) -> None:
     make_items(dbname, 2000)
     bf_id = create(engine, spec(sleep_ms=20, **FIXED))
-    worker, out = in_thread(backfill.run_slice, engine, bf_id, claim(engine, bf_id), budget_s=60)
+    worker, out = in_thread(walk.run_slice, engine, bf_id, claim(engine, bf_id), budget_s=60)
     wait_for(lambda: len(batches(engine, bf_id)) >= 2)
 
     with engine.connect() as conn:
-        assert backfill.pause(conn, bf_id) == "pausing"
+        assert control.pause(conn, bf_id) == "pausing"
     at_pause = len(batches(engine, bf_id))  # a batch in flight commits before the pause does
     worker.join(30)
 
     assert out == ["paused"] and get(engine, bf_id).state == "paused"
     assert len(batches(engine, bf_id)) == at_pause < 20
     with engine.connect() as conn:
-        assert backfill.pause(conn, bf_id) == "paused"  # asking again changes nothing
+        assert control.pause(conn, bf_id) == "paused"  # asking again changes nothing
     # A redelivered start does not undo the pause; the operator's resume does.
     with pytest.raises(IllegalTransition, match="is paused"):
         claim(engine, bf_id)
@@ -478,21 +481,21 @@ def test_a_pause_asked_before_any_worker_parks_it_at_the_first_slice(
     make_items(dbname, 300)
     bf_id = create(engine, spec(**FIXED))
     with engine.connect() as conn:
-        assert backfill.pause(conn, bf_id) == "pausing"
+        assert control.pause(conn, bf_id) == "pausing"
     generation = claim(engine, bf_id)  # the queued start task
     assert get(engine, bf_id).state == "pausing"
-    assert backfill.run_slice(engine, bf_id, generation) == "paused"
+    assert walk.run_slice(engine, bf_id, generation) == "paused"
     assert batches(engine, bf_id) == [] and counters(dbname) == {0: 300}
 
 
 def test_cancel_stops_the_batches_for_good(dbname: str, engine: Engine) -> None:
     make_items(dbname, 2000)
     bf_id = create(engine, spec(sleep_ms=20, **FIXED))
-    worker, out = in_thread(backfill.run_slice, engine, bf_id, claim(engine, bf_id), budget_s=60)
+    worker, out = in_thread(walk.run_slice, engine, bf_id, claim(engine, bf_id), budget_s=60)
     wait_for(lambda: len(batches(engine, bf_id)) >= 2)
 
     with engine.connect() as conn:
-        assert backfill.cancel(conn, bf_id) == "cancelling"
+        assert control.cancel(conn, bf_id) == "cancelling"
     at_cancel = len(batches(engine, bf_id))
     worker.join(30)
 
@@ -506,7 +509,7 @@ def test_cancel_stops_the_batches_for_good(dbname: str, engine: Engine) -> None:
     with pytest.raises(IllegalTransition, match="is cancelled"):
         claim(engine, bf_id, resume=True)
     # A late copy of the slice's task finds it stopped and does nothing.
-    assert backfill.run_slice(engine, bf_id, the_slice(engine, bf_id).generation) == "stopped"
+    assert walk.run_slice(engine, bf_id, the_slice(engine, bf_id).generation) == "stopped"
     assert len(batches(engine, bf_id)) == at_cancel
 
 
@@ -514,9 +517,9 @@ def test_cancel_without_a_worker_needs_none(dbname: str, engine: Engine) -> None
     make_items(dbname, 300)
     bf_id = create(engine, spec(**FIXED))
     with engine.connect() as conn:
-        assert backfill.cancel(conn, bf_id) == "cancelled"
+        assert control.cancel(conn, bf_id) == "cancelled"
         with pytest.raises(IllegalTransition, match="is cancelled"):
-            backfill.pause(conn, bf_id)
+            control.pause(conn, bf_id)
     with pytest.raises(IllegalTransition):
         claim(engine, bf_id)
 
@@ -554,7 +557,7 @@ def test_the_batch_shrinks_at_once_on_a_slow_batch(dbname: str, engine: Engine) 
 
 
 def test_next_batch_size_stays_within_its_bounds() -> None:
-    size = backfill.next_batch_size
+    size = sizing.next_batch_size
     assert size(1000, 10, target_ms=50, min_batch=100, max_batch=50000) == 1200
     assert size(1000, 49, target_ms=50, min_batch=100, max_batch=50000) == 1020
     assert size(1000, 500, target_ms=50, min_batch=100, max_batch=50000) == 100
@@ -611,21 +614,21 @@ def test_unusable_keys_are_refused_in_one_line(
     table: str, key: str, message: str, dbname: str, engine: Engine
 ) -> None:
     query(dbname, KEYLESS)
-    with engine.connect() as conn, pytest.raises(backfill.BackfillError) as caught:
-        backfill.create(conn, "test", Spec(table, key, "n = 1"))
+    with engine.connect() as conn, pytest.raises(errors.BackfillError) as caught:
+        backfill_create.create(conn, "test", Spec(table, key, "n = 1"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
     with engine.connect() as conn:
-        assert ledger.list_backfills(conn) == []
+        assert backfills.list_backfills(conn) == []
 
 
 def test_usable_keys_are_found(dbname: str, engine: Engine) -> None:
     query(dbname, KEYLESS)
     with engine.connect() as conn:
-        assert backfill.inspect_key(conn, "good", "id") == "bigint"
-        assert backfill.inspect_key(conn, "good", "code") == "uuid"
-        assert backfill.inspect_key(conn, '"Other"."Odd Name"', "Key") == "text"
-        assert backfill.candidate_keys(conn, "good") == ["id", "code"]
-        assert backfill.candidate_keys(conn, "composite") == []
+        assert backfill_keys.inspect_key(conn, "good", "id") == "bigint"
+        assert backfill_keys.inspect_key(conn, "good", "code") == "uuid"
+        assert backfill_keys.inspect_key(conn, '"Other"."Odd Name"', "Key") == "text"
+        assert backfill_keys.candidate_keys(conn, "good") == ["id", "code"]
+        assert backfill_keys.candidate_keys(conn, "composite") == []
     query(
         dbname, 'INSERT INTO "Other"."Odd Name" SELECT \'k\' || i, 0 FROM generate_series(1, 50) i'
     )
@@ -657,8 +660,8 @@ def test_a_bad_set_or_where_is_refused_before_anything_runs(
     set_sql: str, where_sql: str | None, message: str, dbname: str, engine: Engine
 ) -> None:
     make_items(dbname, 10)
-    with engine.connect() as conn, pytest.raises(backfill.BadSpec, match=message) as caught:
-        backfill.create(conn, "test", spec(set_sql=set_sql, where_sql=where_sql))
+    with engine.connect() as conn, pytest.raises(errors.BadSpec, match=message) as caught:
+        backfill_create.create(conn, "test", spec(set_sql=set_sql, where_sql=where_sql))
     assert "\n" not in str(caught.value)
     assert counters(dbname) == {0: 10}
 
@@ -667,7 +670,7 @@ def test_a_trailing_comment_cannot_unbound_a_batch(dbname: str, engine: Engine) 
     make_items(dbname, 300)
     bf_id = create(engine, spec(set_sql=SET + " -- all of it", where_sql="true -- or not", **FIXED))
     generation = claim(engine, bf_id)
-    assert backfill.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
+    assert walk.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
     assert counters(dbname) == {1: 100, 0: 200}
 
 
@@ -679,29 +682,36 @@ def test_bad_batch_settings_are_refused(engine: Engine) -> None:
         spec(sleep_ms=-1),
         spec(lock_timeout_ms=0),
     ):
-        with engine.connect() as conn, pytest.raises(backfill.BadSpec):
-            backfill.create(conn, "test", bad)
+        with engine.connect() as conn, pytest.raises(errors.BadSpec):
+            backfill_create.create(conn, "test", bad)
 
 
 def test_unknown_backfills_are_named(engine: Engine) -> None:
     with engine.connect() as conn:
-        for call in (backfill.get, backfill.start, backfill.pause, backfill.cancel):
-            with pytest.raises(backfill.UnknownBackfill, match="unknown backfill 'nope'"):
+        for call in (control.get, control.start, control.pause, control.cancel):
+            with pytest.raises(errors.UnknownBackfill, match="unknown backfill 'nope'"):
                 call(conn, "nope")
 
 
 def test_the_transition_table_covers_every_request() -> None:
-    states = set(backfill.TRANSITIONS)
-    for moves in (backfill.CLAIM, backfill.RESUME, backfill.PAUSE, backfill.CANCEL):
+    states = set(jobs_states.BACKFILL_TRANSITIONS)
+    for moves in (
+        jobs_states.BACKFILL_CLAIM,
+        jobs_states.BACKFILL_RESUME,
+        jobs_states.BACKFILL_PAUSE,
+        jobs_states.BACKFILL_CANCEL,
+    ):
         for old, new in moves.items():
             assert old in states and new in states
-            assert new == old or new in backfill.TRANSITIONS[old], (old, new)
-    assert {s for s, nxt in backfill.TRANSITIONS.items() if not nxt} == backfill.TERMINAL
+            assert new == old or new in jobs_states.BACKFILL_TRANSITIONS[old], (old, new)
+    assert {
+        s for s, nxt in jobs_states.BACKFILL_TRANSITIONS.items() if not nxt
+    } == jobs_states.BACKFILL_TERMINAL
     # The worker's own moves.
     for old, new in (("pausing", "paused"), ("cancelling", "cancelled"), ("running", "errored")):
-        backfill.check_transition(old, new)
+        jobs_states.check_backfill_transition(old, new)
     with pytest.raises(IllegalTransition):
-        backfill.check_transition("succeeded", "running")
+        jobs_states.check_backfill_transition("succeeded", "running")
 
 
 # -- parallel slices ----------------------------------------------------------------------------
@@ -709,12 +719,12 @@ def test_the_transition_table_covers_every_request() -> None:
 
 def start_all(engine: Engine, backfill_id: str, *, resume: bool = False) -> list[tuple[int, int]]:
     with engine.connect() as conn:
-        return backfill.start(conn, backfill_id, resume=resume)
+        return control.start(conn, backfill_id, resume=resume)
 
 
-def slices_of(engine: Engine, backfill_id: str) -> list[ledger.Slice]:
+def slices_of(engine: Engine, backfill_id: str) -> list[backfills.Slice]:
     with engine.connect() as conn:
-        return ledger.list_slices(conn, backfill_id)
+        return backfills.list_slices(conn, backfill_id)
 
 
 @pytest.mark.parametrize("key_type,keys", [("int", "i * 7"), ("uuid", "gen_random_uuid()")])
@@ -749,11 +759,11 @@ def test_a_pause_waits_for_every_slice_and_resume_restarts_them_all(
     bf_id = create(engine, spec(slices=2, sleep_ms=20, **FIXED))
     started = start_all(engine, bf_id)
     workers = [
-        in_thread(backfill.run_slice, engine, bf_id, g, slice_no=n, budget_s=60) for n, g in started
+        in_thread(walk.run_slice, engine, bf_id, g, slice_no=n, budget_s=60) for n, g in started
     ]
     wait_for(lambda: len(batches(engine, bf_id)) >= 4)
     with engine.connect() as conn:
-        assert backfill.pause(conn, bf_id) == "pausing"
+        assert control.pause(conn, bf_id) == "pausing"
     for thread, _ in workers:
         thread.join(30)
     assert sorted(out[0] for _, out in workers) == ["paused", "stopped"]
@@ -805,7 +815,7 @@ def test_isolate_skips_exactly_the_offending_rows(dbname: str, engine: Engine) -
     bf_id = create(engine, spec(on_error="isolate", **FIXED))
     assert run_to_end(engine, bf_id, claim(engine, bf_id)) == "succeeded"
     with engine.connect() as conn:
-        skipped = ledger.list_skipped(conn, bf_id)
+        skipped = backfills.list_skipped(conn, bf_id)
     assert sorted(int(k) for k, _ in skipped) == bad
     assert all("at_most_one" in error for _, error in skipped)
     assert counters(dbname) == {1: 1000 - len(bad), 0: len(bad)}
@@ -822,7 +832,7 @@ def test_isolate_still_stops_when_every_row_fails(dbname: str, engine: Engine) -
     bf = get(engine, bf_id)
     assert "every row" in (bf.error or "") and counters(dbname) == {0: 300}
     with engine.connect() as conn:
-        assert ledger.list_skipped(conn, bf_id) == []
+        assert backfills.list_skipped(conn, bf_id) == []
 
 
 # -- dry run, throttling, progress ----------------------------------------------------------------
@@ -832,7 +842,7 @@ def test_dry_run_changes_nothing_and_projects_the_time(dbname: str, engine: Engi
     make_items(dbname, 5000)
     before = query(dbname, "SELECT count(*) FROM runbook.backfills")
     with engine.connect() as conn:
-        report = backfill.dry_run(conn, spec(where_sql="new_column IS NULL", **FIXED), batches=3)
+        report = dryrun.dry_run(conn, spec(where_sql="new_column IS NULL", **FIXED), batches=3)
     assert [b["keys"] for b in report["batches"]] == [100, 100, 100]
     assert [b["rows"] for b in report["batches"]] == [100, 100, 100]
     assert report["rows_to_update"] == 5000 and report["estimate"] == "counted"
@@ -851,7 +861,7 @@ def test_an_old_transaction_throttles_the_backfill_until_it_ends(
         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM items")
     time.sleep(1.2)
     generation = claim(engine, bf_id)
-    assert backfill.run_slice(engine, bf_id, generation, budget_s=1.5) == "continue"
+    assert walk.run_slice(engine, bf_id, generation, budget_s=1.5) == "continue"
     assert batches(engine, bf_id) == []  # it waited instead
     holder.rollback()
     holder.close()
@@ -859,7 +869,7 @@ def test_an_old_transaction_throttles_the_backfill_until_it_ends(
     bf = get(engine, bf_id)
     assert bf.throttled_ms >= 1000 and counters(dbname) == {1: 2000}
     with engine.connect() as conn:
-        reason = ledger.last_throttle(conn, bf_id)
+        reason = backfills.last_throttle(conn, bf_id)
     assert reason is not None and "holds back vacuum" in reason[0]
 
 
@@ -889,7 +899,7 @@ def test_a_batch_that_makes_the_application_wait_shrinks_the_next(
         conn.close()
 
     app, _ = in_thread(application)
-    assert backfill.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
+    assert walk.run_slice(engine, bf_id, generation, budget_s=0) == "continue"
     app.join(10)
     first = batches(engine, bf_id)[0]
     assert first.batch_size == 1000
@@ -897,14 +907,14 @@ def test_a_batch_that_makes_the_application_wait_shrinks_the_next(
 
 
 def test_progress_has_a_rate_and_an_eta(dbname: str, engine: Engine) -> None:
-    from jobs import backfill_runner
+    from jobs.backfill import slices
 
     make_items(dbname, 3000)
     bf_id = create(engine, spec(sleep_ms=200, **FIXED))
     generation = claim(engine, bf_id)
-    backfill.run_slice(engine, bf_id, generation, budget_s=1.0)
+    walk.run_slice(engine, bf_id, generation, budget_s=1.0)
     with engine.connect() as conn:
-        info = backfill_runner.progress(conn, get(engine, bf_id))
+        info = slices.progress(conn, get(engine, bf_id))
     assert info["rows_done"] > 0 and info["rows_total"] == 3000 and info["estimate"] == "counted"
     assert info["rate_rows_s"] and info["eta_s"] is not None and info["throttled_s"] > 0
     # Throttled time (the 200 ms sleeps) is left out of the rate: 100-row batches in a few ms

@@ -18,9 +18,10 @@ import pytest
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.pool import NullPool
 
-from jobs import backfill, ledger
-from jobs.backfill import Spec
+from jobs.backfill import control, create, walk
+from jobs.backfill.spec import Spec
 from jobs.config import normalize_url
+from jobs.ledger import notify, schema
 from tests.integration.conftest import Databases, db_url, query
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def dbname(databases: Databases) -> str:
 def engine(dbname: str) -> Iterator[Engine]:
     eng = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
     with eng.connect() as conn:
-        ledger.ensure(conn)
+        schema.ensure(conn)
     yield eng
     eng.dispose()
 
@@ -57,8 +58,8 @@ def start(engine: Engine) -> tuple[str, int]:
         max_batch=BATCH,
     )
     with engine.connect() as conn:
-        backfill_id = backfill.create(conn, "test", spec)
-        [(_, generation)] = backfill.start(conn, backfill_id)
+        backfill_id = create.create(conn, "test", spec)
+        [(_, generation)] = control.start(conn, backfill_id)
     return backfill_id, generation
 
 
@@ -76,7 +77,7 @@ def test_a_batch_after_the_first_is_three_statements_and_one_commit(
     def committed(conn: Any) -> None:
         log.append(("commit", ""))
 
-    assert backfill.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
+    assert walk.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
     assert query(dbname, "SELECT count(*) FILTER (WHERE counter <> 1) FROM items") == [(0,)]
 
     updates = [i for i, (kind, sql) in enumerate(log) if sql.startswith("UPDATE public.items")]
@@ -102,7 +103,7 @@ def test_every_state_change_of_a_backfill_is_announced_with_its_id(
     listener.autocommit = True
     try:
         with listener.cursor() as cur:
-            cur.execute(f"LISTEN {ledger.CHANNEL}")
+            cur.execute(f"LISTEN {notify.CHANNEL}")
         seen: list[str] = []
 
         def drain() -> list[str]:
@@ -113,14 +114,14 @@ def test_every_state_change_of_a_backfill_is_announced_with_its_id(
             return seen
 
         with engine.connect() as conn:
-            assert backfill.pause(conn, backfill_id) == "pausing"
+            assert control.pause(conn, backfill_id) == "pausing"
         assert drain().count(backfill_id) == 1
-        assert backfill.run_slice(engine, backfill_id, generation) == "paused"
+        assert walk.run_slice(engine, backfill_id, generation) == "paused"
         assert drain().count(backfill_id) == 2  # pausing -> paused
         with engine.connect() as conn:
-            [(_, generation)] = backfill.start(conn, backfill_id, resume=True)
+            [(_, generation)] = control.start(conn, backfill_id, resume=True)
         assert drain().count(backfill_id) == 3
-        assert backfill.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
+        assert walk.run_slice(engine, backfill_id, generation, budget_s=120) == "succeeded"
         assert drain().count(backfill_id) == 4
     finally:
         listener.close()

@@ -25,8 +25,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.engine import make_url
 
-from jobs import api, db, ledger
+from jobs import api
 from jobs.config import load_settings
+from jobs.ledger import runs, schema
+from jobs.pg import db
 from jobs.states import RUNNING, SUCCEEDED
 from tests.integration.conftest import (
     REDIS_URL,
@@ -100,8 +102,8 @@ def finished_run(config: Path) -> dict[str, str]:
     """A run that ended (succeeded), recorded as a worker would have."""
     target = load_settings(config).target("x")
     with db.connect(target) as conn:
-        ledger.ensure(conn)
-        run_id = ledger.admit(
+        schema.ensure(conn)
+        run_id = runs.admit(
             conn,
             target="x",
             kind="apply",
@@ -109,10 +111,10 @@ def finished_run(config: Path) -> dict[str, str]:
             to_revision="a2",
             options={"backup": False},
         )
-        run = ledger.get_run(conn, run_id)
-        ledger.transition(conn, run, RUNNING)
-        ledger.update_run(conn, run, current_revision="a2")
-        ledger.transition(conn, run, SUCCEEDED)
+        run = runs.get_run(conn, run_id)
+        runs.transition(conn, run, RUNNING)
+        runs.update_run(conn, run, current_revision="a2")
+        runs.transition(conn, run, SUCCEEDED)
     return {"run": run_id}
 
 

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 
 from jobs import api
-from jobs.db import ADMISSION_LOCK_KEY
+from jobs.pg.db import ADMISSION_LOCK_KEY
 from tests.integration.conftest import (
     REPO,
     RUNBOOK,

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from jobs import copies
+from jobs.backups import copies
 from jobs.errors import BackupError
 from tests.integration.conftest import missing
 
@@ -215,13 +215,13 @@ def test_a_copy_that_reads_back_wrong_is_removed(
     s3: str, moto_endpoint: str, backup: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, sha = backup
-    real = copies._object_chunks
+    real = copies.object_chunks
 
     def flipped(client, bucket, key):  # type: ignore[no-untyped-def]
         chunks, recorded = real(client, bucket, key)
         return iter([b"x", *chunks]), recorded
 
-    monkeypatch.setattr(copies, "_object_chunks", flipped)
+    monkeypatch.setattr(copies, "object_chunks", flipped)
     with pytest.raises(BackupError) as err:
         copies.copy_backup(path, f"s3://{s3}/p", sha)
     assert str(err.value) == (

@@ -16,9 +16,12 @@ from typing import Any
 
 import pytest
 
-from jobs import api, backfill, db, ledger
+from jobs import api
+from jobs.backfill import walk
 from jobs.config import load_settings
-from jobs.coordinator import execute
+from jobs.ledger import backfills, runs, schema
+from jobs.pg import db
+from jobs.run.coordinator import execute
 from tests.integration.conftest import (
     Config,
     Databases,
@@ -71,10 +74,10 @@ def admit(name: str, to: str = CONTRACT) -> str:
     """Record an apply run without sending it anywhere; its id."""
     target = load_settings().target(name)
     with db.connect(target) as conn:
-        ledger.ensure(conn)
+        schema.ensure(conn)
         current = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
         conn.rollback()
-        return ledger.admit(
+        return runs.admit(
             conn,
             target=name,
             kind="apply",
@@ -86,12 +89,12 @@ def admit(name: str, to: str = CONTRACT) -> str:
 
 def run_record(name: str, run_id: str) -> dict[str, Any]:
     with db.connect(load_settings().target(name)) as conn:
-        return ledger.get_run(conn, run_id).as_dict()
+        return runs.get_run(conn, run_id).as_dict()
 
 
-def backfills_of(name: str, run_id: str) -> list[ledger.Backfill]:
+def backfills_of(name: str, run_id: str) -> list[backfills.Backfill]:
     with db.connect(load_settings().target(name)) as conn:
-        return ledger.list_backfills(conn, run_id=run_id)
+        return backfills.list_backfills(conn, run_id=run_id)
 
 
 def steps(run: dict[str, Any], revisions: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -148,7 +151,7 @@ def test_the_run_waits_for_its_backfill_and_a_later_delivery_carries_on(
     # The slices run (here, as a worker would), then the delivery they send finishes the run.
     engine = db.engine(settings.target(name))
     _, _, slice_no, generation = sent[1]
-    while backfill.run_slice(engine, bf.id, generation, slice_no=slice_no) == "continue":
+    while walk.run_slice(engine, bf.id, generation, slice_no=slice_no) == "continue":
         pass
     done = execute(settings, run_id, name, send_slice=send)
     assert done.state == "succeeded", done.error

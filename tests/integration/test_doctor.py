@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs import db, doctor, ledger, verify
 from jobs.config import Target, normalize_url
-from jobs.migrate import Project
+from jobs.insight import doctor, sql_findings
+from jobs.ledger import runs, schema
+from jobs.pg import db
+from jobs.project.runtime import Project
+from jobs.run import verify
 from tests.integration.conftest import Databases, db_url, schema_dump
 from tests.integration.test_bad_input import upgrade
 from tests.projects import Rev, write_project
@@ -151,16 +154,16 @@ def _record_upgrades(target: Target, dbname: str, revisions: list[str]) -> str:
     """A ledger whose one run applied ``revisions``; the run's id."""
     project = Project(target)
     with db.connect(target) as conn:
-        ledger.ensure(conn)
-        run_id = ledger.admit(
+        schema.ensure(conn)
+        run_id = runs.admit(
             conn, target="t", kind="apply", from_revision=None, to_revision=None, options={}
         )
-        run = ledger.get_run(conn, run_id)
+        run = runs.get_run(conn, run_id)
         for rev in revisions:
-            step = ledger.start_step(conn, run, "upgrade", rev)
+            step = runs.start_step(conn, run, "upgrade", rev)
             known = rev in {r.id for r in REVS}
             sha = project.revision(rev).sha256 if known else "0" * 64
-            ledger.finish_step(conn, step, "succeeded", file_sha256=sha)
+            runs.finish_step(conn, step, "succeeded", file_sha256=sha)
     return run_id
 
 
@@ -184,10 +187,10 @@ def test_a_schema_matching_a_recorded_fingerprint_names_its_revision(
     target, dbname = make(tmp_path, databases, REVS, "a1")
     run_id = _record_upgrades(target, dbname, ["a1", "a2"])  # the ledger alone would say a2
     with db.connect(target) as conn:
-        run = ledger.get_run(conn, run_id)
+        run = runs.get_run(conn, run_id)
         for rev, fp in [("a1", verify.fingerprint(conn)), ("a2", "f" * 64)]:
-            step = ledger.start_step(conn, run, "verify", rev)
-            ledger.finish_step(conn, step, "succeeded", fingerprint=fp)
+            step = runs.start_step(conn, run, "verify", rev)
+            runs.finish_step(conn, step, "succeeded", fingerprint=fp)
     sql(dbname, "UPDATE alembic_version SET version_num = 'f00dface'")
     found = diagnose(target, dbname)
     assert found[0]["message"].endswith(
@@ -386,5 +389,5 @@ def test_an_unusable_project_is_a_finding_not_a_crash(tmp_path: Path, databases:
     ids=["quoted", "index", "type", "alter clauses", "rename", "update", "drop list"],
 )
 def test_reading_rendered_sql(sql: str, expected: list[tuple[str, str, str, str, bool]]) -> None:
-    found = [(e.kind, e.what, e.name, e.column, e.if_not_exists) for e in doctor.events(sql)]
+    found = [(e.kind, e.what, e.name, e.column, e.if_not_exists) for e in sql_findings.events(sql)]
     assert found == expected

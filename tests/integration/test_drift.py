@@ -15,10 +15,12 @@ import pytest
 from alembic import command
 from alembic.config import Config
 
-from jobs import db, drift, ledger
 from jobs.config import Target, normalize_url
 from jobs.errors import RunbookError
-from jobs.migrate import Project
+from jobs.insight import drift
+from jobs.ledger import runs, schema
+from jobs.pg import db
+from jobs.project.runtime import Project
 from tests.integration.conftest import REPO, Databases, db_url, schema_dump
 from tests.integration.test_bad_input import upgrade
 from tests.projects import ENV_PY, Rev, write_project
@@ -127,7 +129,7 @@ def check(target: Target) -> dict[str, Any]:
 def test_a_database_matching_its_models_has_no_drift(tmp_path: Path, databases: Databases) -> None:
     target, _ = make(tmp_path, databases, "head")
     with db.connect(target) as conn:
-        ledger.ensure(conn)  # another schema the models know nothing of: not drift
+        schema.ensure(conn)  # another schema the models know nothing of: not drift
     assert check(target) == {"schema": [], "edited": [], "pending": [], "drift": False}
 
 
@@ -182,14 +184,14 @@ def record_applied(target: Target, revisions: list[str]) -> str:
     """A ledger run that applied ``revisions`` with their files' current hashes."""
     project = Project(target)
     with db.connect(target) as conn:
-        ledger.ensure(conn)
-        run_id = ledger.admit(
+        schema.ensure(conn)
+        run_id = runs.admit(
             conn, target="t", kind="apply", from_revision=None, to_revision=None, options={}
         )
-        run = ledger.get_run(conn, run_id)
+        run = runs.get_run(conn, run_id)
         for rev in revisions:
-            step = ledger.start_step(conn, run, "upgrade", rev)
-            ledger.finish_step(conn, step, "succeeded", file_sha256=project.revision(rev).sha256)
+            step = runs.start_step(conn, run, "upgrade", rev)
+            runs.finish_step(conn, step, "succeeded", file_sha256=project.revision(rev).sha256)
     return run_id
 
 

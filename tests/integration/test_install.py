@@ -43,9 +43,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(
         REPO,
         source,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.egg-info", "__pycache__", "backups", ".*_cache"
-        ),
+        ignore=_not_shipped,
     )
     wheels = venv.parent / "wheels"
     subprocess.run(
@@ -63,6 +61,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=venv.parent,
     )
     return venv / "bin"
+
+
+_LEFT_OUT = shutil.ignore_patterns(
+    ".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache"
+)
+
+
+def _not_shipped(folder: str, names: list[str]) -> set[str]:
+    """What the copy leaves out: caches, builds, and the checkout's own backups/ (not the
+    jobs/backups package)."""
+    left_out = set(_LEFT_OUT(folder, names))
+    return left_out | ({"backups"} if Path(folder) == REPO else set())
 
 
 def test_a_non_editable_install_runs_help_a_worker_and_an_apply_outside_the_repo(

@@ -15,9 +15,13 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from jobs import api, backfill, lease, ledger
-from jobs.backfill_runner import run_slice_and_continue
+from jobs import api
+from jobs.backfill import control, create
+from jobs.backfill import spec as backfill_spec
+from jobs.backfill.slices import run_slice_and_continue
 from jobs.config import load_settings, normalize_url
+from jobs.ledger import backfills, leases
+from jobs.run import lease
 from tests.integration.conftest import (
     Config,
     Databases,
@@ -114,25 +118,25 @@ def test_a_slice_whose_worker_died_is_taken_over(
     name = f"t_{dbname}"
     config.add(name, url=db_url(dbname), backup=False)
     engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
-    spec = backfill.Spec(table="items", key="id", set_sql="counter = counter + 1", slices=2)
+    spec = backfill_spec.Spec(table="items", key="id", set_sql="counter = counter + 1", slices=2)
     with engine.connect() as conn:
-        backfill_id = backfill.create(conn, name, spec)
+        backfill_id = create.create(conn, name, spec)
         # Started, but its tasks died before their first batch: nobody will send them.
-        before = backfill.start(conn, backfill_id)
+        before = control.start(conn, backfill_id)
     deadline = time.monotonic() + 60
     while get_state(engine, backfill_id) != "succeeded":
         assert time.monotonic() < deadline, get_state(engine, backfill_id)
         time.sleep(0.2)
     assert query(dbname, "SELECT min(counter), max(counter) FROM items") == [(1, 1)]
     with engine.connect() as conn:
-        after = {p.slice: p.generation for p in ledger.list_slices(conn, backfill_id)}
+        after = {p.slice: p.generation for p in backfills.list_slices(conn, backfill_id)}
     assert all(after[n] > g for n, g in before)  # taken over with a new generation
     engine.dispose()
 
 
 def get_state(engine, backfill_id: str) -> str:  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
-        return backfill.get(conn, backfill_id).state
+        return control.get(conn, backfill_id).state
 
 
 def test_a_slice_that_keeps_dying_errors_the_backfill(config: Config, databases: Databases) -> None:
@@ -146,10 +150,10 @@ def test_a_slice_that_keeps_dying_errors_the_backfill(config: Config, databases:
     config.add(name, url=db_url(dbname), backup=False)
     engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
     with engine.connect() as conn:
-        backfill_id = backfill.create(conn, name, backfill.Spec("items", "id", "counter = 1"))
-        [(number, generation)] = backfill.start(conn, backfill_id)
+        backfill_id = create.create(conn, name, backfill_spec.Spec("items", "id", "counter = 1"))
+        [(number, generation)] = control.start(conn, backfill_id)
         for _ in range(lease.MAX_UNFINISHED):  # deliveries that died before returning
-            ledger.begin_slice_delivery(conn, backfill_id, number, generation)
+            leases.begin_slice_delivery(conn, backfill_id, number, generation)
     sent: list[tuple[str, str]] = []
     result = run_slice_and_continue(
         load_settings(),

@@ -25,8 +25,8 @@ from typing import Any
 import psycopg2
 import pytest
 
-from jobs.db import RUN_LOCK_KEY
-from jobs.leftovers import database_tag
+from jobs.backups.leftovers import database_tag
+from jobs.pg.db import RUN_LOCK_KEY
 from tests.integration.chaos_support import wait_for
 from tests.integration.conftest import ADMIN_URL, Config, Databases, admin_exec, db_url, query
 from tests.projects import Rev, write_project

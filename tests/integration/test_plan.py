@@ -11,9 +11,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from jobs import db, plan
 from jobs.config import Target, normalize_url
-from jobs.migrate import Project
+from jobs.insight import plan
+from jobs.pg import db
+from jobs.project.runtime import Project
 from tests.integration.conftest import REPO, Databases, db_url, query
 from tests.projects import Rev, write_project
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from jobs import api, db, preflight
+from jobs import api
 from jobs.config import load_settings
-from jobs.migrate import Project
+from jobs.pg import db
+from jobs.project.runtime import Project
+from jobs.run import preflight
 from tests.integration.conftest import (
     Config,
     Databases,

@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 from jobs import api
-from jobs.leftovers import database_tag
+from jobs.backups.leftovers import database_tag
 from tests.integration.conftest import (
     Config,
     Databases,

@@ -11,9 +11,10 @@ from typing import Any
 import psycopg2
 import pytest
 
-from jobs.backup import libpq_env
+from jobs.backups.dump import libpq_env
+from jobs.backups.restore import RestoreError, restore_database
+from jobs.backups.restore_tables import restore_tables
 from jobs.config import Target, normalize_url
-from jobs.restore import RestoreError, restore_database, restore_tables
 from tests.integration.conftest import Databases, admin_exec, db_url, query, schema_dump
 
 pytestmark = pytest.mark.integration

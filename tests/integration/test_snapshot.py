@@ -14,10 +14,10 @@ from typing import Any
 import psycopg2
 import pytest
 
-from jobs import snapshot
+from jobs.backups import snapshot
 from jobs.config import Target, normalize_url
-from jobs.db import connect
 from jobs.errors import BackupError
+from jobs.pg.db import connect
 from tests.integration.conftest import SESSION, Databases, admin_exec, db_url
 
 pytestmark = pytest.mark.integration
@@ -91,13 +91,13 @@ def existing(names: list[str]) -> list[str]:
 def scratch_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Names of the scratch databases created during the test; all must be gone at its end."""
     names: list[str] = []
-    real = snapshot._scratch_name
+    real = snapshot.scratch_db_name
 
     def recording(*args: Any) -> str:
         names.append(real(*args))
         return names[-1]
 
-    monkeypatch.setattr(snapshot, "_scratch_name", recording)
+    monkeypatch.setattr(snapshot, "scratch_db_name", recording)
     yield names
     assert existing(names) == [], "a scratch database was left behind"
 

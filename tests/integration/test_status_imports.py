@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from jobs import ledger
+from jobs.ledger import runs, schema
 from jobs.states import RUNNING
 from tests.integration.conftest import Config, Databases, db_url
 from tests.projects import trivial_history, write_project
@@ -30,13 +30,13 @@ def test_status_of_a_run_reads_the_ledger_only(
         db_url(dbname).replace("postgresql://", "postgresql+psycopg2://"), poolclass=NullPool
     )
     with engine.connect() as conn:
-        ledger.ensure(conn)
-        run_id = ledger.admit(
+        schema.ensure(conn)
+        run_id = runs.admit(
             conn, target="st", kind="apply", from_revision=None, to_revision="r0001", options={}
         )
         # A worker has it. (For a run still enqueued, status also asks Redis whether a worker
         # refused it: jobs/refusals.py, plain redis-py.)
-        ledger.transition(conn, ledger.get_run(conn, run_id), RUNNING)
+        runs.transition(conn, runs.get_run(conn, run_id), RUNNING)
     engine.dispose()
     name = config.add(
         f"st_{dbname}",
@@ -44,7 +44,7 @@ def test_status_of_a_run_reads_the_ledger_only(
         alembic_ini=str(write_project(tmp_path / "p", trivial_history(1))),
         backup_dir=str(tmp_path / "backups"),
     )
-    code = f"import sys; sys.argv = ['runbook', 'status', {run_id!r}, '--target', {name!r}]; from jobs.cli import run; run()"
+    code = f"import sys; sys.argv = ['runbook', 'status', {run_id!r}, '--target', {name!r}]; from jobs.cli.commands import run; run()"
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
         env=dict(os.environ, RUNBOOK_CONFIG=str(config.path)),

@@ -19,7 +19,7 @@ import click
 import pytest
 import redis as redis_lib
 
-from jobs.cli import cli
+from jobs.cli.commands import cli
 from tests.integration.conftest import (
     REDIS_URL,
     RUNBOOK,

@@ -11,9 +11,9 @@ HEAVY = ("alembic", "sqlalchemy", "psycopg2", "pglast", "boto3", "celery", "komb
 
 
 def imported_by(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """Run the console script's own entry point (jobs.cli:run) with ``argv``; the top-level
+    """Run the console script's own entry point (jobs.cli.commands:run) with ``argv``; the top-level
     packages it imported (from `python -X importtime`)."""
-    code = f"import sys; sys.argv = ['runbook', *{list(argv)!r}]; from jobs.cli import run; run()"
+    code = f"import sys; sys.argv = ['runbook', *{list(argv)!r}]; from jobs.cli.commands import run; run()"
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, timeout=60
     )
@@ -41,7 +41,7 @@ def test_command_help_imports_no_heavy_module() -> None:
 
 
 def test_the_console_script_keeps_exit_codes() -> None:
-    """jobs.cli:run exits without module teardown; the code and the one line stay."""
+    """jobs.cli.commands:run exits without module teardown; the code and the one line stay."""
     proc, _ = imported_by("no-such-command")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]

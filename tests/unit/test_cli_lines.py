@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.cli import _step_line
+from jobs.cli.render import step_line as _step_line
 
 
 def step(**fields: object) -> dict[str, object]:

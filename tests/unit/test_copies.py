@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import copies
+from jobs.backups import copies
 from jobs.errors import BackupError
 
 

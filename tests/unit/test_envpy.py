@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from jobs import envpy
 from jobs.config import Target, normalize_url
 from jobs.errors import ProjectError
+from jobs.project import envpy
 
 
 def target(url: str = "postgresql://app:s3cret@db.internal:6432/prod?sslmode=require") -> Target:
@@ -70,14 +70,14 @@ def test_settings_go_into_libpq_options_and_asyncpg_server_settings() -> None:
         dialect, cparams = cparams_for(
             "postgresql+psycopg2://app@db.internal:6432/prod", options="-c search_path=app"
         )
-        envpy._on_connect(dialect, None, [], cparams)
+        envpy.on_connect(dialect, None, [], cparams)
         assert cparams["options"] == (
             "-c search_path=app -c lock_timeout=1500 -c statement_timeout=60000"
         )
         assert cparams["application_name"] == "runbook:prod"
     with envpy.rules(t, read_only=True):
         dialect, cparams = cparams_for("postgresql+asyncpg://app@db.internal:6432/prod")
-        envpy._on_connect(dialect, None, [], cparams)
+        envpy.on_connect(dialect, None, [], cparams)
         assert cparams["server_settings"] == {
             "lock_timeout": "1500",
             "statement_timeout": "60000",
@@ -89,10 +89,10 @@ def test_settings_go_into_libpq_options_and_asyncpg_server_settings() -> None:
 def test_outside_env_py_and_for_runbooks_own_engines_nothing_changes() -> None:
     dialect, cparams = cparams_for("postgresql+psycopg2://app@elsewhere/other")
     before = dict(cparams)
-    envpy._on_connect(dialect, None, [], cparams)  # no env.py running
+    envpy.on_connect(dialect, None, [], cparams)  # no env.py running
     with envpy.rules(target()):
         own = {**cparams, "application_name": "runbook:prod"}
-        envpy._on_connect(dialect, None, [], own)  # jobs/db.py's engine, to anywhere
+        envpy.on_connect(dialect, None, [], own)  # jobs/db.py's engine, to anywhere
         assert own == {**before, "application_name": "runbook:prod"}
     assert cparams == before
 
@@ -111,11 +111,11 @@ def test_a_connection_elsewhere_is_refused_before_it_is_made(url: str, same: boo
     with envpy.rules(target()) as refused:
         dialect, cparams = cparams_for(url)
         if same:
-            envpy._on_connect(dialect, None, [], cparams)
+            envpy.on_connect(dialect, None, [], cparams)
             assert refused == []
         else:
             with pytest.raises(ProjectError, match="not to the target's db.internal:6432/prod"):
-                envpy._on_connect(dialect, None, [], cparams)
+                envpy.on_connect(dialect, None, [], cparams)
             assert len(refused) == 1 and "s3cret" not in refused[0]
 
 
@@ -123,7 +123,7 @@ def test_loopback_names_are_one_host() -> None:
     local = target("postgresql://postgres@127.0.0.1:5432/app")
     with envpy.rules(local) as refused:
         dialect, cparams = cparams_for("postgresql+psycopg2://postgres@localhost/app")
-        envpy._on_connect(dialect, None, [], cparams)
+        envpy.on_connect(dialect, None, [], cparams)
         assert refused == []
 
 
@@ -133,5 +133,5 @@ def test_a_driver_runbook_cannot_set_settings_on_is_refused() -> None:
     with envpy.rules(target()) as refused:
         cparams = {"host": "db.internal", "port": 6432, "database": "prod", "user": "app"}
         with pytest.raises(ProjectError, match="driver 'pg8000', on which runbook cannot set"):
-            envpy._on_connect(PGDialect_pg8000(), None, [], cparams)
+            envpy.on_connect(PGDialect_pg8000(), None, [], cparams)
         assert len(refused) == 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import leftovers
+from jobs.backups import leftovers
+from jobs.backups.leftovers import Owner
+from jobs.cli.demo import verification_words
 from jobs.config import Target, load_settings
-from jobs.demo import verification_words
-from jobs.leftovers import Owner
 
 
 def target(tmp_path: Path, name: str = "prod-eu", database: str = "a" * 63) -> Target:
@@ -25,7 +25,7 @@ def test_a_scratch_name_carries_database_run_and_delivery_and_fits_postgres(
     t = target(tmp_path)
     name = leftovers.scratch_name(t, Owner("0123456789abcdef", 123456), "r")
     assert len(name.encode()) <= 63  # NAMEDATALEN - 1: longer names are cut by the server
-    match = leftovers._SCRATCH.match(name)
+    match = leftovers.SCRATCH.match(name)
     assert match is not None
     assert match["db"] == leftovers.database_tag("a" * 63)
     assert (match["run"], match["delivery"], match["purpose"]) == (
@@ -37,23 +37,21 @@ def test_a_scratch_name_carries_database_run_and_delivery_and_fits_postgres(
     # sweep can attribute.
     assert leftovers.database_tag("b") != leftovers.database_tag("a" * 63)
     anonymous = leftovers.scratch_name(t, None, "v")
-    assert anonymous.startswith(leftovers.SCRATCH_PREFIX) and not leftovers._SCRATCH.match(
-        anonymous
-    )
+    assert anonymous.startswith(leftovers.SCRATCH_PREFIX) and not leftovers.SCRATCH.match(anonymous)
 
 
 def test_a_partial_dump_name_tells_target_run_and_delivery(tmp_path: Path) -> None:
     final = tmp_path / "prod-eu-20261201T100000Z-0123456789abcdef.dump"
     partial = leftovers.partial_path(final, 3)
     assert partial.name == f"{final.name}.d3.partial"
-    match = leftovers._PARTIAL.match(partial.name)
+    match = leftovers.PARTIAL.match(partial.name)
     assert match is not None
     assert (match["target"], match["run"], match["delivery"]) == (
         "prod-eu",
         "0123456789abcdef",
         "3",
     )
-    assert leftovers._PARTIAL.match(final.name) is None  # a finished dump is never a leftover
+    assert leftovers.PARTIAL.match(final.name) is None  # a finished dump is never a leftover
 
 
 def test_the_demo_says_how_the_backup_was_checked_in_words() -> None:

@@ -11,10 +11,12 @@ import pytest
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
-from jobs import plan
+from jobs.cli import render_plan
 from jobs.config import Target
 from jobs.errors import BadDeclaration
-from jobs.migrate import Project, Revision
+from jobs.insight import lint, parse, plan
+from jobs.project.runtime import Project
+from jobs.project.scripts import Revision
 from tests.projects import Rev, write_project
 
 
@@ -28,16 +30,16 @@ def framed(*statements: str, before: str = "a", after: str = "b") -> str:
     )
 
 
-def rules(findings: list[plan.Finding]) -> set[str]:
+def rules(findings: list[lint.Finding]) -> set[str]:
     return {f["rule"] for f in findings}
 
 
-def by_rule(findings: list[plan.Finding], rule: str) -> plan.Finding:
+def by_rule(findings: list[lint.Finding], rule: str) -> lint.Finding:
     return next(f for f in findings if f["rule"] == rule)
 
 
-def lint_one(sql: str, pg_version: str | None = "15.0") -> list[plan.Finding]:
-    return plan.lint({"r": sql}, pg_version=pg_version)["r"]
+def lint_one(sql: str, pg_version: str | None = "15.0") -> list[lint.Finding]:
+    return lint.lint({"r": sql}, pg_version=pg_version)["r"]
 
 
 def project_for(tmp_path: Path, revisions: list[Rev]) -> Project:
@@ -55,9 +57,9 @@ def project_for(tmp_path: Path, revisions: list[Rev]) -> Project:
 
 
 def test_plain_revision_stays_inside_its_transaction() -> None:
-    assert not plan.outside_transaction(framed("ALTER TABLE t ADD COLUMN c text"))
+    assert not parse.outside_transaction(framed("ALTER TABLE t ADD COLUMN c text"))
     # A DO block that mentions COMMIT is one statement, still inside the transaction.
-    assert not plan.outside_transaction(framed("DO $$ BEGIN RAISE NOTICE 'COMMIT;'; END $$"))
+    assert not parse.outside_transaction(framed("DO $$ BEGIN RAISE NOTICE 'COMMIT;'; END $$"))
 
 
 def test_autocommit_block_is_outside_the_transaction(tmp_path: Path) -> None:
@@ -76,7 +78,7 @@ def test_autocommit_block_is_outside_the_transaction(tmp_path: Path) -> None:
     )
     sql = project.upgrade_sql(project.revision("e1"))
     assert "COMMIT;" in sql.split("ANALYZE")[0]  # Alembic's framing, as rendered
-    assert plan.outside_transaction(sql)
+    assert parse.outside_transaction(sql)
 
 
 @pytest.mark.parametrize(
@@ -93,14 +95,14 @@ def test_autocommit_block_is_outside_the_transaction(tmp_path: Path) -> None:
     ],
 )
 def test_statements_that_cannot_run_in_a_transaction(statement: str) -> None:
-    assert plan.outside_transaction(framed(statement))
-    assert plan.outside_transaction(f"{statement};\n")
+    assert parse.outside_transaction(framed(statement))
+    assert parse.outside_transaction(f"{statement};\n")
 
 
 def test_unframed_sql_and_comments_do_not_count() -> None:
-    assert not plan.outside_transaction("ALTER TABLE t ADD COLUMN c text;\n")
-    assert not plan.outside_transaction(framed("-- CREATE INDEX CONCURRENTLY later\nSELECT 1"))
-    assert not plan.outside_transaction("")
+    assert not parse.outside_transaction("ALTER TABLE t ADD COLUMN c text;\n")
+    assert not parse.outside_transaction(framed("-- CREATE INDEX CONCURRENTLY later\nSELECT 1"))
+    assert not parse.outside_transaction("")
 
 
 # -- squawk -----------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ def test_alembic_framing_and_bookkeeping_are_not_linted() -> None:
         "INSERT INTO alembic_version (version_num) VALUES ('a') RETURNING "
         "alembic_version.version_num;\n\nCOMMIT;\n\n"
     )
-    blank = plan.lint_text(sql)
+    blank = lint.lint_text(sql)
     assert "alembic_version" not in blank and "ALTER TABLE orders" in blank
     assert len(blank) == len(sql) and blank.count("\n") == sql.count("\n")
     found = lint_one(sql)
@@ -192,12 +194,12 @@ def test_pg_version_reaches_squawk() -> None:
 def test_statement_timeout_rule_can_be_excluded() -> None:
     sql = framed("ALTER TABLE orders ALTER COLUMN note SET NOT NULL")
     assert "require-statement-timeout" in rules(lint_one(sql))
-    found = plan.lint({"r": sql}, exclude=["require-statement-timeout"])["r"]
+    found = lint.lint({"r": sql}, exclude=["require-statement-timeout"])["r"]
     assert "require-statement-timeout" not in rules(found)
 
 
 def test_one_squawk_run_keeps_each_script_apart() -> None:
-    found = plan.lint(
+    found = lint.lint(
         {
             "one": framed("CREATE INDEX ix ON orders (c)"),
             "two": framed("ALTER TYPE s ADD VALUE 'x'"),
@@ -208,7 +210,7 @@ def test_one_squawk_run_keeps_each_script_apart() -> None:
     assert "ban-add-enum-value" not in rules(found["one"])
     assert "ban-add-enum-value" in rules(found["two"])
     assert found["three"] == []
-    assert plan.lint({}) == {}
+    assert lint.lint({}) == {}
 
 
 def test_syntax_error_is_an_error_finding() -> None:
@@ -221,17 +223,17 @@ def test_syntax_error_is_an_error_finding() -> None:
 def test_missing_squawk_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(plan.LintUnavailable, match="squawk not found; pip install squawk-cli"):
-        plan.lint({"r": framed("SELECT 1")})
+    with pytest.raises(lint.LintUnavailable, match="squawk not found; pip install squawk-cli"):
+        lint.lint({"r": framed("SELECT 1")})
 
 
 def test_squawk_without_a_report_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake = tmp_path / "squawk"
     fake.write_text("#!/bin/sh\necho 'boom: no config' >&2\nexit 2\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(plan, "squawk_binary", lambda: str(fake))
-    with pytest.raises(plan.LintFailed, match=r"squawk gave no report \(boom: no config\)"):
-        plan.lint({"r": framed("SELECT 1")})
+    monkeypatch.setattr(lint, "squawk_binary", lambda: str(fake))
+    with pytest.raises(lint.LintFailed, match=r"squawk gave no report \(boom: no config\)"):
+        lint.lint({"r": framed("SELECT 1")})
 
 
 # -- tables (pglast) --------------------------------------------------------------------------
@@ -248,7 +250,7 @@ def test_tables_from_the_parse_tree() -> None:
         "TRUNCATE scratch",
         "ALTER TYPE mood ADD VALUE 'meh'",
     )
-    assert plan.tables_in(sql) == [
+    assert parse.tables_in(sql) == [
         "orders",
         "customers",
         "audit.events",
@@ -267,19 +269,22 @@ def test_tables_inside_a_do_block() -> None:
         "  LOOP\n    UPDATE big SET c = 1 WHERE id > last_id;\n    EXIT WHEN NOT FOUND;\n"
         "    COMMIT;\n  END LOOP;\n  INSERT INTO log SELECT * FROM other;\nEND\n$$;\n"
     )
-    assert plan.tables_in(sql) == ["big", "log", "other"]
+    assert parse.tables_in(sql) == ["big", "log", "other"]
 
 
 def test_unparseable_statements_give_no_tables() -> None:
-    assert plan.tables_in("SELEC broken FROM nowhere;\n") == []
-    assert plan.tables_in("") == []
+    assert parse.tables_in("SELEC broken FROM nowhere;\n") == []
+    assert parse.tables_in("") == []
     # One bad statement does not hide the others.
-    assert plan.tables_in("UPDATE a SET x = 1;\nSELEC broken;\nUPDATE b SET x = 1;\n") == ["a", "b"]
+    assert parse.tables_in("UPDATE a SET x = 1;\nSELEC broken;\nUPDATE b SET x = 1;\n") == [
+        "a",
+        "b",
+    ]
 
 
 def test_bookkeeping_statements() -> None:
-    stmts = plan.statements(framed("UPDATE alembic_version_history SET n = 1"))
-    assert [plan.is_bookkeeping(s, "alembic_version") for s in stmts] == [
+    stmts = parse.statements(framed("UPDATE alembic_version_history SET n = 1"))
+    assert [parse.is_bookkeeping(s, "alembic_version") for s in stmts] == [
         False,
         False,
         True,
@@ -359,7 +364,7 @@ def test_a_bad_declaration_is_refused_in_one_line(declared: object, message: str
 
 def test_format_plan_shows_revisions_then_findings() -> None:
     long_stmt = "CREATE INDEX ix_orders_customer ON orders (customer_id" + ", c" * 40 + ")"
-    finding = plan.Finding(
+    finding = lint.Finding(
         rule="require-concurrent-index-creation",
         message="During normal index creation, table updates are blocked",
         help=None,
@@ -406,7 +411,7 @@ def test_format_plan_shows_revisions_then_findings() -> None:
         ],
     }
     console = Console(file=io.StringIO(), width=200, record=True)
-    console.print(plan.format_plan(doc))
+    console.print(render_plan.format_plan(doc))
     out = console.export_text()
     assert "target prod: a1 -> c3, 2 pending revision(s), 1 lint error(s)" in out
     assert "orders 3.0 MiB, ~3,000 rows" in out and "fresh (new)" in out

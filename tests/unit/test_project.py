@@ -9,7 +9,8 @@ from sqlalchemy.engine import make_url
 
 from jobs.config import Target
 from jobs.errors import BadDeclaration, ProjectError, RevisionError
-from jobs.migrate import Project, describe, sqlstate
+from jobs.pg.sqlstate import describe, sqlstate
+from jobs.project.runtime import Project
 from tests.projects import Rev, trivial_history, write_project
 
 

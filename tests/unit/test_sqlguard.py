@@ -7,9 +7,9 @@ from collections.abc import Callable
 import pytest
 from pglast import ast, parse_sql
 
-from jobs import sqlguard
+from jobs.backfill import sqlguard
+from jobs.backfill.sqlguard import UnsafeSql
 from jobs.errors import RunbookError
-from jobs.sqlguard import UnsafeSql
 
 
 def refused(call: Callable[..., object], *args: str) -> str:

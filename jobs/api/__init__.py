@@ -1,0 +1,62 @@
+"""The Python API for scripts and CI; the CLI calls exactly these functions.
+
+from jobs import api
+run_id = api.enqueue(target="prod", to="head")
+final = api.wait(run_id)
+assert final["state"] == "succeeded"
+"""
+
+from jobs.api.backfills import (
+    backfill_status,
+    control_backfill,
+    dry_run_backfill,
+    enqueue_backfill,
+    follow_backfill,
+    list_backfills,
+)
+from jobs.api.backups import data_loss, enqueue_backup, enqueue_restore, list_backups
+from jobs.api.common import EXECUTE_TASK, WAIT_REREAD_S, settle_refusal
+from jobs.api.runs import (
+    cancel,
+    check,
+    doctor,
+    enqueue,
+    enqueue_rehearse,
+    enqueue_rollback,
+    enqueue_stamp,
+    history,
+    plan,
+    resume,
+    status,
+    wait,
+)
+from jobs.api.targets import targets
+
+__all__ = [
+    "EXECUTE_TASK",
+    "WAIT_REREAD_S",
+    "backfill_status",
+    "cancel",
+    "check",
+    "control_backfill",
+    "data_loss",
+    "doctor",
+    "dry_run_backfill",
+    "enqueue",
+    "enqueue_backfill",
+    "enqueue_backup",
+    "enqueue_rehearse",
+    "enqueue_restore",
+    "enqueue_rollback",
+    "enqueue_stamp",
+    "follow_backfill",
+    "history",
+    "list_backfills",
+    "list_backups",
+    "plan",
+    "resume",
+    "settle_refusal",
+    "status",
+    "targets",
+    "wait",
+]

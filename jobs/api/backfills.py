@@ -1,0 +1,229 @@
+"""Backfills: enqueue one, dry-run it, follow it, pause, resume or cancel it, list them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+
+from jobs.config import Settings, Target
+from jobs.errors import (
+    BrokerUnavailable,
+    RunbookError,
+)
+from jobs.lazy import lazy
+from jobs.ledger import backfills, schema
+from jobs.pg import db
+from jobs.states import BACKFILL_TERMINAL
+
+# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
+# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
+# that need them (tests/unit/test_cli_imports.py).
+if TYPE_CHECKING:
+    from jobs.backfill import control, create, dryrun, sqlguard
+    from jobs.backfill import keys as backfill_keys
+    from jobs.backfill import slices as backfill_slices
+    from jobs.backfill import spec as backfill_spec
+else:
+    control = lazy("jobs.backfill.control")
+    create = lazy("jobs.backfill.create")
+    dryrun = lazy("jobs.backfill.dryrun")
+    sqlguard = lazy("jobs.backfill.sqlguard")
+    backfill_keys = lazy("jobs.backfill.keys")
+    backfill_slices = lazy("jobs.backfill.slices")
+    backfill_spec = lazy("jobs.backfill.spec")
+from jobs.api.common import (
+    check_broker,
+    find_backfill,
+    resolve_settings,
+    send_run,
+    settle_refused_backfill,
+    slice_sender,
+)
+
+
+def list_backfills(
+    target: str | None = None, *, limit: int = 50, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """A target's recent backfills, newest first, with their progress."""
+    t = resolve_settings(settings).target(target)
+    with db.connect(t) as conn:
+        if not schema.exists(conn):
+            return []
+        return [
+            backfill_slices.progress(conn, bf)
+            for bf in backfills.list_backfills(conn, target=t.name, limit=limit)
+        ]
+
+
+def _backfill_spec(
+    conn: Connection,
+    t: Target,
+    table: str,
+    set_sql: str | Sequence[str],
+    *,
+    where: str | None,
+    key: str | None,
+    batch_size: int,
+    slices: int,
+    on_error: str,
+) -> backfill_spec.Spec:
+    """The operator's fragments validated (jobs/sqlguard) and made a Spec; the key defaults
+    to the table's primary key."""
+    if batch_size <= 0:
+        raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    table_sql = sqlguard.table(table)
+    set_text = sqlguard.render(sqlguard.assignments_of(set_sql))
+    where_text = sqlguard.predicate(where) if where else None
+    if key is None:
+        keys = backfill_keys.candidate_keys(conn, table_sql)
+        if not keys:
+            raise RunbookError(f"table {table} has no usable key (a unique NOT NULL column)")
+        key = keys[0]
+    return backfill_spec.Spec(
+        table=table_sql,
+        key=key,
+        set_sql=set_text,
+        where_sql=where_text,
+        batch_size=batch_size,
+        min_batch=min(100, batch_size),
+        max_batch=max(50000, batch_size),
+        lock_timeout_ms=t.lock_timeout_ms,
+        slices=slices,
+        on_error=on_error,
+    )
+
+
+def enqueue_backfill(
+    table: str,
+    set_sql: str | Sequence[str],
+    *,
+    target: str | None = None,
+    where: str | None = None,
+    key: str | None = None,
+    batch_size: int = 1000,
+    slices: int = 1,
+    on_error: str = "stop",
+    settings: Settings | None = None,
+) -> str:
+    """Validate and record a batched, resumable UPDATE and queue its slices; its id."""
+    settings = resolve_settings(settings)
+    t = settings.target(target)
+    with db.connect(t) as conn:
+        spec = _backfill_spec(
+            conn,
+            t,
+            table,
+            set_sql,
+            where=where,
+            key=key,
+            batch_size=batch_size,
+            slices=slices,
+            on_error=on_error,
+        )
+        spec.check()
+        check_broker(settings)
+        backfill_id = create.create(conn, t.name, spec)
+        if control.get(conn, backfill_id).state == "succeeded":
+            return backfill_id  # an empty table: nothing to queue
+        started = control.start(conn, backfill_id)
+        try:
+            backfill_slices.send_slices(conn, t.name, backfill_id, started, slice_sender(settings))
+        except BrokerUnavailable as exc:
+            # Never let it run later behind the operator's back (they will start it again).
+            control.cancel(conn, backfill_id)
+            raise BrokerUnavailable(
+                f"{exc} (backfill {backfill_id} was not sent, and is cancelled)"
+            ) from None
+    return backfill_id
+
+
+def dry_run_backfill(
+    table: str,
+    set_sql: str | Sequence[str],
+    *,
+    target: str | None = None,
+    where: str | None = None,
+    key: str | None = None,
+    batch_size: int = 1000,
+    slices: int = 1,
+    on_error: str = "stop",
+    batches: int = 3,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """A few sample batches in a transaction that is rolled back: rows and time per batch
+    and the projected total time. Changes nothing, ledger included; needs no worker."""
+    t = resolve_settings(settings).target(target)
+    with db.connect(t) as conn:
+        spec = _backfill_spec(
+            conn,
+            t,
+            table,
+            set_sql,
+            where=where,
+            key=key,
+            batch_size=batch_size,
+            slices=slices,
+            on_error=on_error,
+        )
+        return dryrun.dry_run(conn, spec, batches)
+
+
+def backfill_status(
+    backfill_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The backfill's state and progress (rows done, total, percent, rate, ETA, slices…)."""
+    settings = resolve_settings(settings)
+    t = find_backfill(settings, backfill_id, target)
+    settle_refused_backfill(settings, t, backfill_id)
+    with db.connect(t) as conn:
+        return backfill_slices.progress(conn, control.get(conn, backfill_id))
+
+
+def follow_backfill(
+    backfill_id: str,
+    target: str | None = None,
+    *,
+    interval_s: float = 0.5,
+    settings: Settings | None = None,
+) -> backfill_slices.Updates:
+    """The backfill's progress now, then at once at each change of its state and at least
+    every ``interval_s``, until it stops (see backfill_runner.follow)."""
+    settings = resolve_settings(settings)
+    t = find_backfill(settings, backfill_id, target)
+    return backfill_slices.follow(
+        t,
+        backfill_id,
+        interval_s,
+        before_each=lambda: settle_refused_backfill(settings, t, backfill_id),
+    )
+
+
+def control_backfill(
+    action: str, backfill_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> dict[str, Any]:
+    """pause, resume or cancel a backfill; resume queues its unfinished slices again, each
+    with a new generation."""
+    settings = resolve_settings(settings)
+    t = find_backfill(settings, backfill_id, target)
+    with db.connect(t) as conn:
+        ended = control.get(conn, backfill_id).state
+        if ended in BACKFILL_TERMINAL:
+            raise RunbookError(
+                f"backfill {backfill_id} already ended ({ended}); nothing to {action}"
+            )
+        if action == "pause":
+            control.pause(conn, backfill_id)
+        elif action == "cancel":
+            bf = control.get(conn, backfill_id)
+            if control.cancel(conn, backfill_id) == "cancelled" and bf.run_id:
+                # Cancelled at once (no slice was running to settle it): its run, waiting for
+                # it, is sent on now rather than by the reconciler a lease later.
+                check_broker(settings)
+                send_run(settings, bf.run_id, t)
+        else:
+            check_broker(settings)
+            started = control.start(conn, backfill_id, resume=True)
+            backfill_slices.send_slices(conn, t.name, backfill_id, started, slice_sender(settings))
+        return backfill_slices.progress(conn, control.get(conn, backfill_id))

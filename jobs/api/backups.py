@@ -1,0 +1,125 @@
+"""Backups and restores: take a backup now, list them, restore one (whole or some tables), and
+the data a rollback would lose.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from jobs.config import Settings
+from jobs.errors import (
+    RunbookError,
+)
+from jobs.lazy import lazy, lazy_callable
+from jobs.ledger import backups as ledger_backups
+from jobs.ledger import schema
+from jobs.pg import db
+
+# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
+# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
+# that need them (tests/unit/test_cli_imports.py).
+if TYPE_CHECKING:
+    from jobs.backups import dump, vault
+    from jobs.project.runtime import Project
+    from jobs.project.scripts import Revision
+else:
+    dump = lazy("jobs.backups.dump")
+    vault = lazy("jobs.backups.vault")
+    Project = lazy_callable("jobs.project.runtime", "Project")
+from jobs.api.common import admit, resolve_settings
+
+
+def enqueue_backup(target: str | None = None, *, settings: Settings | None = None) -> str:
+    """Queue a run that takes, verifies and records one backup of the target."""
+    settings = resolve_settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    with db.connect(t) as conn:
+        current = project.current(conn)
+        return admit(
+            settings,
+            t,
+            conn,
+            kind="backup",
+            from_revision=current,
+            to_revision=current,
+            options={"backup": True},
+            backup=True,
+        )
+
+
+_DROP_TABLE = re.compile(r"DROP TABLE (?:IF EXISTS )?([\w.\"]+)", re.IGNORECASE)
+_DROP_COLUMN = re.compile(
+    r"ALTER TABLE (?:ONLY )?([\w.\"]+) DROP COLUMN (?:IF EXISTS )?([\w\"]+)", re.IGNORECASE
+)
+
+
+def data_loss(conn: Connection, project: Project, revisions: list[Revision]) -> list[str]:
+    """What the downgrades of ``revisions`` would destroy: tables and columns holding rows."""
+    found = []
+    for rev in revisions:
+        sql = project.downgrade_sql(rev)
+        drops: list[tuple[str, str | None]] = [
+            (m.group(1), None) for m in _DROP_TABLE.finditer(sql)
+        ]
+        drops += [(m.group(1), m.group(2)) for m in _DROP_COLUMN.finditer(sql)]
+        for table, column in drops:
+            where = f" WHERE {column} IS NOT NULL" if column else ""
+            try:
+                rows = conn.execute(text(f"SELECT count(*) FROM {table}{where}")).scalar_one()
+            except DBAPIError:
+                rows = 0  # not there (yet): nothing to lose
+            finally:
+                if conn.in_transaction():
+                    conn.rollback()
+            if rows:
+                what = f"column {table}.{column}" if column else f"table {table}"
+                found.append(f"the downgrade of {rev.id} drops {what} holding {rows} rows")
+    return found
+
+
+def enqueue_restore(
+    backup_id: str,
+    target: str | None = None,
+    *,
+    tables: list[str] | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Queue a restore of a recorded backup: the whole database, or only ``tables``."""
+    settings = resolve_settings(settings)
+    t = settings.target(target)
+    project = Project(t)
+    with db.connect(t) as conn:
+        found = vault.usable_backup(conn, t, backup_id)
+        held = dump.archive_tables(t, Path(found.path))
+        for name in tables or []:
+            qualified = name if "." in name else f"public.{name}"
+            if qualified not in held:
+                raise RunbookError(f"backup {backup_id} holds no table {name}")
+        current = project.current(conn)
+        return admit(
+            settings,
+            t,
+            conn,
+            kind="restore",
+            from_revision=current,
+            to_revision=found.revision if not tables else current,
+            options={"backup": True, "backup_id": backup_id, "tables": tables or []},
+            backup=True,
+        )
+
+
+def list_backups(
+    target: str | None = None, *, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    """The target's backups, newest first."""
+    t = resolve_settings(settings).target(target)
+    with db.connect(t) as conn:
+        if not schema.exists(conn):
+            return []
+        return [b.as_dict() for b in ledger_backups.list_backups(conn, t.name)]

@@ -1,0 +1,258 @@
+"""What every public function of jobs.api shares: settings, admission, sending work to the
+queue, finding a run or a backfill on its target, and settling refusals a worker recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, text
+
+from jobs.config import Settings, Target, load_settings, redact
+from jobs.errors import (
+    BackupError,
+    BrokerUnavailable,
+    TargetUnreachable,
+    UnknownRun,
+)
+from jobs.lazy import lazy
+from jobs.ledger import backfills, runs, schema
+from jobs.ledger.runs import Run
+from jobs.pg import db
+from jobs.run import refusals
+from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
+
+# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
+# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
+# that need them (tests/unit/test_cli_imports.py).
+if TYPE_CHECKING:
+    from jobs import errors
+    from jobs.backfill import control, slices
+    from jobs.backups import dump
+else:
+    errors = lazy("jobs.errors")
+    control = lazy("jobs.backfill.control")
+    dump = lazy("jobs.backups.dump")
+
+EXECUTE_TASK = "runbook.execute_run"
+WAIT_REREAD_S = 0.05
+
+
+def resolve_settings(settings: Settings | None) -> Settings:
+    return settings if settings is not None else load_settings()
+
+
+def _broker_gone(settings: Settings) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    safe = redact(maybe_sanitize_url(settings.broker_url))
+    return (
+        f"the broker at {safe} is unreachable; start Redis (e.g. `docker compose up -d "
+        "redis`) or set CELERY_BROKER_URL"
+    )
+
+
+def check_broker(settings: Settings) -> None:
+    from kombu import Connection
+
+    # A timeout on every socket read too: a stopped Redis accepts connections, never answers.
+    options = {"socket_timeout": 3, "socket_connect_timeout": 3}
+    try:
+        with Connection(settings.broker_url, connect_timeout=3, transport_options=options) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
+            client = getattr(conn.default_channel, "client", None)  # Redis: a real round trip
+            if client is not None:
+                client.ping()
+    except Exception:
+        raise BrokerUnavailable(_broker_gone(settings)) from None
+
+
+def _publish(settings: Settings, task: str, args: list[Any], **options: Any) -> None:
+    """Send one task message; BrokerUnavailable when the broker cannot take it (it went away
+    since check_broker): a few quick retries, not Celery's default of a second or more."""
+    from kombu.exceptions import OperationalError
+
+    from worker.app import app
+
+    try:
+        app.send_task(
+            task,
+            args=args,
+            queue=settings.queue,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2},
+            **options,
+        )
+    except (OperationalError, OSError):
+        raise BrokerUnavailable(_broker_gone(settings)) from None
+
+
+def send_run(settings: Settings, run_id: str, target: Target) -> None:
+    _publish(settings, EXECUTE_TASK, [run_id, target.name])
+
+
+def check_scratch(conn: Connection, target: Target) -> None:
+    """A verified backup restores into a scratch database: the role must be able to make one."""
+    if not (target.backup and target.verify_restore):
+        return
+    can = conn.execute(
+        text("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+    ).scalar()
+    if conn.in_transaction():
+        conn.rollback()
+    if not can:
+        raise BackupError(
+            f"target {target.name!r}: role {target.url.username} cannot create the scratch "
+            "database a backup is verified in (no CREATEDB); grant it, or set "
+            "verify_restore = false"
+        )
+
+
+def admit(
+    settings: Settings,
+    t: Target,
+    conn: Connection,
+    *,
+    kind: str,
+    from_revision: str | None,
+    to_revision: str | None,
+    options: dict[str, Any],
+    backup: bool,
+    irreversible: dict[str, str] | None = None,
+) -> str:
+    """Last checks, then record the run and queue it. Nothing is written before this."""
+    if backup:
+        dump.check_prerequisites(t, db.server_version_num(conn))
+        check_scratch(conn, t)
+    check_broker(settings)
+    schema.ensure(conn)
+    run_id = runs.admit(
+        conn,
+        target=t.name,
+        kind=kind,
+        from_revision=from_revision,
+        to_revision=to_revision,
+        options=options,
+        irreversible=irreversible,
+    )
+    try:
+        send_run(settings, run_id, t)
+    except BrokerUnavailable as exc:
+        # Recorded but never sent: cancel it, so that it neither runs later (sent by the
+        # reconciler) nor blocks the next apply on this target.
+        runs.transition(conn, runs.get_run(conn, run_id), CANCELLED, error=str(exc))
+        raise BrokerUnavailable(f"{exc} (run {run_id} was not sent, and is cancelled)") from None
+    return run_id
+
+
+def _locate(
+    settings: Settings, target: str | None, lookup: Callable[[Connection], Any]
+) -> tuple[Target | None, Any, list[str]]:
+    """Search the named target's ledger, or every configured target's, with ``lookup``
+    (which returns what it found, or None): (target, found, targets unreachable)."""
+    if not target:
+        settings.require_any()  # "no targets are configured" rather than "unknown run"
+    candidates = [settings.target(target)] if target else list(settings.targets.values())
+    unreachable: list[str] = [] if target else sorted(settings.broken)
+    for t in candidates:
+        try:
+            with db.connect(t) as conn:
+                found = lookup(conn) if schema.exists(conn) else None
+                if found is not None:
+                    return t, found, unreachable
+        except TargetUnreachable:
+            if target:
+                raise
+            unreachable.append(t.name)
+    return None, None, unreachable
+
+
+def _unreachable(names: list[str]) -> str:
+    return f" (not searched, unreachable or broken: {', '.join(names)})" if names else ""
+
+
+def _run_or_none(conn: Connection, run_id: str) -> Run | None:
+    try:
+        return runs.get_run(conn, run_id)
+    except UnknownRun:
+        return None
+
+
+def find_run(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:
+    """Look a run up in the named target's ledger, or in every configured target's."""
+    t, run, unreachable = _locate(settings, target, lambda conn: _run_or_none(conn, run_id))
+    if t is None:
+        raise UnknownRun(
+            f"unknown run {run_id!r}{_unreachable(unreachable)}; `runbook history` lists the runs"
+        )
+    return t, run
+
+
+def _refusal(settings: Settings, work_id: str) -> dict[str, Any] | None:
+    """Why a worker refused ``work_id``, if one did (jobs/refusals.py); None when Redis
+    cannot be asked: the ledger alone still answers."""
+    try:
+        return refusals.read(settings.result_backend, work_id)
+    except Exception:
+        return None
+
+
+def settle_refusal(settings: Settings, t: Target, run: Run) -> Run:
+    """A run still enqueued that a worker refused (its configuration lacks or breaks the
+    target, so it could not reach this ledger) ends failed here, with the worker's line."""
+    if run.state != ENQUEUED:
+        return run
+    found = _refusal(settings, run.id)
+    if found is None or found.get("target") != run.target:
+        return run  # a message naming another target says nothing about this run
+    with db.connect(t) as conn:
+        runs.transition(conn, run, FAILED, error=f"a worker refused the run: {found['error']}")
+        refusals.forget(settings.result_backend, run.id)
+        return runs.get_run(conn, run.id)
+
+
+def settle_refused_backfill(settings: Settings, t: Target, backfill_id: str) -> None:
+    """The same for a backfill: the refused slice is stopped and the backfill errored, unless
+    it ended or a newer generation took the slice over since (jobs/backfill.py ``abandon``
+    fences). Redis is asked first: without a refusal, nothing more is read."""
+    found = _refusal(settings, backfill_id)
+    if found is None:
+        return
+    with db.connect(t) as conn:  # abandon() locks rows: a transaction, not autocommit
+        bf = backfills.get_backfill(conn, backfill_id)
+        if bf is None or bf.state in BACKFILL_TERMINAL or found.get("target") != bf.target:
+            return
+        control.abandon(
+            conn,
+            backfill_id,
+            int(found["slice"]),
+            int(found["generation"]),
+            f"a worker refused it: {found['error']}",
+        )
+    refusals.forget(settings.result_backend, backfill_id)
+
+
+def slice_sender(settings: Settings) -> slices.SendSlice:
+    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
+        _publish(
+            settings,
+            "runbook.backfill_slice",
+            [backfill_id, target, slice_no, generation],
+            argsrepr=label,
+            kwargsrepr="{}",
+        )
+
+    return send
+
+
+def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
+    t, _, unreachable = _locate(
+        settings, target, lambda conn: backfills.get_backfill(conn, backfill_id)
+    )
+    if t is None:
+        # The CLI looks for a run first, then a backfill: name both.
+        raise errors.UnknownBackfill(
+            f"unknown run or backfill {backfill_id!r}{_unreachable(unreachable)}; "
+            "`runbook history` lists the runs"
+        )
+    return t

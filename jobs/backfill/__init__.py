@@ -1,0 +1,1 @@
+"""Backfills: batched, resumable UPDATEs walked by a unique key."""

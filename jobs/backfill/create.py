@@ -1,0 +1,144 @@
+"""Creating a backfill: the table and key resolved, the statement checked, the rows estimated,
+the slices cut, and the ledger rows written in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import parse_sql
+from pglast.parser import ParseError
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
+
+from jobs.backfill.keys import (
+    Table,
+    estimate_rows,
+    largest_key,
+    planned_rows,
+    quote,
+    resolve_table,
+    slice_bounds,
+    walkable_key_type,
+)
+from jobs.backfill.spec import Spec
+from jobs.backfill.walk import update_sql
+from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
+    BackfillError,
+    BackfillInterrupted,
+    BadSpec,
+    IsolationFailed,
+    UnknownBackfill,
+    UnusableKey,
+)
+from jobs.ledger import backfills, schema
+from jobs.pg.sqlstate import describe
+from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
+    BACKFILL_CANCEL as CANCEL,
+)
+from jobs.states import (
+    ENQUEUED,
+    SUCCEEDED,
+)
+
+
+def _check_fragments(spec: Spec) -> None:
+    """The SET and WHERE must be one assignment list and one condition, not touching the key:
+    anything else would change what each batch's UPDATE means."""
+    where = f"\nWHERE\n{spec.where_sql}\n" if spec.where_sql else ""
+    try:
+        statements = parse_sql(f"UPDATE t SET\n{spec.set_sql}\n{where}")
+    except ParseError as exc:
+        raise BadSpec(f"the backfill's SET or WHERE is not valid SQL: {exc}") from None
+    stmt: Any = statements[0].stmt if len(statements) == 1 else None
+    extra = stmt is None or any(
+        getattr(stmt, name, None)
+        for name in ("fromClause", "returningClause", "returningList", "withClause")
+    )
+    if extra or (stmt.whereClause is not None) != bool(spec.where_sql):
+        raise BadSpec(
+            "the backfill's SET must be only 'column = expression, …' and its WHERE only a "
+            "condition (no FROM, RETURNING, WITH or second statement)"
+        )
+    if any(target.name == spec.key for target in stmt.targetList):
+        raise BadSpec(f"the SET assigns the key {spec.key}; a backfill must not move its key")
+
+
+def _check_statement(conn: Connection, table: Table, spec: Spec, key_type: str) -> None:
+    """Plan (without running) the batch UPDATE, so a bad SET or WHERE fails now."""
+    _check_fragments(spec)
+    sql = update_sql(table.name, quote(spec.key), key_type, spec.set_sql, spec.where_sql, True)
+    try:
+        with conn.begin_nested():
+            conn.execute(text(f"EXPLAIN {sql}"), {"lo": None, "hi": None})
+    except DBAPIError as exc:
+        raise BadSpec(
+            f"the backfill's SET or WHERE does not work on {table.name}: {describe(exc)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    table: Table
+    key_type: str
+    upper: str | None
+    table_rows: int
+    estimate: int
+    estimate_kind: str
+
+
+def prepare(conn: Connection, spec: Spec) -> Prepared:
+    """Every check of ``spec`` against the database, read-only; what the walk needs."""
+    spec.check()
+    table = resolve_table(conn, spec.table)
+    key_type = walkable_key_type(conn, table, spec.key)
+    _check_statement(conn, table, spec, key_type)
+    upper = largest_key(conn, table, spec.key)
+    table_rows = planned_rows(conn, f"SELECT 1 FROM {table.name}")
+    estimate, kind = estimate_rows(conn, table, spec, table_rows)
+    return Prepared(table, key_type, upper, table_rows, estimate, kind)
+
+
+def create(
+    conn: Connection,
+    target_name: str,
+    spec: Spec,
+    run_id: str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Check ``spec`` against the database and record the backfill and its slices; its id.
+
+    It is ``enqueued`` (start it, then run its slices), or ``succeeded`` at once when the
+    table is empty. Raises BadSpec or UnusableKey with one line for the operator.
+    """
+    try:  # every check first: bad input leaves the database as it was, ledger included
+        plan = prepare(conn, spec)
+        bounds = (
+            []
+            if plan.upper is None
+            else slice_bounds(conn, plan.table, spec.key, spec.slices, plan.upper, plan.table_rows)
+        )
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+    schema.ensure(conn)
+    return backfills.create_backfill(
+        conn,
+        target=target_name,
+        run_id=run_id,
+        revision=revision,
+        table_name=plan.table.name,
+        key_column=spec.key,
+        key_type=plan.key_type,
+        set_sql=spec.set_sql,
+        where_sql=spec.where_sql,
+        state=ENQUEUED if plan.upper is not None else SUCCEEDED,
+        finished=plan.upper is None,
+        upper_key=plan.upper,
+        bounds=bounds,
+        on_error=spec.on_error,
+        rows_total_estimate=plan.estimate,
+        estimate_kind=plan.estimate_kind,
+        settings=spec.settings(),
+    )

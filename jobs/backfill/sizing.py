@@ -1,0 +1,33 @@
+"""How big the next batch is: grown or shrunk towards the target batch duration, within bounds."""
+
+from __future__ import annotations
+
+import math
+
+from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
+    BackfillError,
+    BackfillInterrupted,
+    BadSpec,
+    IsolationFailed,
+    UnknownBackfill,
+    UnusableKey,
+)
+from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
+    BACKFILL_CANCEL as CANCEL,
+)
+
+GROWTH = 1.2  # a fast batch grows the next one by at most this factor
+
+
+def next_batch_size(
+    size: int, duration_ms: float, *, target_ms: int, min_batch: int, max_batch: int
+) -> int:
+    """The next batch's size: aimed at ``target_ms``, shrunk at once after a slow batch,
+    grown by at most GROWTH after a fast one, within [min_batch, max_batch]."""
+    ideal = size * target_ms / max(duration_ms, 0.1)
+    if duration_ms > target_ms:
+        new = math.floor(ideal)
+    else:
+        new = min(math.floor(size * GROWTH), math.floor(ideal))
+        new = max(new, size + 1) if ideal >= size + 1 else max(new, size)
+    return max(min_batch, min(max_batch, new))

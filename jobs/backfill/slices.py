@@ -1,0 +1,198 @@
+"""Backfills as short tasks: each runs one slice's batches for a few seconds, then hands the
+slice to its continuation (a new generation, so a redelivered copy of the finished task is
+fenced) and queues it. No task outlives Redis's visibility timeout; pause and cancel take
+effect within one batch. The Celery glue in worker/tasks.py passes the senders.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sqlalchemy import Connection
+
+from jobs.backfill import control, walk
+from jobs.config import Settings, Target
+from jobs.ledger import backfills, leases, notify
+from jobs.ledger import slices as ledger_slices
+from jobs.pg import db
+from jobs.run import lease
+from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
+
+log = logging.getLogger("runbook.backfill")
+
+SLICE_SECONDS = 3.0
+PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
+# The outcomes of a slice that stopped the whole backfill: a run waiting on it goes on.
+STOPS = frozenset({SUCCEEDED, PAUSED, CANCELLED, ERRORED})
+ACTIVE = frozenset({"enqueued", "running", "pausing", "cancelling"})
+
+# (backfill id, target name, slice, generation, argsrepr): queue one slice's task.
+SendSlice = Callable[[str, str, int, int, str], None]
+# (run id, target name): queue the run that waits for a backfill.
+ResumeRun = Callable[[str, str], None]
+Progress = Callable[[dict[str, Any]], None]
+Updates = Iterator[dict[str, Any]]
+
+
+def progress(conn: Connection, bf: backfills.Backfill) -> dict[str, Any]:
+    """Rows done, total (and how it was estimated), percent, rate, ETA (throttled time left
+    out), throttling and each slice's position: what Flower, status and the API show."""
+    total = bf.rows_total_estimate or 0
+    percent = min(round(100.0 * bf.rows_done / total, 1), 100.0) if total else None
+    rows, busy_s = backfills.recent_rate(conn, bf.id)
+    rate = rows / busy_s if busy_s > 0 and rows else None
+    remaining = max(total - bf.rows_done, 0)
+    eta = round(remaining / rate) if rate and bf.state in ACTIVE else None
+    throttle = backfills.last_throttle(conn, bf.id)
+    slices = backfills.list_slices(conn, bf.id)
+    return {
+        "backfill_id": bf.id,
+        "target": bf.target,
+        "run_id": bf.run_id,
+        "table": bf.table_name,
+        "set": bf.set_sql,
+        "where": bf.where_sql,
+        "state": bf.state,
+        "rows_done": bf.rows_done,
+        "rows_total": total,
+        "estimate": bf.estimate_kind,
+        "percent": percent,
+        "rate_rows_s": round(rate) if rate else None,
+        "eta_s": eta,
+        "throttled_s": round(bf.throttled_ms / 1000, 1),
+        "throttle": None if throttle is None else throttle[0],
+        "skipped": bf.skipped,
+        "slices": [
+            {
+                "slice": s.slice,
+                "state": s.state,
+                "cursor": s.cursor,
+                "from": s.lower_key,
+                "to": s.upper_key,
+                "rows_done": s.rows_done,
+            }
+            for s in slices
+        ],
+        "error": bf.error,
+        "error_range": bf.error_range,
+    }
+
+
+def follow(
+    target: Target,
+    backfill_id: str,
+    interval_s: float = 0.5,
+    before_each: Callable[[], None] | None = None,
+) -> Updates:
+    """The backfill's progress now, then again at once when its state changes (the ledger's
+    notification: `runbook backfill --wait` exits as soon as it stopped, not at the next
+    poll) and at least every ``interval_s``, until it stops: the last one yielded.
+    ``before_each`` runs before each look (jobs/api.py settles a worker's refusal there)."""
+    with db.connect(target, autocommit=True) as conn:
+        notify.listen(conn)
+        while True:
+            if before_each is not None:
+                before_each()
+            info = progress(conn, control.get(conn, backfill_id))
+            yield info
+            if info["state"] in STOPS:
+                return
+            notify.wait_for_change(conn, backfill_id, interval_s)
+
+
+def label(bf: backfills.Backfill, piece: backfills.Slice) -> str:
+    """What Flower shows as the task's arguments: which backfill, what it sets, which slice
+    and key range."""
+    lo = "start" if piece.lower_key is None else piece.lower_key
+    where = f" WHERE {bf.where_sql}" if bf.where_sql else ""
+    return (
+        f"backfill {bf.id} on {bf.target}: UPDATE {bf.table_name} SET {bf.set_sql}{where}; "
+        f"slice {piece.slice} keys ({lo}, {piece.upper_key}]"
+    )
+
+
+def send_slices(
+    conn: Connection, target: str, bf_id: str, slices: list[tuple[int, int]], send: SendSlice
+) -> None:
+    """Queue one task for each (slice, generation) that start() handed out."""
+    pieces = {p.slice: p for p in backfills.list_slices(conn, bf_id)}
+    bf = backfills.get_backfill(conn, bf_id)
+    assert bf is not None, bf_id  # start() just handed its slices out
+    for number, generation in slices:
+        send(bf_id, target, number, generation, label(bf, pieces[number]))
+
+
+def run_slice_and_continue(
+    settings: Settings,
+    target_name: str,
+    backfill_id: str,
+    slice_no: int,
+    generation: int,
+    send_next: SendSlice,
+    *,
+    on_progress: Progress | None = None,
+    resume_run: ResumeRun | None = None,
+) -> dict[str, Any]:
+    """One slice's few seconds; queue its continuation when work is left, and the waiting
+    run when this slice stopped the backfill. The slice's outcome and the progress."""
+    target = settings.target(target_name)
+    with db.connect(target) as watch:
+        started = leases.begin_slice_delivery(watch, backfill_id, slice_no, generation)
+        if started > lease.MAX_UNFINISHED:
+            outcome = control.abandon(
+                watch, backfill_id, slice_no, generation, lease.poison_reason(started - 1)
+            )
+            return _finish(watch, target.name, backfill_id, slice_no, outcome, resume_run)
+        reported = 0.0
+
+        def report() -> None:
+            nonlocal reported
+            if on_progress is not None and time.monotonic() - reported >= PROGRESS_EVERY_S:
+                reported = time.monotonic()
+                info = progress(watch, control.get(watch, backfill_id))
+                on_progress({**info, "slice": slice_no})
+
+        # The first progress report comes after the first batch (on_batch): before it, it
+        # would only delay that batch (five ledger reads and two Redis writes a task).
+        outcome = walk.run_slice(
+            db.engine(target),
+            backfill_id,
+            generation,
+            slice_no=slice_no,
+            budget_s=SLICE_SECONDS,
+            on_batch=report,
+        )
+        leases.end_slice_delivery(watch, backfill_id, slice_no)
+        if outcome == walk.CONTINUE:
+            nxt = ledger_slices.handoff(watch, backfill_id, slice_no, generation)
+            if nxt is None:
+                outcome = control.FENCED
+            else:
+                send_slices(watch, target.name, backfill_id, [(slice_no, nxt)], send_next)
+        return _finish(watch, target.name, backfill_id, slice_no, outcome, resume_run)
+
+
+def _finish(
+    conn: Connection,
+    target_name: str,
+    backfill_id: str,
+    slice_no: int,
+    outcome: str,
+    resume_run: ResumeRun | None,
+) -> dict[str, Any]:
+    """Send the waiting run on if this slice stopped the backfill; the task's result."""
+    bf = control.get(conn, backfill_id)
+    if outcome in STOPS and bf.run_id and resume_run is not None:
+        resume_run(bf.run_id, target_name)
+    log.info(
+        "backfill %s slice %d on %s: %s, %d rows done",
+        backfill_id,
+        slice_no,
+        target_name,
+        outcome,
+        bf.rows_done,
+    )
+    return {**progress(conn, bf), "slice": slice_no, "outcome": outcome}

@@ -1,0 +1,1 @@
+"""Backups: taken, proven restorable, copied, restored."""

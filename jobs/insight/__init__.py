@@ -1,0 +1,1 @@
+"""Knowing before running: plan, lint, drift, doctor, rehearsal."""

@@ -1,0 +1,246 @@
+"""The ledger's slices and batches: claims, hand-offs, and each batch recorded with its cursor
+move in the batch's own transaction under the generation fence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from jobs.errors import IllegalTransition
+from jobs.ledger.backfills import (
+    BACKFILL_FIELDS,
+    BACKFILL_ROW,
+    SLICE_ACTIVE,
+    SLICE_COLUMNS,
+    SLICE_DONE,
+    Backfill,
+    Slice,
+    lock_for_state,
+)
+from jobs.ledger.notify import notify
+from jobs.ledger.schema import SCHEMA
+from jobs.ledger.sql import cached_text, clean, tx
+
+
+def claim(
+    conn: Connection, backfill_id: str, after_claim: dict[str, str], *, fresh: bool = False
+) -> list[tuple[int, int]] | None:
+    """Take a backfill over: every slice not done gets a new generation, fencing every earlier
+    worker, and is active again. Commits. ``fresh`` (an operator's resume) also forgets the
+    deliveries that died: a takeover keeps counting them, so that a poison slice still stops.
+
+    ``after_claim`` maps each claimable state to the state the claim leaves (a pause or a
+    cancel asked for stays asked for). [(slice, generation)] of the slices to walk; None for
+    an unknown backfill; IllegalTransition when its state is not claimable.
+    """
+    with tx(conn):
+        current = lock_for_state(conn, backfill_id)
+        if current is None:
+            return None
+        if current.state not in after_claim:
+            raise IllegalTransition(
+                f"backfill {backfill_id} is {current.state}; only a backfill that is "
+                f"{', '.join(sorted(after_claim))} can be started or resumed"
+            )
+        if current.run_id:
+            notify(conn, current.run_id)
+        notify(conn, backfill_id)
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfills SET state = :state, "
+                "error = CASE WHEN state = 'errored' THEN NULL ELSE error END, "
+                "error_range = CASE WHEN state = 'errored' THEN NULL ELSE error_range END, "
+                "started_at = coalesce(started_at, now()), updated_at = now() WHERE id = :id"
+            ),
+            {"state": after_claim[current.state], "id": backfill_id},
+        )
+        rows = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
+                f"state = '{SLICE_ACTIVE}', updated_at = now(), "
+                "unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END "
+                f"WHERE backfill_id = :id AND state <> '{SLICE_DONE}' RETURNING slice, generation"
+            ),
+            {"id": backfill_id, "fresh": fresh},
+        ).all()
+    return sorted((int(r.slice), int(r.generation)) for r in rows)
+
+
+def handoff(conn: Connection, backfill_id: str, slice_no: int, generation: int) -> int | None:
+    """Pass an active slice from ``generation`` to the next one (for the continuation task),
+    so that a redelivered copy of the finished task is fenced; None when no longer ours."""
+    with tx(conn):
+        value = conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
+                "updated_at = now() WHERE backfill_id = :id AND slice = :n AND generation = :g "
+                f"AND state = '{SLICE_ACTIVE}' RETURNING generation"
+            ),
+            {"id": backfill_id, "n": slice_no, "g": generation},
+        ).scalar()
+    return None if value is None else int(value)
+
+
+_SLICE_NAMES = tuple(c.strip() for c in SLICE_COLUMNS.split(","))
+_SLICE_AS = ", ".join(f"s.{c} AS s_{c}" for c in _SLICE_NAMES)
+
+
+def open_batch(
+    conn: Connection,
+    backfill_id: str,
+    slice_no: int,
+    session: dict[str, str],
+    extra: tuple[str, dict[str, Any]] | None = None,
+) -> tuple[Slice, Backfill, Any] | None:
+    """A batch transaction's first statement: set ``session``'s settings for the transaction
+    (set_config, local), lock the slice row (until the transaction ends; no commit here) and
+    read the backfill's own row, unlocked (so that slices never wait for each other on it).
+    ``extra`` is one more scalar query (SQL, binds; binds must not start with ``bf_``)
+    evaluated in the same statement: its value is the third item. One round trip instead of
+    three or four; None for an unknown backfill or slice.
+
+    The settings are set in the projection, which runs before the row lock is taken, so a
+    lock_timeout among them already bounds this statement's wait for the slice row (the
+    statement_timeout applies from the next statement on)."""
+    names = sorted(session)
+    columns = [f"set_config(:bf_name_{i}, :bf_value_{i}, true)" for i in range(len(names))]
+    binds: dict[str, Any] = {"bf_id": backfill_id, "bf_slice": slice_no}
+    for i, name in enumerate(names):
+        binds[f"bf_name_{i}"], binds[f"bf_value_{i}"] = name, session[name]
+    if extra is not None:
+        assert not any(k.startswith("bf_") for k in extra[1]), extra[1]
+        columns.append(f"({extra[0]})")
+        binds.update(extra[1])
+    selected = "".join(f"{c} AS bf_col_{i}, " for i, c in enumerate(columns))
+    row = conn.execute(
+        cached_text(
+            f"SELECT {selected}{_SLICE_AS}, {BACKFILL_ROW} "
+            f"FROM {SCHEMA}.backfill_slices s JOIN {SCHEMA}.backfills b ON b.id = s.backfill_id "
+            "WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s"
+        ),
+        binds,
+    ).first()
+    if row is None:
+        return None
+    values = row._mapping
+    piece = Slice(**{c: values[f"s_{c}"] for c in _SLICE_NAMES})
+    bf = Backfill(**{k: v for k, v in values.items() if k in BACKFILL_FIELDS})
+    return piece, bf, values[f"bf_col_{len(columns) - 1}"] if extra is not None else None
+
+
+def lock_slice(conn: Connection, backfill_id: str, slice_no: int) -> Slice | None:
+    """The slice, row-locked until the caller's transaction ends (no commit here)."""
+    row = conn.execute(
+        text(
+            f"SELECT {SLICE_COLUMNS} FROM {SCHEMA}.backfill_slices "
+            "WHERE backfill_id = :id AND slice = :n FOR UPDATE"
+        ),
+        {"id": backfill_id, "n": slice_no},
+    ).first()
+    return Slice(**row._mapping) if row else None
+
+
+def set_slice_state(conn: Connection, piece: Slice, state: str) -> None:
+    """Within the caller's transaction (the slice locked by lock_slice)."""
+    conn.execute(
+        text(
+            f"UPDATE {SCHEMA}.backfill_slices SET state = :state, updated_at = now() "
+            "WHERE backfill_id = :id AND slice = :n"
+        ),
+        {"state": state, "id": piece.backfill_id, "n": piece.slice},
+    )
+    piece.state = state
+
+
+def slice_states(conn: Connection, backfill_id: str) -> list[str]:
+    """Each slice's state, within the caller's transaction."""
+    rows = conn.execute(
+        text(f"SELECT state FROM {SCHEMA}.backfill_slices WHERE backfill_id = :id"),
+        {"id": backfill_id},
+    ).scalars()
+    return [str(s) for s in rows]
+
+
+def record_batch(
+    conn: Connection,
+    backfill: Backfill,
+    piece: Slice,
+    *,
+    hi: str,
+    batch_size: int,
+    rows: int,
+    skipped: list[tuple[str, str]],
+    duration_ms: int,
+    attempt: int,
+    generation: int,
+    next_batch_size: int,
+    throttled_ms: int,
+    blocked_sql: str | None = None,
+    next_if_blocked: int | None = None,
+) -> int:
+    """Within the caller's batch transaction: the batch row, rows skipped by isolation, the
+    slice's cursor and counters, in one statement (one round trip).
+
+    ``blocked_sql`` (a scalar query: how many sessions wait on this transaction's locks),
+    when given, is counted in the same statement; when it counts any, the slice's next batch
+    size is ``next_if_blocked`` instead of ``next_batch_size``. The count (0 without it)."""
+    if backfill.run_id:
+        notify(conn, backfill.run_id)
+    for key, error in skipped:
+        conn.execute(
+            text(
+                f"INSERT INTO {SCHEMA}.backfill_skipped (backfill_id, slice, key, error) "
+                "VALUES (:b, :n, :key, :error)"
+            ),
+            {"b": backfill.id, "n": piece.slice, "key": key, "error": clean(error)},
+        )
+    blocked = f"({blocked_sql})" if blocked_sql else "0"
+    value = conn.execute(
+        cached_text(
+            f"WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n), "
+            f"batch AS (INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, "
+            "batch_size, rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES "
+            "(:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)), "
+            f"moved AS (UPDATE {SCHEMA}.backfill_slices SET cursor = :hi, "
+            "rows_done = rows_done + :rows, batch_size = CASE WHEN (SELECT n FROM blocked) > 0 "
+            "THEN :shrunk ELSE :next END, throttled_ms = throttled_ms + :throttled, "
+            "updated_at = now() WHERE backfill_id = :b AND slice = :n) "
+            "SELECT n FROM blocked"
+        ),
+        {
+            "b": backfill.id,
+            "n": piece.slice,
+            "lo": piece.position,
+            "hi": hi,
+            "size": batch_size,
+            "rows": rows,
+            "skipped": len(skipped),
+            "ms": duration_ms,
+            "throttled": throttled_ms,
+            "attempt": attempt,
+            "g": generation,
+            "next": next_batch_size,
+            "shrunk": next_batch_size if next_if_blocked is None else next_if_blocked,
+        },
+    ).scalar_one()
+    piece.cursor = hi
+    return int(value)
+
+
+def add_throttled(
+    conn: Connection, backfill_id: str, slice_no: int, ms: int, reason: str | None = None
+) -> None:
+    """Count time a slice waited between batches (not yet in a batch row) and, when a
+    database signal made it wait, why. Commits."""
+    with tx(conn):
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.backfill_slices SET throttled_ms = throttled_ms + :ms, "
+                "throttle_reason = coalesce(:reason, throttle_reason), "
+                "throttled_at = CASE WHEN :reason IS NULL THEN throttled_at ELSE now() END "
+                "WHERE backfill_id = :id AND slice = :n"
+            ),
+            {"ms": ms, "reason": reason, "id": backfill_id, "n": slice_no},
+        )

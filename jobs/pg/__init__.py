@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing: connections and advisory locks, SQLSTATE classes, backoff."""

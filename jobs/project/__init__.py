@@ -1,0 +1,1 @@
+"""The Alembic project: its scripts and revisions, and running its env.py."""

@@ -1,0 +1,217 @@
+"""An Alembic project's revisions as runbook reads them: downgrade problems and the backfills a
+revision declares (module-level data plain Alembic ignores), checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+
+from jobs.errors import BadDeclaration, RunbookError
+from jobs.lazy import lazy
+
+if TYPE_CHECKING:
+    from jobs.backfill import sqlguard
+    from jobs.backfill.spec import Spec
+else:
+    sqlguard = lazy("jobs.backfill.sqlguard")
+
+# Set in config.attributes whenever runbook drives a migration. A revision that declares
+# ``backfills`` and also runs the same loop inline (for plain ``alembic upgrade``) checks it
+# and leaves the work to runbook, which runs the declared backfill right after upgrade().
+RUNS_DECLARED_BACKFILLS = "runbook_runs_declared_backfills"
+BACKFILL_FIELDS = ("table", "set", "where", "key", "batch_size", "slices", "on_error")
+
+
+@dataclass(frozen=True)
+class DeclaredBackfill:
+    """One entry of a revision's module-level ``backfills``, checked like an operator's
+    ``runbook backfill`` (jobs/sqlguard.py): SET and WHERE deparsed, names quoted."""
+
+    revision: str
+    table: str  # quoted: "large_table" or "schema"."table"
+    set_sql: str
+    where_sql: str | None
+    key: str | None  # None: the table's primary key (or first usable key) when it runs
+    batch_size: int
+    slices: int
+    on_error: str
+    declared: dict[str, Any]  # the fields as the revision wrote them
+
+    def describe(self) -> str:
+        """``large_table SET … WHERE …``, as declared, for messages."""
+        where = f" WHERE {self.declared['where']}" if self.declared.get("where") else ""
+        return f"{self.declared['table']} SET {self.declared['set']}{where}"
+
+    def spec(self, key: str, lock_timeout_ms: int) -> Spec:
+        """The engine's spec for this backfill, walked by ``key``."""
+        from jobs.backfill.spec import Spec
+
+        return Spec(
+            table=self.table,
+            key=key,
+            set_sql=self.set_sql,
+            where_sql=self.where_sql,
+            batch_size=self.batch_size,
+            min_batch=min(100, self.batch_size),
+            max_batch=max(50000, self.batch_size),
+            lock_timeout_ms=lock_timeout_ms,
+            slices=self.slices,
+            on_error=self.on_error,
+        )
+
+
+def _positive(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadDeclaration(f"{where}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_shape(raw: Any, where: str) -> None:
+    """A dict of known fields, the text ones strings; BadDeclaration otherwise."""
+    if not isinstance(raw, Mapping):
+        raise BadDeclaration(f"{where}: give a dict with {', '.join(BACKFILL_FIELDS)}")
+    unknown = sorted(set(raw) - set(BACKFILL_FIELDS))
+    if unknown:
+        raise BadDeclaration(
+            f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(BACKFILL_FIELDS)}"
+        )
+    for name in ("table", "set"):
+        if not isinstance(raw.get(name), str):
+            raise BadDeclaration(f"{where}: {name!r} is required, as a string")
+    for name in ("where", "key", "on_error"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise BadDeclaration(f"{where}: {name!r} must be a string")
+
+
+def _declared_backfill(revision: str, index: int, raw: Any) -> DeclaredBackfill:
+    """One declaration checked, or BadDeclaration naming the revision and the entry."""
+    where = f"revision {revision} declares a bad backfill (backfills[{index}])"
+    _check_shape(raw, where)
+    try:  # the same checks as an operator's `runbook backfill --table/--set/--where/--key`
+        table = sqlguard.identifier(raw["table"], "table")
+        pairs = sqlguard.assignments(raw["set"], "set")
+        condition = sqlguard.predicate(raw["where"], "where") if raw.get("where") else None
+        key = raw.get("key")
+        if key is not None:
+            key = sqlguard.identifier(key, "key", qualified=False)[1:-1]  # folded, unquoted
+    except sqlguard.UnsafeSql as exc:
+        raise BadDeclaration(f"{where}: {exc}") from None
+    if key is not None and any(column == f'"{key}"' for column, _ in pairs):
+        raise BadDeclaration(f"{where}: its set assigns the key {key}; a backfill cannot move it")
+    declared = DeclaredBackfill(
+        revision=revision,
+        table=table,
+        set_sql=sqlguard.render(pairs),
+        where_sql=condition,
+        key=key,
+        batch_size=_positive(raw.get("batch_size", 1000), "batch_size", where),
+        slices=_positive(raw.get("slices", 1), "slices", where),
+        on_error=raw.get("on_error") or "stop",
+        declared=dict(raw),
+    )
+    try:  # the engine's own checks of sizes, slices, on_error (the key is checked at run time)
+        declared.spec(key or "id", 2000).check()
+    except RunbookError as exc:
+        raise BadDeclaration(f"{where}: {exc}") from None
+    return declared
+
+
+@dataclass(frozen=True)
+class Revision:
+    id: str
+    down: str | None
+    message: str
+    path: str
+    module: ModuleType
+
+    @property
+    def verify_check(self) -> str | Callable[[Connection], Any] | None:
+        """The revision's own post-upgrade check (``verify = "SELECT …"`` or a callable)."""
+        return getattr(self.module, "verify", None)
+
+    @property
+    def sha256(self) -> str:
+        """The revision file's sha256: an applied revision edited later is drift."""
+        return hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+
+    @property
+    def declared_irreversible(self) -> str | None:
+        """The revision's own ``irreversible = "why"`` (or True)."""
+        value = getattr(self.module, "irreversible", None)
+        if value:
+            return "declared irreversible by the revision" if value is True else str(value)
+        return None
+
+    @property
+    def irreversible(self) -> str | None:
+        """Why the downgrade may not undo this revision, as far as reading it can tell: the
+        revision says so, has no downgrade, or its downgrade raises or does nothing (right
+        for a data-only revision: the fingerprint check after a downgrade decides)."""
+        if self.declared_irreversible:
+            return self.declared_irreversible
+        downgrade = getattr(self.module, "downgrade", None)
+        if not callable(downgrade):
+            return "the revision has no downgrade()"
+        return _downgrade_problem(downgrade)
+
+    @property
+    def backfills(self) -> list[DeclaredBackfill]:
+        """The revision's module-level ``backfills``, checked (BadDeclaration otherwise).
+        runbook runs them right after the upgrade and before the revision's verify."""
+        raw = getattr(self.module, "backfills", None)
+        if raw is None:
+            return []
+        if not isinstance(raw, list | tuple):
+            raise BadDeclaration(
+                f"revision {self.id}: backfills must be a list of dicts "
+                "(table, set, where, key, batch_size, slices)"
+            )
+        return [_declared_backfill(self.id, i, item) for i, item in enumerate(raw)]
+
+    @property
+    def requires_backfills(self) -> list[str]:
+        """Revisions whose declared backfills must have finished, and whose WHERE must match
+        no row, before this one goes up (GitLab's "ensure finished")."""
+        raw = getattr(self.module, "requires_backfills", None)
+        if raw is None:
+            return []
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list | tuple) or not all(isinstance(r, str) for r in items):
+            raise BadDeclaration(
+                f"revision {self.id}: requires_backfills must be a list of revision ids"
+            )
+        return list(items)
+
+
+def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
+    """'raises …' or 'does nothing' for a downgrade whose body says so, else None."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef):
+        return None
+    body = [
+        node
+        for node in func.body
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+    ]
+    if all(isinstance(node, ast.Pass) for node in body):
+        return "its downgrade() does nothing"
+    for node in body:
+        if isinstance(node, ast.Raise):
+            exc = node.exc
+            name = ast.unparse(exc.func if isinstance(exc, ast.Call) else exc) if exc else "raise"
+            return f"its downgrade() raises {name}"
+    return None

@@ -1,0 +1,1 @@
+"""A run: the coordinator and what it calls on the way (verify, preflight, hooks, leases)."""
