@@ -114,10 +114,11 @@ def bound_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
     subquery only when fewer than n keys are left."""
     keys = f"FROM {table} t WHERE {_lower('t.' + key, key_type, has_lo)}"
     keys += f"t.{key} <= CAST(:upper AS {key_type})"
+    # The CAST is outside the subqueries: inside, every key stepped over was turned to text.
     return (
-        f"SELECT coalesce((SELECT CAST(t.{key} AS text) {keys} ORDER BY t.{key} "
-        f"OFFSET CAST(:n AS bigint) - 1 LIMIT 1), (SELECT CAST(t.{key} AS text) {keys} "
-        f"ORDER BY t.{key} DESC LIMIT 1)) AS bound"
+        f"SELECT CAST(coalesce((SELECT t.{key} {keys} ORDER BY t.{key} "
+        f"OFFSET CAST(:n AS bigint) - 1 LIMIT 1), (SELECT t.{key} {keys} "
+        f"ORDER BY t.{key} DESC LIMIT 1)) AS text) AS bound"
     )
 
 
@@ -330,9 +331,30 @@ class _Walk:
             self.close()
 
     def attempt(self, attempt: int) -> str:
-        """One try of one batch, in one transaction: four round trips (open with the bound,
-        the UPDATE, the ledger rows, COMMIT), five for a task's first batch."""
+        """One try of one batch, in one transaction of three round trips (BEGIN with the
+        opening statement and the bound, the UPDATE, the ledger rows with COMMIT), four for a
+        task's first batch. The driver is in autocommit meanwhile, so that it sends no BEGIN
+        or COMMIT of its own (one round trip each); the statements carry them instead."""
         conn = self.connection()
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        driver.autocommit = True
+        try:
+            return self.transaction(conn, attempt)
+        except BaseException:
+            # The server's transaction is ours to end: the driver's rollback sends nothing.
+            with contextlib.suppress(Exception):
+                cursor = driver.cursor()
+                cursor.execute("ROLLBACK")
+                cursor.close()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                driver.autocommit = False
+
+    def transaction(self, conn: Connection, attempt: int) -> str:
+        """The batch's transaction (see attempt): committed by its last statement, or by a
+        COMMIT of its own when it stops before the batch."""
         self.range = Range(self.slice)
         settings = self.settings or self.load(conn)
         expected, ahead = self.next_lo, None
@@ -346,8 +368,8 @@ class _Walk:
             )
             ahead = (sql, {"lo": lo_guess, "upper": self.upper, "n": self.size})
         self.next_lo = UNKNOWN  # until this batch commits
-        with conn.begin():
-            # One round trip: the timeouts, the slice locked, the backfill's flags and,
+        with conn.begin():  # SQLAlchemy's bookkeeping: the driver sends nothing for it
+            # One round trip: BEGIN, the timeouts, the slice locked, the backfill's flags and,
             # after a batch of ours, the next bound from where that one ended.
             opened = slices.open_batch(
                 conn,
@@ -355,12 +377,14 @@ class _Walk:
                 self.slice,
                 _session(settings.lock_timeout_ms, settings.statement_timeout_ms),
                 ahead,
+                begin=True,
             )
             if opened is None:
                 raise UnknownBackfill(f"unknown backfill {self.id!r} or slice {self.slice}")
             piece, bf, bound = opened
             stop = self.verdict(conn, bf, piece)
             if stop is not None:
+                conn.exec_driver_sql("COMMIT")
                 return stop
             size = self.size = self.size or piece.batch_size
             self.range.lo = lo = piece.position
@@ -370,6 +394,7 @@ class _Walk:
                 hi = self.bound(conn, bf, piece, size)
             if hi is None:
                 slices.set_slice_state(conn, piece, backfills.SLICE_DONE)
+                conn.exec_driver_sql("COMMIT")
                 return backfills.SLICE_DONE
             self.range.hi = hi
             started = time.monotonic()
@@ -386,7 +411,7 @@ class _Walk:
                 max_batch=bf.max_batch,
             )
             # Our locks held others up: smaller batches, and let them go first. Whether they
-            # did is counted in the same statement that records the batch.
+            # did is counted in the same statement that records the batch (and commits).
             shrunk = max(bf.min_batch, min(grown, size // 2))
             blocked = slices.record_batch(
                 conn,
@@ -403,6 +428,7 @@ class _Walk:
                 throttled_ms=round(self.pending_throttle_ms),
                 blocked_sql=_BLOCKED_SQL,
                 next_if_blocked=shrunk,
+                commit=True,
             )
             self.size = shrunk if blocked else grown
         self.next_lo, self.upper = hi, piece.upper_key

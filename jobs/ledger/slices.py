@@ -93,6 +93,8 @@ def open_batch(
     slice_no: int,
     session: dict[str, str],
     extra: tuple[str, dict[str, Any]] | None = None,
+    *,
+    begin: bool = False,
 ) -> tuple[Slice, Backfill, Any] | None:
     """A batch transaction's first statement: set ``session``'s settings for the transaction
     (set_config, local), lock the slice row (until the transaction ends; no commit here) and
@@ -103,7 +105,10 @@ def open_batch(
 
     The settings are set in the projection, which runs before the row lock is taken, so a
     lock_timeout among them already bounds this statement's wait for the slice row (the
-    statement_timeout applies from the next statement on)."""
+    statement_timeout applies from the next statement on).
+
+    ``begin``: the statement starts the transaction itself (``BEGIN;`` in the same round
+    trip), for a connection whose driver is in autocommit (see jobs/backfill.py _Walk)."""
     names = sorted(session)
     columns = [f"set_config(:bf_name_{i}, :bf_value_{i}, true)" for i in range(len(names))]
     binds: dict[str, Any] = {"bf_id": backfill_id, "bf_slice": slice_no}
@@ -116,7 +121,7 @@ def open_batch(
     selected = "".join(f"{c} AS bf_col_{i}, " for i, c in enumerate(columns))
     row = conn.execute(
         cached_text(
-            f"SELECT {selected}{_SLICE_AS}, {BACKFILL_ROW} "
+            ("BEGIN; " if begin else "") + f"SELECT {selected}{_SLICE_AS}, {BACKFILL_ROW} "
             f"FROM {SCHEMA}.backfill_slices s JOIN {SCHEMA}.backfills b ON b.id = s.backfill_id "
             "WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s"
         ),
@@ -179,13 +184,18 @@ def record_batch(
     throttled_ms: int,
     blocked_sql: str | None = None,
     next_if_blocked: int | None = None,
+    commit: bool = False,
 ) -> int:
     """Within the caller's batch transaction: the batch row, rows skipped by isolation, the
     slice's cursor and counters, in one statement (one round trip).
 
     ``blocked_sql`` (a scalar query: how many sessions wait on this transaction's locks),
     when given, is counted in the same statement; when it counts any, the slice's next batch
-    size is ``next_if_blocked`` instead of ``next_batch_size``. The count (0 without it)."""
+    size is ``next_if_blocked`` instead of ``next_batch_size``. The count (0 without it).
+
+    ``commit``: the same round trip also commits, for a transaction opened by
+    ``open_batch(begin=True)`` on a connection whose driver is in autocommit. The count then
+    outlives the COMMIT in a session setting, read back by the round trip's last statement."""
     if backfill.run_id:
         notify(conn, backfill.run_id)
     for key, error in skipped:
@@ -207,7 +217,12 @@ def record_batch(
             "rows_done = rows_done + :rows, batch_size = CASE WHEN (SELECT n FROM blocked) > 0 "
             "THEN :shrunk ELSE :next END, throttled_ms = throttled_ms + :throttled, "
             "updated_at = now() WHERE backfill_id = :b AND slice = :n) "
-            "SELECT n FROM blocked"
+            + (
+                "SELECT set_config('runbook.blocked', CAST(n AS text), false) FROM blocked; "
+                "COMMIT; SELECT CAST(current_setting('runbook.blocked') AS bigint)"
+                if commit
+                else "SELECT n FROM blocked"
+            )
         ),
         {
             "b": backfill.id,

@@ -1,8 +1,9 @@
 """What a backfill batch costs in round trips, and the ledger's word when a backfill stops.
 
 bench/bench_backfill.py times these; here the counts themselves are held (no timing): a
-batch after the first is three statements and one commit (open: timeouts, slice lock,
-backfill row and the bound; the UPDATE; close: blocked check, batch row, cursor), and every
+batch after the first is three round trips (open: BEGIN, timeouts, slice lock, backfill row
+and the bound; the UPDATE; close: blocked check, batch row, cursor and COMMIT), the driver
+in autocommit meanwhile so that it sends no BEGIN or COMMIT of its own, and every
 state change of a backfill is announced on the ledger's channel with the backfill's id,
 which is what wakes `runbook backfill --wait` when it ends.
 """
@@ -63,15 +64,16 @@ def start(engine: Engine) -> tuple[str, int]:
     return backfill_id, generation
 
 
-def test_a_batch_after_the_first_is_three_statements_and_one_commit(
-    engine: Engine, dbname: str
-) -> None:
+def test_a_batch_after_the_first_is_three_round_trips(engine: Engine, dbname: str) -> None:
     backfill_id, generation = start(engine)
     log: list[tuple[str, str]] = []  # ("execute", sql) or ("commit", "")
+    driver_autocommit: list[bool] = []  # at each UPDATE: psycopg2 adds no BEGIN nor COMMIT
 
     @event.listens_for(engine, "before_cursor_execute")
     def executed(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
         log.append(("execute", sql))
+        if sql.startswith("UPDATE public.items"):
+            driver_autocommit.append(cursor.connection.autocommit)
 
     @event.listens_for(engine, "commit")
     def committed(conn: Any) -> None:
@@ -82,17 +84,21 @@ def test_a_batch_after_the_first_is_three_statements_and_one_commit(
 
     updates = [i for i, (kind, sql) in enumerate(log) if sql.startswith("UPDATE public.items")]
     assert len(updates) == ROWS // BATCH
+    assert driver_autocommit == [True] * len(updates)
     for before, after in zip(updates, updates[1:], strict=False):
         between = [
             (kind, sql)
             for kind, sql in log[before + 1 : after]
             if "oldest_xact_s" not in sql  # the database's signals, once a second
         ]
+        # The "commit" is SQLAlchemy's bookkeeping: in autocommit the driver sends nothing.
         kinds = [kind for kind, _ in between]
         assert kinds == ["execute", "commit", "execute"], between
         close, opened = between[0][1], between[2][1]
         assert "INSERT INTO runbook.backfill_batches" in close and "pg_blocking_pids" in close
-        assert "FOR UPDATE OF s" in opened and "OFFSET" in opened  # the bound rides along
+        assert "; COMMIT;" in close
+        assert opened.startswith("BEGIN; ") and "FOR UPDATE OF s" in opened
+        assert "OFFSET" in opened  # the bound rides along
 
 
 def test_every_state_change_of_a_backfill_is_announced_with_its_id(
