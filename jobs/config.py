@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-
 from jobs.errors import ConfigError, UnknownTarget
+from jobs.pg.url import PgURL, parse
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "runbook"
@@ -59,16 +57,17 @@ def _names(value: object, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def normalize_url(raw: str, what: str = "database URL") -> URL:
+def normalize_url(raw: str, what: str = "database URL") -> PgURL:
     """Parse a PostgreSQL URL and pin the psycopg2 driver.
 
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which runbook does not ship;
-    users paste bare URLs, so they must mean psycopg2.
+    users paste bare URLs, so they must mean psycopg2. Parsed without SQLAlchemy, as it
+    parses (jobs/pgurl.py), so that reading the configuration stays quick.
     """
     hint = "expected postgresql://user:password@host:port/dbname"
     try:
-        url = make_url(raw.strip())
-    except (ArgumentError, ValueError):
+        url = parse(raw.strip())
+    except ValueError:
         raise ConfigError(f"{what} is malformed ({hint})") from None
     backend = url.get_backend_name()
     if backend == "postgres":
@@ -94,7 +93,7 @@ class Target:
     """A database runbook may touch, by name."""
 
     name: str
-    url: URL = field(repr=False)
+    url: PgURL = field(repr=False)
     alembic_ini: Path
     backup_dir: Path
     lock_timeout_ms: int = 2000

@@ -5,26 +5,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection
-
 from jobs.config import Settings, Target
 from jobs.errors import (
     BrokerUnavailable,
     RunbookError,
+    UnknownBackfill,
 )
 from jobs.lazy import lazy
-from jobs.ledger import backfills, schema
-from jobs.pg import db
+from jobs.ledger import read
+from jobs.ledger.records import backfill_progress
+from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL
 
-# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
-# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
-# that need them (tests/unit/test_cli_imports.py).
+# Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
+# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
+# them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from jobs.backfill import control, create, dryrun, sqlguard
     from jobs.backfill import keys as backfill_keys
     from jobs.backfill import slices as backfill_slices
     from jobs.backfill import spec as backfill_spec
+    from jobs.ledger import backfills, schema
+    from jobs.pg import db
 else:
     control = lazy("jobs.backfill.control")
     create = lazy("jobs.backfill.create")
@@ -33,6 +38,9 @@ else:
     backfill_keys = lazy("jobs.backfill.keys")
     backfill_slices = lazy("jobs.backfill.slices")
     backfill_spec = lazy("jobs.backfill.spec")
+    backfills = lazy("jobs.ledger.backfills")
+    schema = lazy("jobs.ledger.schema")
+    db = lazy("jobs.pg.db")
 from jobs.api.common import (
     check_broker,
     find_backfill,
@@ -177,8 +185,18 @@ def backfill_status(
     settings = resolve_settings(settings)
     t = find_backfill(settings, backfill_id, target)
     settle_refused_backfill(settings, t, backfill_id)
-    with db.connect(t) as conn:
-        return backfill_slices.progress(conn, control.get(conn, backfill_id))
+    with connect.reading(t) as conn:  # psycopg2 alone, as _locate (jobs/ledger_read.py)
+        bf = read.get_backfill(conn, backfill_id)
+        if bf is None:
+            raise UnknownBackfill(
+                f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
+            )
+        return backfill_progress(
+            bf,
+            read.recent_rate(conn, backfill_id),
+            read.last_throttle(conn, backfill_id),
+            read.list_slices(conn, backfill_id),
+        )
 
 
 def follow_backfill(

@@ -8,28 +8,31 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, text
-from sqlalchemy.exc import DBAPIError
-
 from jobs.config import Settings
 from jobs.errors import (
     RunbookError,
 )
 from jobs.lazy import lazy, lazy_callable
-from jobs.ledger import backups as ledger_backups
-from jobs.ledger import schema
-from jobs.pg import db
 
-# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
-# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
-# that need them (tests/unit/test_cli_imports.py).
+# Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
+# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
+# them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from jobs.backups import dump, vault
+    from jobs.ledger import backups as ledger_backups
+    from jobs.ledger import schema
+    from jobs.pg import db
     from jobs.project.runtime import Project
     from jobs.project.scripts import Revision
 else:
     dump = lazy("jobs.backups.dump")
     vault = lazy("jobs.backups.vault")
+    ledger_backups = lazy("jobs.ledger.backups")
+    schema = lazy("jobs.ledger.schema")
+    db = lazy("jobs.pg.db")
     Project = lazy_callable("jobs.project.runtime", "Project")
 from jobs.api.common import admit, resolve_settings
 
@@ -61,6 +64,9 @@ _DROP_COLUMN = re.compile(
 
 def data_loss(conn: Connection, project: Project, revisions: list[Revision]) -> list[str]:
     """What the downgrades of ``revisions`` would destroy: tables and columns holding rows."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
     found = []
     for rev in revisions:
         sql = project.downgrade_sql(rev)

@@ -7,33 +7,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, text
-
 from jobs.config import Settings, Target, load_settings, redact
 from jobs.errors import (
     BackupError,
     BrokerUnavailable,
     TargetUnreachable,
+    UnknownBackfill,
     UnknownRun,
 )
-from jobs.lazy import lazy
-from jobs.ledger import backfills, runs, schema
-from jobs.ledger.runs import Run
-from jobs.pg import db
+from jobs.lazy import lazy, lazy_callable
+from jobs.ledger import read
+from jobs.ledger.records import Run
+from jobs.pg import connect
 from jobs.run import refusals
 from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 
-# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
-# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
-# that need them (tests/unit/test_cli_imports.py).
+# Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
+# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
+# them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
-    from jobs import errors
+    from sqlalchemy import Connection
+
     from jobs.backfill import control, slices
     from jobs.backups import dump
+    from jobs.ledger import backfills, runs, schema
+    from jobs.pg import db
 else:
-    errors = lazy("jobs.errors")
+    Connection = lazy_callable("sqlalchemy", "Connection")
     control = lazy("jobs.backfill.control")
     dump = lazy("jobs.backups.dump")
+    backfills = lazy("jobs.ledger.backfills")
+    runs = lazy("jobs.ledger.runs")
+    schema = lazy("jobs.ledger.schema")
+    db = lazy("jobs.pg.db")
 
 EXECUTE_TASK = "runbook.execute_run"
 WAIT_REREAD_S = 0.05
@@ -95,6 +102,8 @@ def check_scratch(conn: Connection, target: Target) -> None:
     """A verified backup restores into a scratch database: the role must be able to make one."""
     if not (target.backup and target.verify_restore):
         return
+    from sqlalchemy import text
+
     can = conn.execute(
         text("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
     ).scalar()
@@ -146,18 +155,19 @@ def admit(
 
 
 def _locate(
-    settings: Settings, target: str | None, lookup: Callable[[Connection], Any]
+    settings: Settings, target: str | None, lookup: Callable[[Any], Any]
 ) -> tuple[Target | None, Any, list[str]]:
     """Search the named target's ledger, or every configured target's, with ``lookup``
-    (which returns what it found, or None): (target, found, targets unreachable)."""
+    (jobs/ledger_read.py on a plain psycopg2 connection; it returns what it found, or
+    None): (target, found, targets unreachable)."""
     if not target:
         settings.require_any()  # "no targets are configured" rather than "unknown run"
     candidates = [settings.target(target)] if target else list(settings.targets.values())
     unreachable: list[str] = [] if target else sorted(settings.broken)
     for t in candidates:
         try:
-            with db.connect(t) as conn:
-                found = lookup(conn) if schema.exists(conn) else None
+            with connect.reading(t) as conn:
+                found = lookup(conn) if read.exists(conn) else None
                 if found is not None:
                     return t, found, unreachable
         except TargetUnreachable:
@@ -171,16 +181,9 @@ def _unreachable(names: list[str]) -> str:
     return f" (not searched, unreachable or broken: {', '.join(names)})" if names else ""
 
 
-def _run_or_none(conn: Connection, run_id: str) -> Run | None:
-    try:
-        return runs.get_run(conn, run_id)
-    except UnknownRun:
-        return None
-
-
 def find_run(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:
     """Look a run up in the named target's ledger, or in every configured target's."""
-    t, run, unreachable = _locate(settings, target, lambda conn: _run_or_none(conn, run_id))
+    t, run, unreachable = _locate(settings, target, lambda conn: read.get_run(conn, run_id))
     if t is None:
         raise UnknownRun(
             f"unknown run {run_id!r}{_unreachable(unreachable)}; `runbook history` lists the runs"
@@ -246,12 +249,10 @@ def slice_sender(settings: Settings) -> slices.SendSlice:
 
 
 def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
-    t, _, unreachable = _locate(
-        settings, target, lambda conn: backfills.get_backfill(conn, backfill_id)
-    )
+    t, _, unreachable = _locate(settings, target, lambda conn: read.get_backfill(conn, backfill_id))
     if t is None:
         # The CLI looks for a run first, then a backfill: name both.
-        raise errors.UnknownBackfill(
+        raise UnknownBackfill(
             f"unknown run or backfill {backfill_id!r}{_unreachable(unreachable)}; "
             "`runbook history` lists the runs"
         )

@@ -9,28 +9,34 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection
-
 from jobs.config import Settings, Target
 from jobs.errors import (
     RevisionError,
     RunbookError,
 )
 from jobs.lazy import lazy, lazy_callable
-from jobs.ledger import backups as ledger_backups
-from jobs.ledger import notify, runs, schema
-from jobs.pg import db
 from jobs.states import CANCELLED, ENQUEUED
 
-# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
-# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
-# that need them (tests/unit/test_cli_imports.py).
+# Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
+# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
+# them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
     from jobs.insight import plan as insight_plan
+    from jobs.ledger import backups as ledger_backups
+    from jobs.ledger import notify, runs, schema
+    from jobs.pg import db
     from jobs.project.runtime import Project
     from jobs.project.scripts import Revision
 else:
     insight_plan = lazy("jobs.insight.plan")
+    ledger_backups = lazy("jobs.ledger.backups")
+    notify = lazy("jobs.ledger.notify")
+    runs = lazy("jobs.ledger.runs")
+    schema = lazy("jobs.ledger.schema")
+    db = lazy("jobs.pg.db")
     Project = lazy_callable("jobs.project.runtime", "Project")
 from jobs.api.backups import data_loss
 from jobs.api.common import (

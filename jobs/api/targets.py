@@ -10,16 +10,20 @@ from jobs.errors import (
     RunbookError,
     TargetUnreachable,
 )
-from jobs.lazy import lazy_callable
-from jobs.ledger import runs, schema
-from jobs.pg import db
+from jobs.lazy import lazy, lazy_callable
 
-# Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
-# pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
-# that need them (tests/unit/test_cli_imports.py).
+# Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
+# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
+# them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
+    from jobs.ledger import runs, schema
+    from jobs.pg import db
     from jobs.project.runtime import Project
 else:
+    runs = lazy("jobs.ledger.runs")
+    schema = lazy("jobs.ledger.schema")
+    db = lazy("jobs.pg.db")
     Project = lazy_callable("jobs.project.runtime", "Project")
 from jobs.api.common import resolve_settings
 

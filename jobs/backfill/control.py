@@ -18,7 +18,7 @@ from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     UnknownBackfill,
     UnusableKey,
 )
-from jobs.ledger import backfills
+from jobs.ledger import backfills, records
 from jobs.ledger import slices as ledger_slices
 from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
     BACKFILL_CANCEL as CANCEL,
@@ -48,7 +48,7 @@ FENCED = "fenced"  # a newer generation owns the backfill: this worker stops
 # -- operator requests ------------------------------------------------------------------------
 
 
-def get(conn: Connection, backfill_id: str) -> backfills.Backfill:
+def get(conn: Connection, backfill_id: str) -> records.Backfill:
     """The backfill; UnknownBackfill when the ledger has none with that id."""
     found = backfills.get_backfill(conn, backfill_id)
     if found is None:
@@ -139,7 +139,7 @@ class Range:
         return {"slice": self.slice, "lo": self.lo, "hi": self.hi}
 
 
-def move_state(conn: Connection, bf: backfills.Backfill, new: str, **error: Any) -> None:
+def move_state(conn: Connection, bf: records.Backfill, new: str, **error: Any) -> None:
     """A worker's own state change, inside its transaction, checked against the table."""
     check_transition(bf.state, new)
     log.info("backfill %s: %s -> %s", bf.id, bf.state, new)

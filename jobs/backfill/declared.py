@@ -16,7 +16,7 @@ from jobs.backfill import create as backfill_create
 from jobs.backfill import keys as backfill_keys
 from jobs.config import Target
 from jobs.errors import BadSpec
-from jobs.ledger import backfills, schema
+from jobs.ledger import backfills, records, schema
 from jobs.pg import db
 from jobs.project.runtime import Project
 from jobs.project.scripts import DeclaredBackfill, Revision
@@ -27,7 +27,7 @@ IN_PROCESS_BUDGET_S = 2.0  # per call of run_slice when the slices run here, in 
 
 def latest(
     conn: Connection, declared: DeclaredBackfill, run_id: str | None = None
-) -> backfills.Backfill | None:
+) -> records.Backfill | None:
     """The newest backfill recorded for ``declared`` (of run ``run_id`` when given), or None."""
     if not schema.exists(conn):
         conn.rollback()
@@ -99,7 +99,7 @@ def _command(target: str, declared: DeclaredBackfill) -> str:
     )
 
 
-def _unfinished(bf: backfills.Backfill) -> str:
+def _unfinished(bf: records.Backfill) -> str:
     """What to do about a backfill that has not finished."""
     if bf.state == "paused":
         return f"resume it (runbook resume {bf.id})"

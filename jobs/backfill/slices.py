@@ -15,8 +15,9 @@ from sqlalchemy import Connection
 
 from jobs.backfill import control, walk
 from jobs.config import Settings, Target
-from jobs.ledger import backfills, leases, notify
+from jobs.ledger import backfills, leases, notify, records
 from jobs.ledger import slices as ledger_slices
+from jobs.ledger.records import BACKFILL_ACTIVE, backfill_progress
 from jobs.pg import db
 from jobs.run import lease
 from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
@@ -27,7 +28,7 @@ SLICE_SECONDS = 3.0
 PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
 # The outcomes of a slice that stopped the whole backfill: a run waiting on it goes on.
 STOPS = frozenset({SUCCEEDED, PAUSED, CANCELLED, ERRORED})
-ACTIVE = frozenset({"enqueued", "running", "pausing", "cancelling"})
+ACTIVE = BACKFILL_ACTIVE
 
 # (backfill id, target name, slice, generation, argsrepr): queue one slice's task.
 SendSlice = Callable[[str, str, int, int, str], None]
@@ -37,48 +38,15 @@ Progress = Callable[[dict[str, Any]], None]
 Updates = Iterator[dict[str, Any]]
 
 
-def progress(conn: Connection, bf: backfills.Backfill) -> dict[str, Any]:
-    """Rows done, total (and how it was estimated), percent, rate, ETA (throttled time left
-    out), throttling and each slice's position: what Flower, status and the API show."""
-    total = bf.rows_total_estimate or 0
-    percent = min(round(100.0 * bf.rows_done / total, 1), 100.0) if total else None
-    rows, busy_s = backfills.recent_rate(conn, bf.id)
-    rate = rows / busy_s if busy_s > 0 and rows else None
-    remaining = max(total - bf.rows_done, 0)
-    eta = round(remaining / rate) if rate and bf.state in ACTIVE else None
-    throttle = backfills.last_throttle(conn, bf.id)
-    slices = backfills.list_slices(conn, bf.id)
-    return {
-        "backfill_id": bf.id,
-        "target": bf.target,
-        "run_id": bf.run_id,
-        "table": bf.table_name,
-        "set": bf.set_sql,
-        "where": bf.where_sql,
-        "state": bf.state,
-        "rows_done": bf.rows_done,
-        "rows_total": total,
-        "estimate": bf.estimate_kind,
-        "percent": percent,
-        "rate_rows_s": round(rate) if rate else None,
-        "eta_s": eta,
-        "throttled_s": round(bf.throttled_ms / 1000, 1),
-        "throttle": None if throttle is None else throttle[0],
-        "skipped": bf.skipped,
-        "slices": [
-            {
-                "slice": s.slice,
-                "state": s.state,
-                "cursor": s.cursor,
-                "from": s.lower_key,
-                "to": s.upper_key,
-                "rows_done": s.rows_done,
-            }
-            for s in slices
-        ],
-        "error": bf.error,
-        "error_range": bf.error_range,
-    }
+def progress(conn: Connection, bf: records.Backfill) -> dict[str, Any]:
+    """Rows done, total, percent, rate, ETA, throttling and each slice's position
+    (jobs/records.py ``backfill_progress``, which `runbook status` builds the same way)."""
+    return backfill_progress(
+        bf,
+        backfills.recent_rate(conn, bf.id),
+        backfills.last_throttle(conn, bf.id),
+        backfills.list_slices(conn, bf.id),
+    )
 
 
 def follow(
@@ -103,7 +71,7 @@ def follow(
             notify.wait_for_change(conn, backfill_id, interval_s)
 
 
-def label(bf: backfills.Backfill, piece: backfills.Slice) -> str:
+def label(bf: records.Backfill, piece: records.Slice) -> str:
     """What Flower shows as the task's arguments: which backfill, what it sets, which slice
     and key range."""
     lo = "start" if piece.lower_key is None else piece.lower_key

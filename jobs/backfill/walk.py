@@ -48,7 +48,7 @@ from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     UnknownBackfill,
     UnusableKey,
 )
-from jobs.ledger import backfills, slices
+from jobs.ledger import backfills, records, slices
 from jobs.pg.sqlstate import QUERY_CANCELED, describe, is_transient, sqlstate
 from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
     BACKFILL_CANCEL as CANCEL,
@@ -185,7 +185,7 @@ class _Walk:
         self.generation = generation
         self.max_attempts = max_attempts
         self.conn: Connection | None = None
-        self.settings: backfills.Backfill | None = None
+        self.settings: records.Backfill | None = None
         self.size: int | None = None
         self.min_batch = 1
         self.sleep_ms = 0
@@ -198,7 +198,7 @@ class _Walk:
         self.next_lo: str | None | object = UNKNOWN
         self.upper: str | None = None
 
-    def load(self, conn: Connection) -> backfills.Backfill:
+    def load(self, conn: Connection) -> records.Backfill:
         """The backfill's settings (timeouts, sizes, pacing), read once per slice."""
         self.settings = get(conn, self.id)
         self.min_batch, self.sleep_ms = self.settings.min_batch, self.settings.sleep_ms
@@ -440,9 +440,7 @@ class _Walk:
             self.pending_throttle_ms += BLOCKED_PAUSE_S * 1000
         return CONTINUE
 
-    def verdict(
-        self, conn: Connection, bf: backfills.Backfill, piece: backfills.Slice
-    ) -> str | None:
+    def verdict(self, conn: Connection, bf: records.Backfill, piece: records.Slice) -> str | None:
         """Why this worker must not do a batch now (fenced, paused, cancelled…), or None."""
         if piece.generation != self.generation:
             return FENCED
@@ -458,7 +456,7 @@ class _Walk:
         return None
 
     def bound(
-        self, conn: Connection, bf: backfills.Backfill, piece: backfills.Slice, size: int
+        self, conn: Connection, bf: records.Backfill, piece: records.Slice, size: int
     ) -> str | None:
         """The last key of the next batch; None when the slice's range is walked."""
         lo = piece.position
@@ -468,7 +466,7 @@ class _Walk:
         ).scalar()
         return None if value is None else str(value)
 
-    def update(self, conn: Connection, bf: backfills.Backfill, lo: str | None, hi: str) -> int:
+    def update(self, conn: Connection, bf: records.Backfill, lo: str | None, hi: str) -> int:
         """Run the batch's UPDATE over keys in (lo, hi]; the rows it changed."""
         sql = update_sql(
             bf.table_name,
@@ -481,7 +479,7 @@ class _Walk:
         return int(conn.execute(_cached_text(sql), {"lo": lo, "hi": hi}).rowcount)
 
     def bisect(
-        self, conn: Connection, bf: backfills.Backfill, lo: str | None, hi: str
+        self, conn: Connection, bf: records.Backfill, lo: str | None, hi: str
     ) -> tuple[int, list[tuple[str, str]]]:
         """The batch's UPDATE in halves (each under a savepoint) down to the single rows that
         fail; rows updated, and [(key, error)] of the rows left alone."""

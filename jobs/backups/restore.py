@@ -54,7 +54,7 @@ from typing import IO, Any
 from jobs.backups.dump import libpq_env
 from jobs.config import Target, redact
 from jobs.errors import RunbookError
-from jobs.ledger.schema import SCHEMA as LEDGER_SCHEMA
+from jobs.ledger.read import SCHEMA as LEDGER_SCHEMA
 
 
 class RestoreError(RunbookError):

@@ -31,7 +31,7 @@ from jobs.backups.dump import tool as _tool
 from jobs.backups.leftovers import Owner, scratch_name
 from jobs.config import Target, redact
 from jobs.errors import BackupError
-from jobs.ledger.schema import SCHEMA as LEDGER_SCHEMA
+from jobs.ledger.read import SCHEMA as LEDGER_SCHEMA
 from jobs.pg.db import connect
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def _scratch_stats(
     target: Target, scratch: str, hash_only: Collection[str] | None = None
 ) -> dict[str, TableStats]:
     eng = create_engine(
-        target.url.set(database=scratch),
+        target.url.set(database=scratch).sqlalchemy_url(),
         poolclass=NullPool,
         connect_args={"connect_timeout": 5, "application_name": f"runbook:{target.name}"},
     )

@@ -36,7 +36,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy.engine import URL
 
 from jobs.cli.demo_setup import (
     DEFAULT_ROWS,
@@ -62,6 +61,7 @@ from jobs.cli.demo_setup import (
 )
 from jobs.config import DEFAULT_BROKER, Settings, load_settings, redact
 from jobs.errors import RunbookError
+from jobs.pg.url import PgURL
 from jobs.states import SUCCEEDED, TERMINAL
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -156,7 +156,7 @@ def verification_words(verification: dict[str, Any]) -> str:
 
 
 def _summary(
-    run: dict[str, Any], dbname: str, url: URL, elapsed: float, counts: tuple[int, int] | None
+    run: dict[str, Any], dbname: str, url: PgURL, elapsed: float, counts: tuple[int, int] | None
 ) -> None:
     def row(label: str, value: str) -> None:
         out.print(f"  [bold]{label:<11}[/] {value}")

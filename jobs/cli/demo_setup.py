@@ -16,10 +16,9 @@ import time
 import uuid
 from pathlib import Path
 
-from sqlalchemy.engine import URL
-
 from jobs.config import normalize_url, redact
 from jobs.errors import RunbookError
+from jobs.pg.url import PgURL
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DB = "runbook_demo"
@@ -45,7 +44,7 @@ class DemoSetupError(DemoError):
 # -- configuration ---------------------------------------------------------------------------
 
 
-def admin_url() -> URL:
+def admin_url() -> PgURL:
     raw = os.environ.get("RUNBOOK_DEMO_ADMIN_URL") or DEFAULT_ADMIN_URL
     try:
         return normalize_url(raw, "RUNBOOK_DEMO_ADMIN_URL")
@@ -96,18 +95,18 @@ def demo_backup_dir() -> Path:
     return (Path(base) if base else Path("backups")).absolute() / "demo"
 
 
-def _psycopg2_dsn(url: URL) -> str:
+def _psycopg2_dsn(url: PgURL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def where_is(url: URL) -> str:
+def where_is(url: PgURL) -> str:
     return f"{url.host or 'localhost'}:{url.port or 5432}"
 
 
 # -- services --------------------------------------------------------------------------------
 
 
-def postgres_problem(admin: URL) -> str | None:
+def postgres_problem(admin: PgURL) -> str | None:
     import psycopg2
 
     try:
@@ -142,7 +141,7 @@ def broker_problem(broker: str) -> str | None:
 # -- the scratch database --------------------------------------------------------------------
 
 
-def recreate_database(admin: URL, name: str) -> None:
+def recreate_database(admin: PgURL, name: str) -> None:
     import psycopg2
     from psycopg2 import sql
 
@@ -169,7 +168,7 @@ def recreate_database(admin: URL, name: str) -> None:
         conn.close()
 
 
-def migrate_to_initial(alembic_ini: Path, url: URL) -> Path:
+def migrate_to_initial(alembic_ini: Path, url: PgURL) -> Path:
     """Bring the scratch database to the first revision; the project's script directory."""
     from alembic import command
     from alembic.config import Config
@@ -189,7 +188,7 @@ def migrate_to_initial(alembic_ini: Path, url: URL) -> Path:
     return Path(ScriptDirectory.from_config(cfg).dir)
 
 
-def seed_large_table(script_dir: Path, url: URL, rows: int) -> None:
+def seed_large_table(script_dir: Path, url: PgURL, rows: int) -> None:
     import psycopg2
 
     path = script_dir / "seed.py"
@@ -206,7 +205,7 @@ def seed_large_table(script_dir: Path, url: URL, rows: int) -> None:
         conn.close()
 
 
-def large_table_counts(url: URL) -> tuple[int, int] | None:
+def large_table_counts(url: PgURL) -> tuple[int, int] | None:
     import psycopg2
 
     try:
@@ -224,7 +223,7 @@ def large_table_counts(url: URL) -> tuple[int, int] | None:
         conn.close()
 
 
-def write_config(path: Path, url: URL, alembic_ini: Path, backup_dir: Path) -> None:
+def write_config(path: Path, url: PgURL, alembic_ini: Path, backup_dir: Path) -> None:
     lines = [
         f"[targets.{TARGET}]",
         f"url = {json.dumps(url.render_as_string(hide_password=False))}",

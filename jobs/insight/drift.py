@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 
 from jobs.config import Target, redact
 from jobs.errors import RevisionError, RunbookError
-from jobs.ledger import fingerprints
+from jobs.ledger import fingerprints, read
 from jobs.ledger import schema as ledger_schema
 from jobs.pg import db
 from jobs.pg.sqlstate import describe
@@ -106,7 +106,7 @@ def _exclude_bookkeeping(context: MigrationContext, version_table: str) -> None:
     inner = context.opts.get("include_name")
 
     def include_name(name: str | None, type_: str, parent_names: dict[str, Any]) -> bool:
-        if type_ == "schema" and name == ledger_schema.SCHEMA:
+        if type_ == "schema" and name == read.SCHEMA:
             return False
         if type_ == "table" and name == version_table:
             return False

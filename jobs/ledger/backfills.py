@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -11,9 +10,17 @@ from sqlalchemy import Connection, text
 
 from jobs.errors import IllegalTransition
 from jobs.ledger.notify import notify
+from jobs.ledger.read import (
+    BACKFILL_COLUMNS,
+    BACKFILL_ROW,
+    LAST_THROTTLE,
+    RECENT_RATE,
+    SCHEMA,
+    SLICE_COLUMNS,
+)
+from jobs.ledger.records import Backfill, BackfillBatch, Slice
 from jobs.ledger.runs import new_run_id
-from jobs.ledger.schema import SCHEMA
-from jobs.ledger.sql import clean, iso, tx
+from jobs.ledger.sql import clean, tx
 
 # -- backfills ----------------------------------------------------------------------------------
 # The state names and the legal transitions are jobs/states.py's; functions here that change
@@ -30,118 +37,11 @@ SLICE_STOPPED = "stopped"
 SLICE_DONE = "done"
 
 
-@dataclass
-class Backfill:
-    id: str
-    target: str
-    run_id: str | None
-    revision: str | None
-    table_name: str
-    key_column: str
-    key_type: str
-    set_sql: str
-    where_sql: str | None
-    state: str
-    upper_key: str | None
-    batch_size: int
-    min_batch: int
-    max_batch: int
-    target_batch_ms: int
-    sleep_ms: int
-    lock_timeout_ms: int
-    statement_timeout_ms: int
-    slices: int
-    on_error: str
-    max_xact_age_s: int
-    rows_total_estimate: int | None
-    estimate_kind: str | None
-    error: str | None
-    error_range: dict[str, Any] | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    # Summed over the slices.
-    rows_done: int = 0
-    throttled_ms: int = 0
-    skipped: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        for key in ("created_at", "started_at", "finished_at", "updated_at"):
-            out[key] = iso(out[key])
-        return out
-
-
-@dataclass
-class Slice:
-    backfill_id: str
-    slice: int
-    lower_key: str | None  # the walk starts after this key (None: at the first key)
-    upper_key: str  # and ends with this one
-    cursor: str | None  # the last key done (None: none yet)
-    generation: int
-    state: str
-    batch_size: int  # the next batch's size
-    rows_done: int
-    throttled_ms: int
-    updated_at: datetime
-
-    @property
-    def position(self) -> str | None:
-        """The key the next batch starts after."""
-        return self.cursor if self.cursor is not None else self.lower_key
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "updated_at": iso(self.updated_at)}
-
-
-@dataclass
-class BackfillBatch:
-    id: int
-    backfill_id: str
-    slice: int
-    lo: str | None
-    hi: str
-    batch_size: int
-    rows: int
-    skipped: int
-    duration_ms: int
-    throttled_ms: int
-    attempt: int
-    generation: int
-    committed_at: datetime
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "committed_at": iso(self.committed_at)}
-
-
-# The backfill's own row; the counters summed over its slices are left at 0. Enough for a
-# batch and a state change, which read it on every batch and should not sum the slices.
-BACKFILL_ROW = (
-    "b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type, b.set_sql, "
-    "b.where_sql, b.state, b.upper_key, b.batch_size, b.min_batch, b.max_batch, "
-    "b.target_batch_ms, b.sleep_ms, b.lock_timeout_ms, b.statement_timeout_ms, b.slices, "
-    "b.on_error, b.max_xact_age_s, b.rows_total_estimate, b.estimate_kind, b.error, "
-    "b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at"
-)
-_BACKFILL_COLUMNS = (
-    f"{BACKFILL_ROW}, "
-    f"(SELECT CAST(coalesce(sum(s.rows_done), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
-    " WHERE s.backfill_id = b.id) AS rows_done, "
-    f"(SELECT CAST(coalesce(sum(s.throttled_ms), 0) AS bigint) FROM {SCHEMA}.backfill_slices s "
-    " WHERE s.backfill_id = b.id) AS throttled_ms, "
-    f"(SELECT count(*) FROM {SCHEMA}.backfill_skipped k WHERE k.backfill_id = b.id) AS skipped"
-)
-SLICE_COLUMNS = (
-    "backfill_id, slice, lower_key, upper_key, cursor, generation, state, batch_size, "
-    "rows_done, throttled_ms, updated_at"
-)
 _BATCH_COLUMNS = (
     "id, backfill_id, slice, lo, hi, batch_size, rows, skipped, duration_ms, throttled_ms, "
     "attempt, generation, committed_at"
 )
-_BACKFILL_SETTINGS = (
+BACKFILL_SETTINGS = (
     "batch_size",
     "min_batch",
     "max_batch",
@@ -185,10 +85,10 @@ def create_backfill(
     ``bounds`` are the slices' last keys, ascending, the last one ``upper_key`` (empty for an
     empty table); ``settings``: batch sizes, pacing, timeouts.
     """
-    assert set(settings) == set(_BACKFILL_SETTINGS), settings
+    assert set(settings) == set(BACKFILL_SETTINGS), settings
     backfill_id = new_run_id()
-    names = ", ".join(_BACKFILL_SETTINGS)
-    binds = ", ".join(f":{k}" for k in _BACKFILL_SETTINGS)
+    names = ", ".join(BACKFILL_SETTINGS)
+    binds = ", ".join(f":{k}" for k in BACKFILL_SETTINGS)
     with tx(conn):
         if run_id:
             notify(conn, run_id)
@@ -241,7 +141,7 @@ def create_backfill(
 def get_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     """The backfill with ``backfill_id``, or None."""
     row = conn.execute(
-        text(f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
+        text(f"SELECT {BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
         {"id": backfill_id},
     ).first()
     if conn.in_transaction():
@@ -260,7 +160,7 @@ def list_backfills(
     """Backfills, newest first, optionally of one target, one run or one declaring revision."""
     rows = conn.execute(
         text(
-            f"SELECT {_BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b "
+            f"SELECT {BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b "
             "WHERE (CAST(:t AS text) IS NULL OR b.target = :t) "
             "AND (CAST(:r AS text) IS NULL OR b.run_id = :r) "
             "AND (CAST(:v AS text) IS NULL OR b.revision = :v) "
@@ -318,20 +218,7 @@ def list_skipped(conn: Connection, backfill_id: str) -> list[tuple[str, str]]:
 def recent_rate(conn: Connection, backfill_id: str, window_s: int = 60) -> tuple[int, float]:
     """Rows and seconds of work (throttled time left out) over the last ``window_s`` seconds
     of committed batches, all slices together: the rate an ETA is drawn from."""
-    row = conn.execute(
-        text(
-            "SELECT coalesce(sum(rows), 0) AS rows, "
-            "coalesce(extract(epoch FROM max(committed_at) - min(committed_at - "
-            "  make_interval(secs => duration_ms / 1000.0))), 0) AS span_s, "
-            # Slices wait side by side: their waits overlap in wall time.
-            "coalesce(sum(throttled_ms), 0) / 1000.0 / greatest(count(DISTINCT slice), 1) "
-            "AS throttled_s "
-            f"FROM {SCHEMA}.backfill_batches WHERE backfill_id = :id "
-            "AND committed_at > (SELECT max(committed_at) FROM "
-            f"  {SCHEMA}.backfill_batches WHERE backfill_id = :id) - make_interval(secs => :w)"
-        ),
-        {"id": backfill_id, "w": window_s},
-    ).one()
+    row = conn.exec_driver_sql(RECENT_RATE, {"id": backfill_id, "w": window_s}).one()
     if conn.in_transaction():
         conn.rollback()
     busy = float(row.span_s) - float(row.throttled_s)
@@ -383,14 +270,7 @@ def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
 
 def last_throttle(conn: Connection, backfill_id: str) -> tuple[str, datetime] | None:
     """The latest database signal any slice waited on, and when."""
-    row = conn.execute(
-        text(
-            f"SELECT throttle_reason, throttled_at FROM {SCHEMA}.backfill_slices "
-            "WHERE backfill_id = :id AND throttled_at IS NOT NULL "
-            "ORDER BY throttled_at DESC LIMIT 1"
-        ),
-        {"id": backfill_id},
-    ).first()
+    row = conn.exec_driver_sql(LAST_THROTTLE, {"id": backfill_id}).first()
     if conn.in_transaction():
         conn.rollback()
     return None if row is None else (str(row.throttle_reason), row.throttled_at)

@@ -9,8 +9,11 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from jobs.ledger.schema import SCHEMA
-from jobs.ledger.sql import iso, tx
+from jobs.ledger.read import (
+    SCHEMA,
+)
+from jobs.ledger.records import iso as _iso
+from jobs.ledger.sql import tx
 
 
 @dataclass
@@ -37,12 +40,12 @@ class Backup:
             "path": self.path,
             "size": self.size,
             "sha256": self.sha256,
-            "taken_at": iso(self.taken_at),
+            "taken_at": _iso(self.taken_at),
             "verified": self.verified,
             "verification": self.verification,
             "copies": self.copies,
             "revision": self.revision,
-            "deleted_at": iso(self.deleted_at),
+            "deleted_at": _iso(self.deleted_at),
         }
         if with_tables:
             out["tables"] = self.tables
@@ -121,4 +124,4 @@ def latest_rehearsal(
         conn.rollback()
     if row is None:
         return None
-    return {"run": row.id, "state": row.state, "finished_at": iso(row.finished_at), **row.detail}
+    return {"run": row.id, "state": row.state, "finished_at": _iso(row.finished_at), **row.detail}

@@ -6,7 +6,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from jobs.ledger.schema import SCHEMA, exists
+from jobs.ledger.read import (
+    SCHEMA,
+)
+from jobs.ledger.schema import exists
 
 
 def applied_file_hashes(conn: Connection) -> list[tuple[str, str, str]]:

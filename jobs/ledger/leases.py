@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
-from jobs.ledger.schema import SCHEMA
+from jobs.ledger.read import (
+    SCHEMA,
+)
 from jobs.ledger.sql import tx
 
 # -- leases and reconciliation ------------------------------------------------------------------

@@ -7,95 +7,21 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
 
 from jobs.errors import TargetBusy, UnknownRun
 from jobs.ledger.notify import ANNOUNCED, CHANNEL, notify
-from jobs.ledger.schema import SCHEMA
-from jobs.ledger.sql import clean, iso, tx
+from jobs.ledger.read import (
+    RUN_COLUMNS,
+    SCHEMA,
+    STEP_COLUMNS,
+)
+from jobs.ledger.records import Run, Step
+from jobs.ledger.sql import clean, tx
 from jobs.pg.db import ADMISSION_LOCK_KEY
 from jobs.states import ENQUEUED, TERMINAL, check_transition
-
-
-@dataclass
-class Step:
-    id: int
-    run_id: str
-    kind: str
-    revision: str
-    state: str
-    started_at: datetime
-    finished_at: datetime | None
-    attempts: int
-    error: str | None
-    detail: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "revision": self.revision or None,
-            "state": self.state,
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "attempts": self.attempts,
-            "error": self.error,
-            "detail": self.detail,
-        }
-
-
-@dataclass
-class Run:
-    id: str
-    target: str
-    kind: str
-    state: str
-    from_revision: str | None
-    to_revision: str | None
-    current_revision: str | None
-    error: str | None
-    options: dict[str, Any]
-    backup: dict[str, Any] | None
-    fingerprint_before: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    deliveries: int
-    irreversible: dict[str, str] = field(default_factory=dict)
-    steps: list[Step] = field(default_factory=list)
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-    def step(self, kind: str, revision: str | None = None) -> Step | None:
-        for s in self.steps:
-            if s.kind == kind and s.revision == (revision or ""):
-                return s
-        return None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "target": self.target,
-            "kind": self.kind,
-            "state": self.state,
-            "from_revision": self.from_revision,
-            "to_revision": self.to_revision,
-            "current_revision": self.current_revision,
-            "backup": self.backup,
-            "steps": [s.as_dict() for s in self.steps],
-            "error": self.error,
-            "options": self.options,
-            "created_at": iso(self.created_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "deliveries": self.deliveries,
-            "irreversible": self.irreversible,
-        }
 
 
 def new_run_id() -> str:
@@ -153,12 +79,6 @@ def admit(
     return run_id
 
 
-_RUN_COLUMNS = (
-    "id, target, kind, state, from_revision, to_revision, current_revision, error, options, "
-    "backup, fingerprint_before, created_at, started_at, finished_at, deliveries, irreversible"
-)
-
-
 def _run_from_row(row: Any) -> Run:
     return Run(**row._mapping)
 
@@ -166,17 +86,14 @@ def _run_from_row(row: Any) -> Run:
 def get_run(conn: Connection, run_id: str, *, with_steps: bool = True) -> Run:
     """The run with ``run_id`` and its steps; UnknownRun when this ledger lacks it."""
     row = conn.execute(
-        text(f"SELECT {_RUN_COLUMNS} FROM {SCHEMA}.runs WHERE id = :id"), {"id": run_id}
+        text(f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs WHERE id = :id"), {"id": run_id}
     ).first()
     if row is None:
         raise UnknownRun(f"unknown run {run_id!r}; `runbook history` lists the runs")
     run = _run_from_row(row)
     if with_steps:
         rows = conn.execute(
-            text(
-                "SELECT id, run_id, kind, revision, state, started_at, finished_at, attempts, "
-                f"error, detail FROM {SCHEMA}.steps WHERE run_id = :id ORDER BY id"
-            ),
+            text(f"SELECT {STEP_COLUMNS} FROM {SCHEMA}.steps WHERE run_id = :id ORDER BY id"),
             {"id": run_id},
         )
         run.steps = [Step(**r._mapping) for r in rows]
@@ -187,7 +104,7 @@ def get_run(conn: Connection, run_id: str, *, with_steps: bool = True) -> Run:
 
 def list_runs(conn: Connection, *, limit: int = 50) -> list[Run]:
     rows = conn.execute(
-        text(f"SELECT {_RUN_COLUMNS} FROM {SCHEMA}.runs ORDER BY created_at DESC LIMIT :n"),
+        text(f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs ORDER BY created_at DESC LIMIT :n"),
         {"n": limit},
     ).all()
     if conn.in_transaction():

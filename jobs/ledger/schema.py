@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
+from jobs.ledger.read import (
+    SCHEMA,
+)
 from jobs.ledger.sql import tx
 from jobs.pg.db import ADMISSION_LOCK_KEY
-
-SCHEMA = "runbook"
 
 # Each entry upgrades the ledger by one version; never edit one that has shipped.
 _MIGRATIONS: list[str] = [

@@ -9,18 +9,14 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from jobs.errors import IllegalTransition
-from jobs.ledger.backfills import (
-    BACKFILL_FIELDS,
-    BACKFILL_ROW,
-    SLICE_ACTIVE,
-    SLICE_COLUMNS,
-    SLICE_DONE,
-    Backfill,
-    Slice,
-    lock_for_state,
-)
+from jobs.ledger.backfills import BACKFILL_FIELDS, SLICE_ACTIVE, SLICE_DONE, lock_for_state
 from jobs.ledger.notify import notify
-from jobs.ledger.schema import SCHEMA
+from jobs.ledger.read import (
+    BACKFILL_ROW,
+    SCHEMA,
+    SLICE_COLUMNS,
+)
+from jobs.ledger.records import Backfill, Slice
 from jobs.ledger.sql import cached_text, clean, tx
 
 

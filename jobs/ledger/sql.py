@@ -5,7 +5,6 @@ redaction of messages before they are stored.
 from __future__ import annotations
 
 import functools
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
@@ -14,10 +13,6 @@ from jobs.config import redact
 
 # The statements a backfill batch runs each time, parsed once (text() costs ~50 us each).
 cached_text = functools.lru_cache(maxsize=256)(text)
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
 
 
 def tx(conn: Connection) -> Any:

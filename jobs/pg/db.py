@@ -15,8 +15,10 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from jobs.config import Target, redact
+from jobs.config import Target
 from jobs.errors import TargetUnreachable
+from jobs.pg.connect import connect_args as _connect_args
+from jobs.pg.connect import describe_connect_error
 
 # Advisory lock keys (one bigint namespace of runbook's own). The run lock is held by the
 # task executing a run, for the whole run; the admission lock serialises enqueue decisions.
@@ -32,20 +34,11 @@ def engine(target: Target, *, lock_timeout_ms: int | None = None) -> Engine:
     key = (target.name, target.url.render_as_string(hide_password=False), timeout)
     if key not in _ENGINES:
         _ENGINES[key] = create_engine(
-            target.url, poolclass=NullPool, connect_args=_connect_args(target, timeout)
+            target.url.sqlalchemy_url(),
+            poolclass=NullPool,
+            connect_args=_connect_args(target, timeout),
         )
     return _ENGINES[key]
-
-
-def _connect_args(target: Target, lock_timeout_ms: int) -> dict[str, object]:
-    options = f"-c lock_timeout={lock_timeout_ms}"
-    if target.statement_timeout_ms:
-        options += f" -c statement_timeout={target.statement_timeout_ms}"
-    return {
-        "options": options,
-        "connect_timeout": 5,
-        "application_name": f"runbook:{target.name}",
-    }
 
 
 def pooled_engine(target: Target) -> Engine:
@@ -54,42 +47,12 @@ def pooled_engine(target: Target) -> Engine:
     connection of its own from the one handed to it (``connection.engine.connect()``, as
     MLflow's does) then reuses one per run instead of connecting anew for every revision."""
     return create_engine(
-        target.url,
+        target.url.sqlalchemy_url(),
         pool_size=2,
         max_overflow=-1,
         pool_pre_ping=True,  # a connection idle since a server restart is replaced
         connect_args=_connect_args(target, target.lock_timeout_ms),
     )
-
-
-def describe_connect_error(target: Target, exc: BaseException) -> str:
-    """One line saying why ``target`` could not be reached, never echoing its password."""
-    raw = str(getattr(exc, "orig", None) or exc)
-    where = target.where
-    user = target.url.username or "(default user)"
-    low = raw.lower()
-    if "password authentication failed" in low or "no password supplied" in low:
-        return (
-            f"target {target.name!r}: login refused for user {user} at {where} "
-            "(password authentication failed); check the credentials in the target's URL"
-        )
-    if "does not exist" in low and "database" in low:
-        return (
-            f"target {target.name!r}: database {target.url.database!r} does not exist at "
-            f"{where}; create it or fix the URL"
-        )
-    if "role" in low and "does not exist" in low:
-        return f"target {target.name!r}: role {user!r} does not exist at {where}; fix the URL"
-    if any(
-        s in low
-        for s in ("connection refused", "could not connect", "timeout expired", "translate host")
-    ):
-        return (
-            f"target {target.name!r}: database at {where} is unreachable; check that "
-            "PostgreSQL is running and the URL's host and port are right"
-        )
-    first = redact(raw.strip().splitlines()[0] if raw.strip() else type(exc).__name__)
-    return f"target {target.name!r}: cannot connect to {where}: {first}"
 
 
 @contextmanager

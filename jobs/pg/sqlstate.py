@@ -28,30 +28,6 @@ from jobs.states import (  # noqa: F401 - the backfill state machine lives in jo
 if TYPE_CHECKING:
     pass
 
-QUERY_CANCELED = "57014"
-# Worth retrying: lock_not_available, query_canceled (statement timeout), deadlock,
-# serialization failure, server shutting down or starting, too many connections; and the
-# whole class 08 (connection exceptions).
-TRANSIENT_SQLSTATES = frozenset(
-    {"55P03", QUERY_CANCELED, "40P01", "40001", "57P01", "57P02", "57P03", "53300"}
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying the batch may succeed (a lock or statement timeout, a deadlock, a
-    lost connection) rather than fail the same way (a constraint, bad data, bad SQL)."""
-    code = sqlstate(exc)
-    if code is None:
-        return isinstance(exc, OperationalError) or bool(
-            isinstance(exc, DBAPIError) and exc.connection_invalidated
-        )
-    return code in TRANSIENT_SQLSTATES or code.startswith("08")
-
-
-LOCK_NOT_AVAILABLE = "55P03"
-UNDEFINED_TABLE = "42P01"
-INSUFFICIENT_PRIVILEGE = "42501"
-
 
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE behind an exception, looking through SQLAlchemy and Alembic wrappers."""
@@ -77,3 +53,28 @@ def describe(exc: BaseException) -> str:
     text_ = str(orig if orig is not None else exc).strip()
     line = text_.splitlines()[0] if text_ else ""
     return redact(f"{type(orig or exc).__name__}: {line}".rstrip(": "))
+
+
+QUERY_CANCELED = "57014"
+# Worth retrying: lock_not_available, query_canceled (statement timeout), deadlock,
+# serialization failure, server shutting down or starting, too many connections; and the
+# whole class 08 (connection exceptions).
+TRANSIENT_SQLSTATES = frozenset(
+    {"55P03", QUERY_CANCELED, "40P01", "40001", "57P01", "57P02", "57P03", "53300"}
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the batch may succeed (a lock or statement timeout, a deadlock, a
+    lost connection) rather than fail the same way (a constraint, bad data, bad SQL)."""
+    code = sqlstate(exc)
+    if code is None:
+        return isinstance(exc, OperationalError) or bool(
+            isinstance(exc, DBAPIError) and exc.connection_invalidated
+        )
+    return code in TRANSIENT_SQLSTATES or code.startswith("08")
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+UNDEFINED_TABLE = "42P01"
+INSUFFICIENT_PRIVILEGE = "42501"

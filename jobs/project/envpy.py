@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 
 from jobs.config import Target
 from jobs.errors import ProjectError
+from jobs.pg.url import PgURL
 
 # Drivers whose connect() takes startup parameters runbook can set; libpq's own (psycopg2,
 # psycopg 3) take ``options``/``application_name``, asyncpg takes ``server_settings``.
@@ -55,7 +56,7 @@ def project_driver(ini_url: str | None) -> str:
     return driver
 
 
-def project_url(target: Target, driver: str) -> URL:
+def project_url(target: Target, driver: str) -> PgURL:
     """The target's URL for the project's env.py, with ``driver``. asyncpg calls libpq's
     ``sslmode`` ``ssl``; any other option is passed as is (the driver names one it cannot
     take)."""

@@ -29,17 +29,12 @@ from sqlalchemy.exc import ProgrammingError
 from jobs.config import Target
 from jobs.errors import BadDeclaration, ProjectError, RevisionError
 from jobs.pg import db
+from jobs.pg.sqlstate import describe, sqlstate
 from jobs.project import envpy
 
 if TYPE_CHECKING:
     pass
-from jobs.pg.sqlstate import (
-    INSUFFICIENT_PRIVILEGE,
-    LOCK_NOT_AVAILABLE,
-    UNDEFINED_TABLE,
-    describe,
-    sqlstate,
-)
+from jobs.pg.sqlstate import INSUFFICIENT_PRIVILEGE, LOCK_NOT_AVAILABLE, UNDEFINED_TABLE
 from jobs.project.scripts import RUNS_DECLARED_BACKFILLS, DeclaredBackfill, Revision
 
 log = logging.getLogger("runbook.migrate")

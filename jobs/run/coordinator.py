@@ -33,7 +33,7 @@ from jobs.insight import parse
 from jobs.insight import rehearse as insight_rehearse
 from jobs.ledger import backfills as ledger_backfills
 from jobs.ledger import backups, fingerprints, runs
-from jobs.ledger.runs import Run, Step
+from jobs.ledger.records import Run, Step
 from jobs.pg import db
 from jobs.pg.sqlstate import describe
 from jobs.project.runtime import Project, with_lock_retries

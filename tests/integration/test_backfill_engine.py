@@ -28,7 +28,7 @@ from jobs.backfill import keys as backfill_keys
 from jobs.backfill.spec import Spec
 from jobs.config import normalize_url
 from jobs.errors import IllegalTransition
-from jobs.ledger import backfills, schema, slices
+from jobs.ledger import backfills, records, schema, slices
 from tests.integration.conftest import REPO, Databases, db_url, query
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def dbname(databases: Databases) -> str:
 
 @pytest.fixture
 def engine(dbname: str) -> Iterator[Engine]:
-    eng = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    eng = create_engine(normalize_url(db_url(dbname)).sqlalchemy_url(), poolclass=NullPool)
     with eng.connect() as conn:
         schema.ensure(conn)
     yield eng
@@ -86,18 +86,18 @@ def claim(engine: Engine, backfill_id: str, *, resume: bool = False) -> int:
     return generation
 
 
-def the_slice(engine: Engine, backfill_id: str) -> backfills.Slice:
+def the_slice(engine: Engine, backfill_id: str) -> records.Slice:
     with engine.connect() as conn:
         [piece] = backfills.list_slices(conn, backfill_id)
     return piece
 
 
-def get(engine: Engine, backfill_id: str) -> backfills.Backfill:
+def get(engine: Engine, backfill_id: str) -> records.Backfill:
     with engine.connect() as conn:
         return control.get(conn, backfill_id)
 
 
-def batches(engine: Engine, backfill_id: str) -> list[backfills.BackfillBatch]:
+def batches(engine: Engine, backfill_id: str) -> list[records.BackfillBatch]:
     with engine.connect() as conn:
         return backfills.list_batches(conn, backfill_id)
 
@@ -415,8 +415,8 @@ from sqlalchemy.pool import NullPool
 from jobs.backfill import walk
 from jobs.config import normalize_url
 url, backfill_id, generation = sys.argv[1], sys.argv[2], int(sys.argv[3])
-walk.run_slice(create_engine(normalize_url(url), poolclass=NullPool), backfill_id,
-               generation, budget_s=120)
+backfill.run_slice(create_engine(normalize_url(url).sqlalchemy_url(), poolclass=NullPool), backfill_id,
+                   generation, budget_s=120)
 """
 
 
@@ -722,7 +722,7 @@ def start_all(engine: Engine, backfill_id: str, *, resume: bool = False) -> list
         return control.start(conn, backfill_id, resume=resume)
 
 
-def slices_of(engine: Engine, backfill_id: str) -> list[backfills.Slice]:
+def slices_of(engine: Engine, backfill_id: str) -> list[records.Slice]:
     with engine.connect() as conn:
         return backfills.list_slices(conn, backfill_id)
 

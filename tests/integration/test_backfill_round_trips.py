@@ -42,7 +42,7 @@ def dbname(databases: Databases) -> str:
 
 @pytest.fixture
 def engine(dbname: str) -> Iterator[Engine]:
-    eng = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    eng = create_engine(normalize_url(db_url(dbname)).sqlalchemy_url(), poolclass=NullPool)
     with eng.connect() as conn:
         schema.ensure(conn)
     yield eng

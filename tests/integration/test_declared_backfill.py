@@ -19,7 +19,7 @@ import pytest
 from jobs import api
 from jobs.backfill import walk
 from jobs.config import load_settings
-from jobs.ledger import backfills, runs, schema
+from jobs.ledger import backfills, records, runs, schema
 from jobs.pg import db
 from jobs.run.coordinator import execute
 from tests.integration.conftest import (
@@ -92,7 +92,7 @@ def run_record(name: str, run_id: str) -> dict[str, Any]:
         return runs.get_run(conn, run_id).as_dict()
 
 
-def backfills_of(name: str, run_id: str) -> list[backfills.Backfill]:
+def backfills_of(name: str, run_id: str) -> list[records.Backfill]:
     with db.connect(load_settings().target(name)) as conn:
         return backfills.list_backfills(conn, run_id=run_id)
 

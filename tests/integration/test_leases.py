@@ -117,7 +117,7 @@ def test_a_slice_whose_worker_died_is_taken_over(
     )
     name = f"t_{dbname}"
     config.add(name, url=db_url(dbname), backup=False)
-    engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    engine = create_engine(normalize_url(db_url(dbname)).sqlalchemy_url(), poolclass=NullPool)
     spec = backfill_spec.Spec(table="items", key="id", set_sql="counter = counter + 1", slices=2)
     with engine.connect() as conn:
         backfill_id = create.create(conn, name, spec)
@@ -148,7 +148,7 @@ def test_a_slice_that_keeps_dying_errors_the_backfill(config: Config, databases:
     )
     name = f"t_{dbname}"
     config.add(name, url=db_url(dbname), backup=False)
-    engine = create_engine(normalize_url(db_url(dbname)), poolclass=NullPool)
+    engine = create_engine(normalize_url(db_url(dbname)).sqlalchemy_url(), poolclass=NullPool)
     with engine.connect() as conn:
         backfill_id = create.create(conn, name, backfill_spec.Spec("items", "id", "counter = 1"))
         [(number, generation)] = control.start(conn, backfill_id)
