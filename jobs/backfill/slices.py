@@ -109,6 +109,17 @@ def run_slice_and_continue(
     target = settings.target(target_name)
     with db.connect(target) as watch:
         started = leases.begin_slice_delivery(watch, backfill_id, slice_no, generation)
+        if started == 0:
+            # A redelivered copy of a task that handed its slice on: if it died between the
+            # hand-off and queueing the continuation, queue it now. Were it queued after all,
+            # two deliveries of one generation walk on from the one cursor, each batch under
+            # the slice's row lock: nothing is done twice.
+            nxt = leases.unsent_continuation(watch, backfill_id, slice_no, generation)
+            if nxt is not None:
+                log.info(
+                    "backfill %s slice %d: continuation %d queued again", backfill_id, slice_no, nxt
+                )
+                send_slices(watch, target.name, backfill_id, [(slice_no, nxt)], send_next)
         if started > lease.MAX_UNFINISHED:
             outcome = control.abandon(
                 watch, backfill_id, slice_no, generation, lease.poison_reason(started - 1)

@@ -69,6 +69,23 @@ def begin_slice_delivery(conn: Connection, backfill_id: str, slice_no: int, gene
     return 0 if value is None else int(value)
 
 
+def unsent_continuation(
+    conn: Connection, backfill_id: str, slice_no: int, generation: int
+) -> int | None:
+    """The generation ``generation`` handed its active slice to, when no task of that next
+    generation has started yet: the task that handed it over may have died before it queued
+    the continuation, leaving the slice to wait for its lease. None otherwise."""
+    with tx(conn):
+        value = conn.execute(
+            text(
+                f"SELECT generation FROM {SCHEMA}.backfill_slices WHERE backfill_id = :id "
+                "AND slice = :n AND generation = :g + 1 AND unfinished = 0 AND state = 'active'"
+            ),
+            {"id": backfill_id, "n": slice_no, "g": generation},
+        ).scalar()
+    return None if value is None else int(value)
+
+
 def end_slice_delivery(conn: Connection, backfill_id: str, slice_no: int) -> None:
     """The slice's task returned normally."""
     with tx(conn):

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from jobs import api
-from jobs.backfill import control, create
+from jobs.backfill import control, create, slices
 from jobs.backfill import spec as backfill_spec
 from jobs.backfill.slices import run_slice_and_continue
 from jobs.config import load_settings, normalize_url
@@ -220,3 +220,47 @@ def test_a_slice_whose_worker_keeps_dying_errors_the_backfill_on_a_real_worker(
         )
         time.sleep(0.2)
     assert query(dbname, "SELECT min(counter), max(counter) FROM items") == [(1, 1)]
+
+
+class _DiedBeforeSending(Exception):
+    """Raised when the test's first delivery dies between its hand-off and queueing."""
+
+
+def test_a_continuation_lost_at_the_hand_off_is_queued_again_by_the_redelivered_task(
+    config: Config, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dbname = databases.create()
+    query(
+        dbname,
+        "CREATE TABLE items (id int PRIMARY KEY, counter int NOT NULL DEFAULT 0); "
+        "INSERT INTO items (id) SELECT generate_series(1, 3000);",
+    )
+    name = f"t_{dbname}"
+    config.add(name, url=db_url(dbname), backup=False)
+    engine = create_engine(normalize_url(db_url(dbname)).sqlalchemy_url(), poolclass=NullPool)
+    with engine.connect() as conn:
+        spec = backfill_spec.Spec("items", "id", "counter = counter + 1", batch_size=100)
+        backfill_id = create.create(conn, name, spec)
+        [(number, generation)] = control.start(conn, backfill_id)
+    monkeypatch.setattr(slices, "SLICE_SECONDS", 0)  # one batch, then hand the slice on
+
+    def die(*_args: object) -> None:
+        raise _DiedBeforeSending
+
+    with pytest.raises(_DiedBeforeSending):  # handed off, then killed before it queued
+        run_slice_and_continue(load_settings(), name, backfill_id, number, generation, die)
+    sent: list[tuple[int, int]] = []
+
+    def record(_bf: str, _target: str, slice_no: int, gen: int, _label: str) -> None:
+        sent.append((slice_no, gen))
+
+    # acks_late brings the same message back: it is fenced, and queues what was lost.
+    again = run_slice_and_continue(load_settings(), name, backfill_id, number, generation, record)
+    assert again["outcome"] == "fenced" and sent == [(number, generation + 1)]
+    # Once the continuation has started, a further copy queues nothing.
+    with engine.connect() as conn:
+        leases.begin_slice_delivery(conn, backfill_id, number, generation + 1)
+    run_slice_and_continue(load_settings(), name, backfill_id, number, generation, record)
+    assert sent == [(number, generation + 1)]
+    assert query(dbname, "SELECT max(counter) FROM items") == [(1,)]
+    engine.dispose()
