@@ -1,4 +1,4 @@
-"""Names of what a run leaves behind, and the demo's words for a backup check (no services)."""
+"""Names of what a run leaves behind: scratch databases and partial dumps (no services)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 from jobs.backups import leftovers
 from jobs.backups.leftovers import Owner
-from jobs.cli.demo import verification_words
 from jobs.config import Target, load_settings
 
 
@@ -52,21 +51,3 @@ def test_a_partial_dump_name_tells_target_run_and_delivery(tmp_path: Path) -> No
         "3",
     )
     assert leftovers.PARTIAL.match(final.name) is None  # a finished dump is never a leftover
-
-
-def test_the_demo_says_how_the_backup_was_checked_in_words() -> None:
-    said = verification_words(
-        {
-            "list": "pg_restore --list read 42 entries",
-            "restore": {"tables": 7, "rows": 3012, "checksummed": 6, "scratch_restore": "ok"},
-        }
-    )
-    assert said == (
-        "verified: pg_restore --list read 42 entries; a trial restore into a scratch database "
-        "held the same 7 tables and 3,012 rows as the snapshot, content checksums of 6 tables "
-        "equal"
-    )
-    skipped = verification_words(
-        {"list": "pg_restore --list read 1 entries", "restore": "skipped (verify_restore = false)"}
-    )
-    assert "{" not in skipped and "trial restore skipped (verify_restore = false)" in skipped
