@@ -51,3 +51,40 @@ from jobs.insight import sql_findings
 def test_reading_rendered_sql(sql: str, expected: list[tuple[str, str, str, str, bool]]) -> None:
     found = [(e.kind, e.what, e.name, e.column, e.if_not_exists) for e in sql_findings.events(sql)]
     assert found == expected
+
+
+def test_names_compare_as_postgresql_stores_them() -> None:
+    assert sql_findings._ident('"Mixed ""Case"""') == 'Mixed "Case"'
+    assert sql_findings._ident(" Accounts ") == "accounts"
+    # public is the default schema: public.T, "public"."t" and t are one table; s.t is another.
+    assert {sql_findings._key(n) for n in ("public.T", '"public"."t"', "t")} == {"t"}
+    assert sql_findings._key('s."T"') == "s.T"
+    assert sql_findings._sibling("s.accounts", "ix") == "s.ix"
+    assert sql_findings._sibling("accounts", "ix") == "ix"
+
+
+def test_clauses_split_on_top_level_commas_only() -> None:
+    body = "ADD COLUMN a numeric(10, 2) DEFAULT 0, ALTER COLUMN b SET DEFAULT 'x, y', DROP c"
+    assert sql_findings._clauses(body) == [
+        "ADD COLUMN a numeric(10, 2) DEFAULT 0",
+        "ALTER COLUMN b SET DEFAULT 'x, y'",
+        "DROP c",
+    ]
+    assert sql_findings._clauses(" , ") == []
+
+
+def test_the_plan_remembers_what_earlier_pending_sql_does() -> None:
+    plan = sql_findings.Plan()
+    sql = (
+        "CREATE TABLE s.fresh (id int);\n"
+        "ALTER TABLE public.Accounts ADD COLUMN plan text NOT NULL DEFAULT 'free', "
+        "ADD COLUMN note text, DROP COLUMN old, RENAME COLUMN nick TO handle;\n"
+        "UPDATE accounts SET Email = lower(email);\n"
+    )
+    for event in sql_findings.events(sql):
+        plan.record(event)
+    assert plan.touched == {"s.fresh"}
+    # A renamed column's new name has no definition: nothing is known about how it fills.
+    assert plan.added == {("accounts", "plan"): True, ("accounts", "note"): False}
+    assert plan.dropped_columns == {("accounts", "old"), ("accounts", "nick")}
+    assert plan.filled == {("accounts", "email")}
