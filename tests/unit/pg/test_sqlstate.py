@@ -26,9 +26,9 @@ def server_error(code: str, message: str = "from the server") -> psycopg2.Error:
 
 def wrapped(code: str, message: str = "from the server") -> DBAPIError:
     """``server_error`` as SQLAlchemy raises it from a statement."""
-    return DBAPIError.instance(
-        "UPDATE t SET c = 1", {}, server_error(code, message), psycopg2.Error
-    )
+    exc = DBAPIError.instance("UPDATE t SET c = 1", {}, server_error(code, message), psycopg2.Error)
+    assert isinstance(exc, DBAPIError)
+    return exc
 
 
 def test_a_server_error_carries_its_sqlstate_without_a_server() -> None:
