@@ -1,9 +1,5 @@
-"""Database errors by SQLSTATE: which are worth retrying, and the one line an operator reads.
-
-The errors are psycopg2's own classes, wrapped the way SQLAlchemy wraps them. Their
-``pgcode`` is read-only and set from a server's reply; ``__setstate__`` (what unpickling an
-error from another process uses) sets it without a server.
-"""
+"""Database errors by SQLSTATE: which are worth retrying, and the one line an operator reads
+(the errors are psycopg2's own, built without a server: tests/unit/server_errors.py)."""
 
 from __future__ import annotations
 
@@ -15,20 +11,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Program
 from jobs.config import normalize_url
 from jobs.errors import RunbookError
 from jobs.pg.sqlstate import TRANSIENT_SQLSTATES, describe, is_transient, sqlstate
-
-
-def server_error(code: str, message: str = "from the server") -> psycopg2.Error:
-    """The psycopg2 error class for SQLSTATE ``code``, carrying it as a server's reply would."""
-    exc = psycopg2.errors.lookup(code)(message)
-    exc.__setstate__({"pgerror": f"ERROR:  {message}\n", "pgcode": code, "cursor": None})
-    return exc
-
-
-def wrapped(code: str, message: str = "from the server") -> DBAPIError:
-    """``server_error`` as SQLAlchemy raises it from a statement."""
-    exc = DBAPIError.instance("UPDATE t SET c = 1", {}, server_error(code, message), psycopg2.Error)
-    assert isinstance(exc, DBAPIError)
-    return exc
+from tests.unit.server_errors import server_error, wrapped
 
 
 def test_a_server_error_carries_its_sqlstate_without_a_server() -> None:
