@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from jobs.backups import leftovers
@@ -51,3 +52,26 @@ def test_a_partial_dump_name_tells_target_run_and_delivery(tmp_path: Path) -> No
         "3",
     )
     assert leftovers.PARTIAL.match(final.name) is None  # a finished dump is never a leftover
+
+
+def test_partial_dumps_are_found_in_the_backup_dir_by_their_names(tmp_path: Path) -> None:
+    t = target(tmp_path)
+    run = "0123456789abcdef"
+    for name in (
+        f"prod-eu-20261201T100000Z-{run}.dump.d2.partial",
+        f"other-20261201T100000Z-{run}.dump.partial",  # no delivery: not a name runbook writes
+        f"prod-eu-20261201T100000Z-{run}.dump",  # finished
+        "notes.partial",
+    ):
+        (tmp_path / name).write_text("")
+    [(found, its_target)] = leftovers._partials(t)
+    assert (found.kind, found.run_id, found.delivery, its_target) == ("partial", run, 2, "prod-eu")
+    assert (
+        found.describe()
+        == f"partial dump file {tmp_path}/prod-eu-20261201T100000Z-{run}.dump.d2.partial"
+    )
+    assert leftovers.partial_path(tmp_path / "x.dump", None).name == "x.dump.d0.partial"
+
+
+def test_a_missing_backup_dir_holds_no_partial_dump(tmp_path: Path) -> None:
+    assert leftovers._partials(replace(target(tmp_path), backup_dir=tmp_path / "gone")) == []
