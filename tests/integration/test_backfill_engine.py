@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from jobs import errors
 from jobs import states as jobs_states
-from jobs.backfill import control, dryrun, sizing, walk
+from jobs.backfill import control, dryrun, walk
 from jobs.backfill import create as backfill_create
 from jobs.backfill import keys as backfill_keys
 from jobs.backfill.spec import Spec
@@ -556,16 +556,6 @@ def test_the_batch_shrinks_at_once_on_a_slow_batch(dbname: str, engine: Engine) 
     assert_every_row_once(dbname, engine, bf_id, 400)
 
 
-def test_next_batch_size_stays_within_its_bounds() -> None:
-    size = sizing.next_batch_size
-    assert size(1000, 10, target_ms=50, min_batch=100, max_batch=50000) == 1200
-    assert size(1000, 49, target_ms=50, min_batch=100, max_batch=50000) == 1020
-    assert size(1000, 500, target_ms=50, min_batch=100, max_batch=50000) == 100
-    assert size(1000, 100, target_ms=50, min_batch=100, max_batch=50000) == 500
-    assert size(49000, 1, target_ms=50, min_batch=100, max_batch=50000) == 50000
-    assert size(3, 0, target_ms=50, min_batch=1, max_batch=10) == 4  # grows even when tiny
-
-
 # -- refusing what cannot work ------------------------------------------------------------------
 
 KEYLESS = """
@@ -691,27 +681,6 @@ def test_unknown_backfills_are_named(engine: Engine) -> None:
         for call in (control.get, control.start, control.pause, control.cancel):
             with pytest.raises(errors.UnknownBackfill, match="unknown backfill 'nope'"):
                 call(conn, "nope")
-
-
-def test_the_transition_table_covers_every_request() -> None:
-    states = set(jobs_states.BACKFILL_TRANSITIONS)
-    for moves in (
-        jobs_states.BACKFILL_CLAIM,
-        jobs_states.BACKFILL_RESUME,
-        jobs_states.BACKFILL_PAUSE,
-        jobs_states.BACKFILL_CANCEL,
-    ):
-        for old, new in moves.items():
-            assert old in states and new in states
-            assert new == old or new in jobs_states.BACKFILL_TRANSITIONS[old], (old, new)
-    assert {
-        s for s, nxt in jobs_states.BACKFILL_TRANSITIONS.items() if not nxt
-    } == jobs_states.BACKFILL_TERMINAL
-    # The worker's own moves.
-    for old, new in (("pausing", "paused"), ("cancelling", "cancelled"), ("running", "errored")):
-        jobs_states.check_backfill_transition(old, new)
-    with pytest.raises(IllegalTransition):
-        jobs_states.check_backfill_transition("succeeded", "running")
 
 
 # -- parallel slices ----------------------------------------------------------------------------

@@ -32,3 +32,22 @@ def test_a_run_only_rolls_back_after_running() -> None:
         st.check_transition(st.ENQUEUED, st.ROLLING_BACK)
     with pytest.raises(IllegalTransition):
         st.check_transition(st.ROLLING_BACK, st.SUCCEEDED)
+
+
+def test_the_backfill_transition_table_covers_every_request() -> None:
+    states = set(st.BACKFILL_TRANSITIONS)
+    for moves in (
+        st.BACKFILL_CLAIM,
+        st.BACKFILL_RESUME,
+        st.BACKFILL_PAUSE,
+        st.BACKFILL_CANCEL,
+    ):
+        for old, new in moves.items():
+            assert old in states and new in states
+            assert new == old or new in st.BACKFILL_TRANSITIONS[old], (old, new)
+    assert {s for s, nxt in st.BACKFILL_TRANSITIONS.items() if not nxt} == st.BACKFILL_TERMINAL
+    # The worker's own moves.
+    for old, new in (("pausing", "paused"), ("cancelling", "cancelled"), ("running", "errored")):
+        st.check_backfill_transition(old, new)
+    with pytest.raises(IllegalTransition):
+        st.check_backfill_transition("succeeded", "running")

@@ -9,7 +9,6 @@ from sqlalchemy.engine import make_url
 
 from jobs.config import Target
 from jobs.errors import BadDeclaration, ProjectError, RevisionError
-from jobs.pg.sqlstate import describe, sqlstate
 from jobs.project.runtime import Project
 from tests.projects import Rev, trivial_history, write_project
 
@@ -70,24 +69,6 @@ def test_several_heads_are_refused(tmp_path: Path) -> None:
     ini = write_project(tmp_path, [Rev("a", "pass"), Rev("b", "pass"), Rev("c", "pass", down="a")])
     with pytest.raises(ProjectError, match="has 2 heads"):
         Project(target_for(ini))
-
-
-def test_describe_and_sqlstate_look_through_wrappers() -> None:
-    class PgError(Exception):
-        pgcode = "55P03"
-
-    class Wrapped(Exception):
-        orig = PgError("canceling statement due to lock timeout")
-
-    try:
-        try:
-            raise Wrapped("outer")
-        except Wrapped as inner:
-            raise RuntimeError("alembic") from inner
-    except RuntimeError as exc:
-        assert sqlstate(exc) == "55P03"
-    assert describe(Wrapped()) == "PgError: canceling statement due to lock timeout"
-    assert describe(NotImplementedError("no way back")) == "NotImplementedError: no way back"
 
 
 DECLARES = 'backfills = [{"table": "t", "set": "v = 1", "where": "v IS NULL"}]'

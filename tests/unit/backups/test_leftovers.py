@@ -1,12 +1,12 @@
-"""Names of what a run leaves behind, and the demo's words for a backup check (no services)."""
+"""Names of what a run leaves behind: scratch databases and partial dumps (no services)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from jobs.backups import leftovers
 from jobs.backups.leftovers import Owner
-from jobs.cli.demo import verification_words
 from jobs.config import Target, load_settings
 
 
@@ -54,19 +54,24 @@ def test_a_partial_dump_name_tells_target_run_and_delivery(tmp_path: Path) -> No
     assert leftovers.PARTIAL.match(final.name) is None  # a finished dump is never a leftover
 
 
-def test_the_demo_says_how_the_backup_was_checked_in_words() -> None:
-    said = verification_words(
-        {
-            "list": "pg_restore --list read 42 entries",
-            "restore": {"tables": 7, "rows": 3012, "checksummed": 6, "scratch_restore": "ok"},
-        }
+def test_partial_dumps_are_found_in_the_backup_dir_by_their_names(tmp_path: Path) -> None:
+    t = target(tmp_path)
+    run = "0123456789abcdef"
+    for name in (
+        f"prod-eu-20261201T100000Z-{run}.dump.d2.partial",
+        f"other-20261201T100000Z-{run}.dump.partial",  # no delivery: not a name runbook writes
+        f"prod-eu-20261201T100000Z-{run}.dump",  # finished
+        "notes.partial",
+    ):
+        (tmp_path / name).write_text("")
+    [(found, its_target)] = leftovers._partials(t)
+    assert (found.kind, found.run_id, found.delivery, its_target) == ("partial", run, 2, "prod-eu")
+    assert (
+        found.describe()
+        == f"partial dump file {tmp_path}/prod-eu-20261201T100000Z-{run}.dump.d2.partial"
     )
-    assert said == (
-        "verified: pg_restore --list read 42 entries; a trial restore into a scratch database "
-        "held the same 7 tables and 3,012 rows as the snapshot, content checksums of 6 tables "
-        "equal"
-    )
-    skipped = verification_words(
-        {"list": "pg_restore --list read 1 entries", "restore": "skipped (verify_restore = false)"}
-    )
-    assert "{" not in skipped and "trial restore skipped (verify_restore = false)" in skipped
+    assert leftovers.partial_path(tmp_path / "x.dump", None).name == "x.dump.d0.partial"
+
+
+def test_a_missing_backup_dir_holds_no_partial_dump(tmp_path: Path) -> None:
+    assert leftovers._partials(replace(target(tmp_path), backup_dir=tmp_path / "gone")) == []
