@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from jobs.config import Target
 from jobs.insight import parse
+from jobs.pg.url import parse as make_url
 from jobs.project.runtime import Project
 from tests.projects import Rev, write_project
 from tests.unit.revisions import framed

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from jobs.config import Target
 from jobs.errors import BadDeclaration, ProjectError, RevisionError
+from jobs.pg.url import parse as make_url
 from jobs.project.runtime import Project
 from tests.projects import Rev, trivial_history, write_project
 

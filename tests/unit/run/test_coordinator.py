@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from jobs.config import Target
+from jobs.pg.url import parse as make_url
 from jobs.project.runtime import Project
 from jobs.run.coordinator import _failing_revision
 from tests.projects import Rev, write_project
