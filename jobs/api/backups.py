@@ -18,7 +18,7 @@ from jobs.errors import (
 from jobs.lazy import lazy, lazy_callable
 from jobs.ledger import backups as ledger_backups
 from jobs.ledger import schema
-from jobs.pg import db
+from jobs.pg import db, names
 
 # Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
 # pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
@@ -98,8 +98,7 @@ def enqueue_restore(
         found = vault.usable_backup(conn, t, backup_id)
         held = dump.archive_tables(t, Path(found.path))
         for name in tables or []:
-            qualified = name if "." in name else f"public.{name}"
-            if qualified not in held:
+            if names.qualified(name) not in held:
                 raise RunbookError(f"backup {backup_id} holds no table {name}")
         current = project.current(conn)
         return admit(
