@@ -37,7 +37,6 @@ from sqlalchemy.exc import DBAPIError
 
 from jobs.backfill.batch_sql import (
     BLOCKED_SQL,
-    SIGNALS_SQL,
     bound_sql,
     keys_sql,
     session_settings,
@@ -45,6 +44,7 @@ from jobs.backfill.batch_sql import (
 )
 from jobs.backfill.control import FENCED, Range, get, move_state, settle
 from jobs.backfill.keys import UNKNOWN, quote
+from jobs.backfill.pacing import Pacing
 from jobs.backfill.sizing import next_batch_size
 from jobs.backfill.spec import KEY_TYPES
 from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
@@ -73,9 +73,6 @@ CONTINUE = "continue"  # the slice's time is up and work is left: enqueue the ne
 MAX_ATTEMPTS = 5
 BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
-SIGNAL_EVERY_S = 1.0  # how often a slice looks at the database's signals
-THROTTLE_STEP_S = 0.5  # how long it waits before looking again
-BLOCKED_PAUSE_S = 0.05  # after a batch that made sessions wait: let them run first
 STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
 
 Connector = Engine | Callable[[], Connection]
@@ -109,8 +106,7 @@ class _Walk:
         self.sleep_ms = 0
         self.range = Range(slice_no)
         self.isolating = False  # the next attempt bisects the batch (on_error = isolate)
-        self.pending_throttle_ms = 0.0  # waited since the last batch row; goes into the next
-        self.signals_checked = 0.0
+        self.pacing = Pacing(backfill_id, slice_no)
         # After a batch of ours: where the next one starts and the slice's last key, so that
         # its bound is taken in the statement that opens it (UNKNOWN: take it on its own).
         self.next_lo: str | None | object = UNKNOWN
@@ -135,66 +131,19 @@ class _Walk:
                 self.conn.close()
             self.conn = None
 
+    def settings_of(self, conn: Connection) -> backfills.Backfill:
+        return self.settings or self.load(conn)
+
+    # The waits between batches are jobs/backfill/pacing.py's.
+
     def sleep(self) -> None:
-        """The pause after each batch (``sleep_ms``), counted as throttled."""
-        if self.sleep_ms > 0:
-            time.sleep(self.sleep_ms / 1000)
-            self.pending_throttle_ms += self.sleep_ms
+        self.pacing.sleep(self.sleep_ms)
 
     def throttle(self, deadline: float) -> bool:
-        """Wait while the database asks us to (see SIGNALS_SQL); False when the slice's time
-        ran out still waiting (its continuation looks again)."""
-        now = time.monotonic()
-        if now - self.signals_checked < SIGNAL_EVERY_S:
-            return True
-        self.signals_checked = now
-        waited, reason = 0.0, self.signal()
-        cause = reason
-        while reason is not None:
-            if waited == 0.0:
-                log.info("backfill %s slice %d: throttled, %s", self.id, self.slice, reason)
-            if time.monotonic() + THROTTLE_STEP_S > deadline:
-                self.note_throttle(waited, reason)
-                return False
-            time.sleep(THROTTLE_STEP_S)
-            waited += THROTTLE_STEP_S * 1000
-            reason = self.signal()
-        if cause is not None:
-            self.note_throttle(waited, cause)
-        return True
-
-    def signal(self) -> str | None:
-        """Why the database wants us to wait now, or None."""
-        conn = self.connection()
-        settings = self.settings or self.load(conn)
-        row = conn.execute(text(SIGNALS_SQL), {"table": settings.table_name}).one()
-        conn.rollback()
-        limit = settings.max_xact_age_s
-        if limit and row.oldest_xact_s >= limit:
-            return (
-                f"a transaction open for {round(row.oldest_xact_s)} s holds back vacuum "
-                f"(limit {limit} s)"
-            )
-        if row.autovacuum:
-            return f"autovacuum is working on {settings.table_name}"
-        return None
-
-    def note_throttle(self, waited_ms: float, reason: str) -> None:
-        """Put the wait on the ledger now, in case no batch follows in this slice."""
-        self.pending_throttle_ms += waited_ms
-        slices.add_throttled(
-            self.connection(), self.id, self.slice, round(self.pending_throttle_ms), reason
-        )
-        self.pending_throttle_ms = 0.0
+        return self.pacing.throttle(deadline, self.connection, self.settings_of)
 
     def flush_throttle(self) -> None:
-        """Waits no batch row recorded go on the slice's counter."""
-        if self.pending_throttle_ms >= 1:
-            with contextlib.suppress(DBAPIError):
-                slices.add_throttled(
-                    self.connection(), self.id, self.slice, round(self.pending_throttle_ms)
-                )
-        self.pending_throttle_ms = 0.0
+        self.pacing.flush(self.connection)
 
     def batch(self, backoff_s: float) -> str:
         """One batch, retried while it fails transiently; CONTINUE or where it stopped."""
@@ -274,7 +223,7 @@ class _Walk:
         """The batch's transaction (see attempt): committed by its last statement, or by a
         COMMIT of its own when it stops before the batch."""
         self.range = Range(self.slice)
-        settings = self.settings or self.load(conn)
+        settings = self.settings_of(conn)
         expected, ahead = self.next_lo, self.bound_ahead(settings)
         self.next_lo = UNKNOWN  # until this batch commits
         with conn.begin():  # SQLAlchemy's bookkeeping: the driver sends nothing for it
@@ -365,7 +314,7 @@ class _Walk:
             attempt=attempt,
             generation=self.generation,
             next_batch_size=grown,
-            throttled_ms=round(self.pending_throttle_ms),
+            throttled_ms=round(self.pacing.pending_ms),
             blocked_sql=BLOCKED_SQL,
             next_if_blocked=shrunk,
             commit=True,
@@ -376,12 +325,10 @@ class _Walk:
     def committed(self, hi: str, upper: str | None, blocked: int) -> None:
         """After the batch's COMMIT: the next one starts at ``hi``; slow down if it blocked."""
         self.next_lo, self.upper = hi, upper
-        self.pending_throttle_ms = 0.0
+        self.pacing.pending_ms = 0.0
         self.isolating = False
         if blocked:
-            log.info("backfill %s: a batch made %d sessions wait; slowing down", self.id, blocked)
-            time.sleep(BLOCKED_PAUSE_S)
-            self.pending_throttle_ms += BLOCKED_PAUSE_S * 1000
+            self.pacing.after_blocking(blocked)
 
     def verdict(
         self, conn: Connection, bf: backfills.Backfill, piece: backfills.Slice
