@@ -1,4 +1,5 @@
-"""The Celery application, configured for at-least-once delivery (see DESIGN.md).
+"""The Celery application, configured for at-least-once delivery: a task killed mid-way
+is delivered again (its work is idempotent or fenced, jobs/run/lease.py).
 
 Start a worker with ``runbook worker`` (or ``celery -A worker.app worker -Q runbook``).
 """

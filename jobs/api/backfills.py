@@ -89,14 +89,15 @@ def _backfill_spec(
         if not keys:
             raise RunbookError(f"table {table} has no usable key (a unique NOT NULL column)")
         key = keys[0]
+    min_batch, max_batch = backfill_spec.batch_bounds(batch_size)
     return backfill_spec.Spec(
         table=table_sql,
         key=key,
         set_sql=set_text,
         where_sql=where_text,
         batch_size=batch_size,
-        min_batch=min(100, batch_size),
-        max_batch=max(50000, batch_size),
+        min_batch=min_batch,
+        max_batch=max_batch,
         lock_timeout_ms=t.lock_timeout_ms,
         slices=slices,
         on_error=on_error,

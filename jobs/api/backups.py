@@ -13,6 +13,7 @@ from jobs.errors import (
     RunbookError,
 )
 from jobs.lazy import lazy, lazy_callable
+from jobs.pg import names
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
 # psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
@@ -104,8 +105,7 @@ def enqueue_restore(
         found = vault.usable_backup(conn, t, backup_id)
         held = dump.archive_tables(t, Path(found.path))
         for name in tables or []:
-            qualified = name if "." in name else f"public.{name}"
-            if qualified not in held:
+            if names.qualified(name) not in held:
                 raise RunbookError(f"backup {backup_id} holds no table {name}")
         current = project.current(conn)
         return admit(

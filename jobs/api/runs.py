@@ -77,7 +77,8 @@ def check(target: str | None = None, *, settings: Settings | None = None) -> dic
 
 
 def doctor(target: str | None = None, *, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """The runbook's §8 troubleshooting, automated: one finding per problem, with its fix."""
+    """The common migration errors diagnosed (jobs/insight/doctor.py): one finding per problem,
+    with its fix."""
     from jobs.insight import doctor as insight_doctor
 
     t = resolve_settings(settings).target(target)
@@ -166,7 +167,7 @@ def enqueue_rollback(
     accept_data_loss: bool = False,
     settings: Settings | None = None,
 ) -> str | None:
-    """Queue an operator rollback down to ``to``, one revision per step (§4.2).
+    """Queue an operator rollback down to ``to``, one revision per step.
 
     A downgrade that would drop a table or column holding rows is refused unless
     ``accept_data_loss``; even then the run takes a verified backup first.
@@ -240,7 +241,8 @@ def enqueue_rehearse(
 def enqueue_stamp(
     revision: str, target: str | None = None, *, settings: Settings | None = None
 ) -> str:
-    """Queue a stamp: record ``revision`` in the version table without migrating (§8)."""
+    """Queue a stamp: record ``revision`` in the version table without migrating (the fix for
+    a version table the scripts do not match, jobs/insight/doctor.py)."""
     settings = resolve_settings(settings)
     t = settings.target(target)
     project = Project(t)

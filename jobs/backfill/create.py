@@ -12,6 +12,7 @@ from pglast.parser import ParseError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from jobs.backfill.batch_sql import update_sql
 from jobs.backfill.keys import (
     Table,
     estimate_rows,
@@ -23,7 +24,6 @@ from jobs.backfill.keys import (
     walkable_key_type,
 )
 from jobs.backfill.spec import Spec
-from jobs.backfill.walk import update_sql
 from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     BackfillError,
     BackfillInterrupted,

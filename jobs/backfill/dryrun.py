@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
+from jobs.backfill.batch_sql import bound_sql, set_timeouts, update_sql
 from jobs.backfill.create import Prepared, prepare
 from jobs.backfill.keys import quote
 from jobs.backfill.sizing import next_batch_size
 from jobs.backfill.spec import Spec
-from jobs.backfill.walk import bound_sql, set_timeouts, update_sql
 from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     BackfillError,
     BackfillInterrupted,

@@ -32,6 +32,16 @@ KEY_TYPES = {
 
 MAX_SLICES = 64
 ON_ERROR = ("stop", "isolate")
+# How far a batch size may drift from the chosen one while the walk aims at its target
+# duration (jobs/backfill/sizing.py): widened when the chosen size lies outside.
+MIN_BATCH = 100
+MAX_BATCH = 50000
+
+
+def batch_bounds(batch_size: int) -> tuple[int, int]:
+    """(min_batch, max_batch) for a backfill that starts with ``batch_size`` rows a batch:
+    an operator's (jobs/api/backfills.py) and a revision's (jobs/project/scripts.py) alike."""
+    return min(MIN_BATCH, batch_size), max(MAX_BATCH, batch_size)
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,8 @@ class Spec:
     set_sql: str
     where_sql: str | None = None
     batch_size: int = 1000
-    min_batch: int = 100
-    max_batch: int = 50000
+    min_batch: int = MIN_BATCH
+    max_batch: int = MAX_BATCH
     target_batch_ms: int = 50
     sleep_ms: int = 0
     lock_timeout_ms: int = 2000

@@ -18,11 +18,9 @@ WHERE true still ends. Rows inserted after the start with a key above ``upper_ke
 keys) or behind the cursor (random uuid keys) are not visited: the application, already
 writing the new value (expand phase), covers them.
 
-Keys are compared by PostgreSQL only (the cursor is stored as text and cast back to the
-key's type in SQL), so uuid and text keys walk in the column's own order and collation.
-
-The SET and WHERE texts are SQL fragments interpolated into the UPDATE: validate an
-operator's input with ``jobs.sqlguard`` before it reaches a Spec.
+The batch's statements are built in jobs/backfill/batch_sql.py. The SET and WHERE texts are
+SQL fragments interpolated into the UPDATE: validate an operator's input with
+jobs/backfill/sqlguard.py before it reaches a Spec.
 """
 
 from __future__ import annotations
@@ -32,14 +30,23 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from jobs.backfill.batch_sql import (
+    BLOCKED_SQL,
+    bound_sql,
+    keys_sql,
+    session_settings,
+    update_sql,
+)
 from jobs.backfill.control import FENCED, Range, get, move_state, settle
 from jobs.backfill.keys import UNKNOWN, quote
+from jobs.backfill.pacing import Pacing
 from jobs.backfill.sizing import next_batch_size
-from jobs.backfill.spec import KEY_TYPES, embed
+from jobs.backfill.spec import KEY_TYPES
 from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     BackfillError,
     BackfillInterrupted,
@@ -49,6 +56,7 @@ from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
     UnusableKey,
 )
 from jobs.ledger import backfills, records, slices
+from jobs.pg import backoff
 from jobs.pg.sqlstate import QUERY_CANCELED, describe, is_transient, sqlstate
 from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
     BACKFILL_CANCEL as CANCEL,
@@ -65,107 +73,14 @@ CONTINUE = "continue"  # the slice's time is up and work is left: enqueue the ne
 MAX_ATTEMPTS = 5
 BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
-SIGNAL_EVERY_S = 1.0  # how often a slice looks at the database's signals
-THROTTLE_STEP_S = 0.5  # how long it waits before looking again
-BLOCKED_PAUSE_S = 0.05  # after a batch that made sessions wait: let them run first
 STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
 
 Connector = Engine | Callable[[], Connection]
 # The bound and the UPDATE of every batch, parsed once per text (text() costs ~50 us).
 _cached_text = functools.lru_cache(maxsize=256)(text)
 OnBatch = Callable[[], None]
-
-
-# -- the walk ---------------------------------------------------------------------------------
-
-
-def _session(lock_ms: int, statement_ms: int) -> dict[str, str]:
-    """A batch transaction's settings: its lock and statement timeouts, its name (see
-    APPLICATION_NAME), and an asynchronous commit: its COMMIT need not wait for the WAL flush
-    (about 10 ms a batch). A server crash can then lose only the last batches together with
-    their cursor moves and batch rows (one transaction each), so none is lost or applied
-    twice; every state change and hand-off commits synchronously, which flushes them."""
-    return {
-        "lock_timeout": str(lock_ms),
-        "statement_timeout": str(statement_ms),
-        "application_name": APPLICATION_NAME,
-        "synchronous_commit": "off",
-    }
-
-
-def set_timeouts(conn: Connection, lock_ms: int, statement_ms: int) -> None:
-    """The settings of _session for the caller's transaction (the dry run's)."""
-    settings = _session(lock_ms, statement_ms)
-    sets = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))
-    binds: dict[str, str] = {}
-    for i, (name, value) in enumerate(settings.items()):
-        binds[f"n{i}"], binds[f"v{i}"] = name, value
-    conn.execute(text(f"SELECT {sets}"), binds)
-
-
-def _lower(key: str, key_type: str, has_lo: bool) -> str:
-    return f"{key} > CAST(:lo AS {key_type}) AND " if has_lo else ""
-
-
-def bound_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
-    """The batch's last key: the ``:n``-th key after ``:lo``, or the last one up to ``:upper``.
-    OFFSET steps over the keys without sorting them again (about 1 ms less per batch of
-    10,000 keys than taking the largest of the first n); COALESCE evaluates the second
-    subquery only when fewer than n keys are left."""
-    keys = f"FROM {table} t WHERE {_lower('t.' + key, key_type, has_lo)}"
-    keys += f"t.{key} <= CAST(:upper AS {key_type})"
-    # The CAST is outside the subqueries: inside, every key stepped over was turned to text.
-    return (
-        f"SELECT CAST(coalesce((SELECT t.{key} {keys} ORDER BY t.{key} "
-        f"OFFSET CAST(:n AS bigint) - 1 LIMIT 1), (SELECT t.{key} {keys} "
-        f"ORDER BY t.{key} DESC LIMIT 1)) AS text) AS bound"
-    )
-
-
-def _keys_sql(table: str, key: str, key_type: str, has_lo: bool) -> str:
-    """Every key in (``:lo``, ``:hi``], in order (for bisecting a failing batch)."""
-    return (
-        f"SELECT CAST(t.{key} AS text) FROM {table} t WHERE "
-        f"{_lower('t.' + key, key_type, has_lo)}t.{key} <= CAST(:hi AS {key_type}) "
-        f"ORDER BY t.{key}"
-    )
-
-
-def update_sql(
-    table: str, key: str, key_type: str, set_sql: str, where_sql: str | None, has_lo: bool
-) -> str:
-    """The batch's UPDATE of keys in (``:lo``, ``:hi``]. The fragments sit on lines of their
-    own, so that a trailing ``--`` comment in one cannot swallow the key bounds."""
-    where = f" AND (\n{embed(where_sql)}\n)" if where_sql else ""
-    return (
-        f"UPDATE {table} SET\n{embed(set_sql)}\nWHERE {_lower(key, key_type, has_lo)}"
-        f"{key} <= CAST(:hi AS {key_type}){where}"
-    )
-
-
-# Every batch transaction names itself, so that slices waiting for each other's ledger rows
-# are not mistaken for the application's sessions.
-APPLICATION_NAME = "runbook backfill"
-# The application's sessions waiting for a lock that this session (inside its batch) holds.
-# OFFSET 0 keeps pg_blocking_pids() to the few sessions that wait on a lock at all.
-# pg_stat_get_activity() rather than the pg_stat_activity view: the view's joins (roles,
-# databases) cost more than the count (0.1 ms instead of 0.26 ms a batch here).
-_BLOCKED_SQL = (
-    "SELECT count(*) FROM (SELECT a.pid FROM pg_stat_get_activity(NULL) a "
-    f"WHERE a.wait_event_type = 'Lock' AND a.application_name <> '{APPLICATION_NAME}' "
-    "OFFSET 0) w WHERE pg_backend_pid() = ANY(pg_blocking_pids(w.pid))"
-)
-# The database's reasons to hold back: the oldest open transaction of another client (it
-# keeps the xmin horizon, so vacuum cannot remove the dead rows our batches leave), and
-# autovacuum working on the table now.
-_SIGNALS_SQL = (
-    "SELECT (SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0) "
-    "  FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND backend_type = 'client backend' "
-    "  AND datname = current_database() AND pid <> pg_backend_pid()) AS oldest_xact_s, "
-    "EXISTS (SELECT 1 FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a USING (pid) "
-    "  WHERE v.relid = to_regclass(:table) AND a.backend_type = 'autovacuum worker') "
-    "AS autovacuum"
-)
+# A bound statement sent with the batch's opening one: (SQL, binds).
+Ahead = tuple[str, dict[str, Any]]
 
 
 class _Walk:
@@ -191,8 +106,7 @@ class _Walk:
         self.sleep_ms = 0
         self.range = Range(slice_no)
         self.isolating = False  # the next attempt bisects the batch (on_error = isolate)
-        self.pending_throttle_ms = 0.0  # waited since the last batch row; goes into the next
-        self.signals_checked = 0.0
+        self.pacing = Pacing(backfill_id, slice_no)
         # After a batch of ours: where the next one starts and the slice's last key, so that
         # its bound is taken in the statement that opens it (UNKNOWN: take it on its own).
         self.next_lo: str | None | object = UNKNOWN
@@ -217,66 +131,19 @@ class _Walk:
                 self.conn.close()
             self.conn = None
 
+    def settings_of(self, conn: Connection) -> backfills.Backfill:
+        return self.settings or self.load(conn)
+
+    # The waits between batches are jobs/backfill/pacing.py's.
+
     def sleep(self) -> None:
-        """The pause after each batch (``sleep_ms``), counted as throttled."""
-        if self.sleep_ms > 0:
-            time.sleep(self.sleep_ms / 1000)
-            self.pending_throttle_ms += self.sleep_ms
+        self.pacing.sleep(self.sleep_ms)
 
     def throttle(self, deadline: float) -> bool:
-        """Wait while the database asks us to (see _SIGNALS_SQL); False when the slice's time
-        ran out still waiting (its continuation looks again)."""
-        now = time.monotonic()
-        if now - self.signals_checked < SIGNAL_EVERY_S:
-            return True
-        self.signals_checked = now
-        waited, reason = 0.0, self.signal()
-        cause = reason
-        while reason is not None:
-            if waited == 0.0:
-                log.info("backfill %s slice %d: throttled, %s", self.id, self.slice, reason)
-            if time.monotonic() + THROTTLE_STEP_S > deadline:
-                self.note_throttle(waited, reason)
-                return False
-            time.sleep(THROTTLE_STEP_S)
-            waited += THROTTLE_STEP_S * 1000
-            reason = self.signal()
-        if cause is not None:
-            self.note_throttle(waited, cause)
-        return True
-
-    def signal(self) -> str | None:
-        """Why the database wants us to wait now, or None."""
-        conn = self.connection()
-        settings = self.settings or self.load(conn)
-        row = conn.execute(text(_SIGNALS_SQL), {"table": settings.table_name}).one()
-        conn.rollback()
-        limit = settings.max_xact_age_s
-        if limit and row.oldest_xact_s >= limit:
-            return (
-                f"a transaction open for {round(row.oldest_xact_s)} s holds back vacuum "
-                f"(limit {limit} s)"
-            )
-        if row.autovacuum:
-            return f"autovacuum is working on {settings.table_name}"
-        return None
-
-    def note_throttle(self, waited_ms: float, reason: str) -> None:
-        """Put the wait on the ledger now, in case no batch follows in this slice."""
-        self.pending_throttle_ms += waited_ms
-        slices.add_throttled(
-            self.connection(), self.id, self.slice, round(self.pending_throttle_ms), reason
-        )
-        self.pending_throttle_ms = 0.0
+        return self.pacing.throttle(deadline, self.connection, self.settings_of)
 
     def flush_throttle(self) -> None:
-        """Waits no batch row recorded go on the slice's counter."""
-        if self.pending_throttle_ms >= 1:
-            with contextlib.suppress(DBAPIError):
-                slices.add_throttled(
-                    self.connection(), self.id, self.slice, round(self.pending_throttle_ms)
-                )
-        self.pending_throttle_ms = 0.0
+        self.pacing.flush(self.connection)
 
     def batch(self, backoff_s: float) -> str:
         """One batch, retried while it fails transiently; CONTINUE or where it stopped."""
@@ -301,7 +168,7 @@ class _Walk:
                     attempt,
                     describe(exc),
                 )
-                time.sleep(min(backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
+                time.sleep(backoff.delay(attempt, backoff_s, MAX_BACKOFF_S))
                 attempt += 1
                 continue
             if outcome == backfills.SLICE_DONE or outcome == STOPPED:
@@ -356,17 +223,8 @@ class _Walk:
         """The batch's transaction (see attempt): committed by its last statement, or by a
         COMMIT of its own when it stops before the batch."""
         self.range = Range(self.slice)
-        settings = self.settings or self.load(conn)
-        expected, ahead = self.next_lo, None
-        if expected is not UNKNOWN and self.size and settings.key_type in KEY_TYPES.values():
-            lo_guess = None if expected is None else str(expected)
-            sql = bound_sql(
-                settings.table_name,
-                quote(settings.key_column),
-                settings.key_type,
-                lo_guess is not None,
-            )
-            ahead = (sql, {"lo": lo_guess, "upper": self.upper, "n": self.size})
+        settings = self.settings_of(conn)
+        expected, ahead = self.next_lo, self.bound_ahead(settings)
         self.next_lo = UNKNOWN  # until this batch commits
         with conn.begin():  # SQLAlchemy's bookkeeping: the driver sends nothing for it
             # One round trip: BEGIN, the timeouts, the slice locked, the backfill's flags and,
@@ -375,7 +233,7 @@ class _Walk:
                 conn,
                 self.id,
                 self.slice,
-                _session(settings.lock_timeout_ms, settings.statement_timeout_ms),
+                session_settings(settings.lock_timeout_ms, settings.statement_timeout_ms),
                 ahead,
                 begin=True,
             )
@@ -387,8 +245,8 @@ class _Walk:
                 conn.exec_driver_sql("COMMIT")
                 return stop
             size = self.size = self.size or piece.batch_size
-            self.range.lo = lo = piece.position
-            if ahead is not None and lo == expected and size == ahead[1]["n"]:
+            self.range.lo = piece.position
+            if ahead is not None and piece.position == expected and size == ahead[1]["n"]:
                 hi = None if bound is None else str(bound)
             else:  # a first batch, or the cursor moved under us (a duplicate delivery)
                 hi = self.bound(conn, bf, piece, size)
@@ -397,48 +255,80 @@ class _Walk:
                 conn.exec_driver_sql("COMMIT")
                 return backfills.SLICE_DONE
             self.range.hi = hi
-            started = time.monotonic()
-            if self.isolating:
-                rows, skipped = self.bisect(conn, bf, lo, hi)
-            else:
-                rows, skipped = self.update(conn, bf, lo, hi), []
-            ms = (time.monotonic() - started) * 1000
-            grown = next_batch_size(
-                size,
-                ms,
-                target_ms=bf.target_batch_ms,
-                min_batch=bf.min_batch,
-                max_batch=bf.max_batch,
-            )
-            # Our locks held others up: smaller batches, and let them go first. Whether they
-            # did is counted in the same statement that records the batch (and commits).
-            shrunk = max(bf.min_batch, min(grown, size // 2))
-            blocked = slices.record_batch(
-                conn,
-                bf,
-                piece,
-                hi=hi,
-                batch_size=size,
-                rows=rows,
-                skipped=skipped,
-                duration_ms=round(ms),
-                attempt=attempt,
-                generation=self.generation,
-                next_batch_size=grown,
-                throttled_ms=round(self.pending_throttle_ms),
-                blocked_sql=_BLOCKED_SQL,
-                next_if_blocked=shrunk,
-                commit=True,
-            )
-            self.size = shrunk if blocked else grown
-        self.next_lo, self.upper = hi, piece.upper_key
-        self.pending_throttle_ms = 0.0
+            blocked = self.apply(conn, bf, piece, size, hi, attempt)
+        self.committed(hi, piece.upper_key, blocked)
+        return CONTINUE
+
+    def bound_ahead(self, settings: backfills.Backfill) -> Ahead | None:
+        """After a batch of ours: the next batch's bound, to be taken in the statement that
+        opens it (None: the bound is taken on its own, as for a task's first batch)."""
+        expected = self.next_lo
+        if expected is UNKNOWN or not self.size or settings.key_type not in KEY_TYPES.values():
+            return None
+        lo_guess = None if expected is None else str(expected)
+        sql = bound_sql(
+            settings.table_name,
+            quote(settings.key_column),
+            settings.key_type,
+            lo_guess is not None,
+        )
+        return sql, {"lo": lo_guess, "upper": self.upper, "n": self.size}
+
+    def apply(
+        self,
+        conn: Connection,
+        bf: backfills.Backfill,
+        piece: backfills.Slice,
+        size: int,
+        hi: str,
+        attempt: int,
+    ) -> int:
+        """The batch's UPDATE over (cursor, hi], then its batch row and cursor move in the
+        statement that commits; how many sessions it made wait. Sizes the next batch."""
+        lo = piece.position
+        started = time.monotonic()
+        if self.isolating:
+            rows, skipped = self.bisect(conn, bf, lo, hi)
+        else:
+            rows, skipped = self.update(conn, bf, lo, hi), []
+        ms = (time.monotonic() - started) * 1000
+        grown = next_batch_size(
+            size,
+            ms,
+            target_ms=bf.target_batch_ms,
+            min_batch=bf.min_batch,
+            max_batch=bf.max_batch,
+        )
+        # Our locks held others up: smaller batches, and let them go first. Whether they
+        # did is counted in the same statement that records the batch (and commits).
+        shrunk = max(bf.min_batch, min(grown, size // 2))
+        blocked = slices.record_batch(
+            conn,
+            bf,
+            piece,
+            hi=hi,
+            batch_size=size,
+            rows=rows,
+            skipped=skipped,
+            duration_ms=round(ms),
+            attempt=attempt,
+            generation=self.generation,
+            next_batch_size=grown,
+            throttled_ms=round(self.pacing.pending_ms),
+            blocked_sql=BLOCKED_SQL,
+            next_if_blocked=shrunk,
+            commit=True,
+        )
+        self.size = shrunk if blocked else grown
+        return blocked
+
+    def committed(self, hi: str, upper: str | None, blocked: int) -> None:
+        """After the batch's COMMIT: the next one starts at ``hi``; slow down if it blocked."""
+        self.next_lo, self.upper = hi, upper
+        self.pacing.pending_ms = 0.0
         self.isolating = False
         if blocked:
-            log.info("backfill %s: a batch made %d sessions wait; slowing down", self.id, blocked)
-            time.sleep(BLOCKED_PAUSE_S)
-            self.pending_throttle_ms += BLOCKED_PAUSE_S * 1000
-        return CONTINUE
+            self.pacing.after_blocking(blocked)
 
     def verdict(self, conn: Connection, bf: records.Backfill, piece: records.Slice) -> str | None:
         """Why this worker must not do a batch now (fenced, paused, cancelled…), or None."""
@@ -483,7 +373,7 @@ class _Walk:
     ) -> tuple[int, list[tuple[str, str]]]:
         """The batch's UPDATE in halves (each under a savepoint) down to the single rows that
         fail; rows updated, and [(key, error)] of the rows left alone."""
-        sql = _keys_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
+        sql = keys_sql(bf.table_name, quote(bf.key_column), bf.key_type, lo is not None)
         keys = [str(k) for k in conn.execute(text(sql), {"lo": lo, "hi": hi}).scalars()]
 
         def part(i: int, j: int) -> tuple[int, list[tuple[str, str]]]:

@@ -183,47 +183,16 @@ def run_restore(
     env = dict(libpq_env(target), PGCONNECT_TIMEOUT="10")
     psql_cmd = [_psql(pg_restore), "-X", "-q", "-A", "-t", "--no-password"]
     psql_cmd += ["-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"]
-    streamed = 0
-    source_error: str | None = None
+    restore_cmd = [pg_restore, *restore_args, "-f", "-", str(backup)]
     with (
         tempfile.TemporaryFile() as out,
         tempfile.TemporaryFile() as err,
         tempfile.TemporaryFile() as restore_err,
     ):
         psql = subprocess.Popen(psql_cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env)
-        source = None
-        assert psql.stdin is not None
-        try:
-            psql.stdin.write((head + prologue).encode())
-            source = subprocess.Popen(
-                [pg_restore, *restore_args, "-f", "-", str(backup)],
-                stdout=subprocess.PIPE,
-                stderr=restore_err,
-                env=env,
-            )
-            assert source.stdout is not None
-            while chunk := source.stdout.read(1 << 16):
-                psql.stdin.write(chunk)
-                streamed += len(chunk)
-            if source.wait() != 0:
-                source_error = _first_error(_read(restore_err))[1]
-                psql.kill()  # no COMMIT was sent: the server rolls the transaction back
-            else:
-                psql.stdin.write((epilogue + "\nCOMMIT;\n").encode())
-                psql.stdin.close()
-        except BrokenPipeError:
-            pass  # psql stopped at an error (ON_ERROR_STOP); its stderr says which
-        finally:
-            if source is not None:
-                if source.poll() is None:
-                    source.kill()  # psql stopped reading: it failed, nothing to commit
-                source.wait()
-            try:
-                if psql.stdin and not psql.stdin.closed:
-                    psql.stdin.close()
-            except BrokenPipeError:
-                pass
-            rc = psql.wait()
+        streamed, source_error, rc = _pipe(
+            psql, restore_cmd, env, restore_err, head + prologue, epilogue
+        )
         if source_error is not None:
             raise RestoreError(
                 redact(
@@ -237,6 +206,50 @@ def run_restore(
             line.split("|")[1:] for line in _read(out).splitlines() if line.startswith(MARK + "|")
         ]
     return rows, streamed
+
+
+def _pipe(
+    psql: subprocess.Popen[bytes],
+    restore_cmd: list[str],
+    env: dict[str, str],
+    restore_err: IO[bytes],
+    opening: str,
+    epilogue: str,
+) -> tuple[int, str | None, int]:
+    """Feed ``psql`` the opening SQL, pg_restore's output and the epilogue with COMMIT (only
+    if pg_restore read the archive to its end). Returns the bytes pg_restore produced, its
+    error (None when it succeeded) and psql's exit code."""
+    streamed = 0
+    source_error: str | None = None
+    source = None
+    assert psql.stdin is not None
+    try:
+        psql.stdin.write(opening.encode())
+        source = subprocess.Popen(restore_cmd, stdout=subprocess.PIPE, stderr=restore_err, env=env)
+        assert source.stdout is not None
+        while chunk := source.stdout.read(1 << 16):
+            psql.stdin.write(chunk)
+            streamed += len(chunk)
+        if source.wait() != 0:
+            source_error = _first_error(_read(restore_err))[1]
+            psql.kill()  # no COMMIT was sent: the server rolls the transaction back
+        else:
+            psql.stdin.write((epilogue + "\nCOMMIT;\n").encode())
+            psql.stdin.close()
+    except BrokenPipeError:
+        pass  # psql stopped at an error (ON_ERROR_STOP); its stderr says which
+    finally:
+        if source is not None:
+            if source.poll() is None:
+                source.kill()  # psql stopped reading: it failed, nothing to commit
+            source.wait()
+        try:
+            if psql.stdin and not psql.stdin.closed:
+                psql.stdin.close()
+        except BrokenPipeError:
+            pass
+        rc = psql.wait()
+    return streamed, source_error, rc
 
 
 def _describe_failure(target: Target, stderr: str, lock_timeout_ms: int) -> str:
@@ -293,7 +306,24 @@ CREATE TEMP VIEW runbook_ledger_shape AS {_LEDGER_SHAPE};
 CREATE TEMP TABLE runbook_ledger_before ON COMMIT DROP AS
     SELECT line FROM pg_temp.runbook_ledger_shape;
 SELECT '{MARK}', 'schema', nspname FROM ({user_schemas}) s ORDER BY 3;
+{_reset_schemas(user_schemas, needs_public)}
+SELECT '{MARK}', 'extension', extname FROM ({extra_ext}) e ORDER BY 3;
 DO $runbook$
+DECLARE ext text;
+BEGIN
+    FOR ext IN {extra_ext} LOOP
+        EXECUTE pg_catalog.format('DROP EXTENSION %I', ext);
+    END LOOP;
+    PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
+END
+$runbook$;
+"""
+
+
+def _reset_schemas(user_schemas: str, needs_public: str) -> str:
+    """Drop every user schema, then put ``public`` back as initdb leaves it when the
+    database had one or the archive needs it (pg_dump 15 never emits CREATE SCHEMA public)."""
+    return f"""DO $runbook$
 DECLARE
     had_public boolean := EXISTS (
         SELECT FROM pg_catalog.pg_namespace WHERE nspname = 'public');
@@ -316,18 +346,7 @@ BEGIN
         COMMENT ON SCHEMA public IS 'standard public schema';
     END IF;
 END
-$runbook$;
-SELECT '{MARK}', 'extension', extname FROM ({extra_ext}) e ORDER BY 3;
-DO $runbook$
-DECLARE ext text;
-BEGIN
-    FOR ext IN {extra_ext} LOOP
-        EXECUTE pg_catalog.format('DROP EXTENSION %I', ext);
-    END LOOP;
-    PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
-END
-$runbook$;
-"""
+$runbook$;"""
 
 
 _LEDGER_GUARD = """

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from jobs.backups.restore import (
     HEADER,
@@ -26,6 +26,7 @@ from jobs.backups.restore import (
 )
 from jobs.config import Target
 from jobs.pg.db import connect
+from jobs.pg.names import DEFAULT_SCHEMA
 
 # --- single tables ----------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ def _parse_names(tables: Iterable[str]) -> list[tuple[str, str, str]]:
         schema, _, name = given.rpartition(".")
         if not name:
             raise RestoreError(f"table name {given!r} is empty; pass NAME or SCHEMA.NAME")
-        parsed.append((given, schema or "public", name))
+        parsed.append((given, schema or DEFAULT_SCHEMA, name))
     if not parsed:
         raise RestoreError("no table to restore was named; pass --table NAME")
     return parsed
@@ -177,93 +178,18 @@ def restore_tables(
     toc = read_toc(pg_restore, backup, expected_sha256)
     entries = _schema_entries(pg_restore, backup)
     by_table = {(e.schema, e.name): e for e in entries if e.kind == "TABLE"}
-    for given, schema, name in names:
-        if (schema, name) not in by_table:
-            raise RestoreError(
-                f"backup {backup} holds no table {given}; check the name (SCHEMA.NAME) or "
-                "pick the backup that has it"
-            )
-        if re.search(r"^PARTITION BY ", by_table[(schema, name)].body, re.M):
-            raise RestoreError(_partitioned(given))
-
+    _check_archived(backup, names, by_table)
     with connect(target) as conn:
-        quoted: dict[tuple[str, str], str] = {}
-        existing: dict[str, int] = {}
-        for given, schema, name in names:
-            row = conn.execute(
-                text(
-                    "SELECT quote_ident(:s) || '.' || quote_ident(:t), c.oid, c.relkind "
-                    "FROM (SELECT) one LEFT JOIN (pg_class c JOIN pg_namespace n "
-                    "ON n.oid = c.relnamespace) ON n.nspname = :s AND c.relname = :t "
-                    "AND c.relkind IN ('r', 'p')"
-                ),
-                {"s": schema, "t": name},
-            ).one()
-            quoted[(schema, name)] = row[0]
-            if row[2] == "p":
-                raise RestoreError(_partitioned(given))
-            if row[1] is not None:
-                existing[row[0]] = int(row[1])
-        if existing:
-            ref = conn.execute(
-                text(
-                    "SELECT c.confrelid::regclass::text, c.conrelid::regclass::text "
-                    "FROM pg_constraint c WHERE c.contype = 'f' "
-                    "AND c.confrelid = ANY(:oids) AND NOT c.conrelid = ANY(:oids) "
-                    "ORDER BY 1, 2 LIMIT 1"
-                ),
-                {"oids": list(existing.values())},
-            ).first()
-            if ref:
-                raise RestoreError(
-                    f"table {ref[0]} is referenced by {ref[1]}; restore them together "
-                    f"(--table {ref[0]} --table {ref[1]})"
-                )
-        recreate = {quoted[(s, n)]: (s, n) for _, s, n in names if quoted[(s, n)] not in existing}
-        fk_tables = {
-            m.group(1)
-            for e in entries
-            if e.kind == "FK CONSTRAINT"
-            for m in re.finditer(r"(?:ALTER TABLE (?:ONLY )?|REFERENCES )([^\s(]+)", e.body)
-        }
-        exists = {
-            str(r[0]): bool(r[1])
-            for r in conn.execute(
-                text("SELECT t, to_regclass(t) IS NOT NULL FROM unnest(CAST(:ts AS text[])) t"),
-                {"ts": sorted(fk_tables)},
-            )
-        }
-        constraints = {
-            (str(r[0]), str(r[1]))
-            for r in conn.execute(
-                text(
-                    "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), k.conname "
-                    "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f'"
-                )
-            )
-        }
+        live = _live_tables(conn, names, entries)
         conn.rollback()
-
-    chosen = _select_entries(entries, recreate, exists, constraints)
-    wanted = {e.key for e in chosen}
-    for e in chosen:
-        if e.kind == "SEQUENCE":
-            wanted.add(f"SEQUENCE SET {e.schema} {e.name} {e.owner}".rstrip())
-    for _, s, n in names:
-        owner = by_table[(s, n)].owner
-        wanted.add(f"TABLE DATA {s} {n} {owner}".rstrip())
-    selected = [line for line in toc if (m := TOC_LINE.match(line)) and m.group(2) in wanted]
-
+    existing, quoted = live.existing, live.quoted
+    recreate = {quoted[(s, n)]: (s, n) for _, s, n in names if quoted[(s, n)] not in existing}
+    chosen = _select_entries(entries, recreate, live.exists, live.constraints)
+    selected = _restore_list(toc, chosen, names, by_table)
     # Tables that the archive's FK statements lock are locked up front, within lock_timeout
     # (the archive's own SQL sets lock_timeout = 0).
-    touched = {
-        m.group(1)
-        for e in chosen
-        if e.kind == "FK CONSTRAINT"
-        for m in re.finditer(r"(?:ALTER TABLE (?:ONLY )?|REFERENCES )([^\s(]+)", e.body)
-    }
-    share = sorted(t for t in touched if exists.get(t) and t not in existing)
+    touched = _fk_tables(e for e in chosen if e.kind == "FK CONSTRAINT")
+    share = sorted(t for t in touched if live.exists.get(t) and t not in existing)
     named = [quoted[(s, n)] for _, s, n in names]
     with tempfile.NamedTemporaryFile("w", suffix=".list") as listing:
         listing.write("\n".join(selected) + "\n")
@@ -279,6 +205,121 @@ def restore_tables(
         )
     counts = {int(r[1]): int(r[2]) for r in rows if r[0] == "rows"}
     return {given: counts[i] for i, (given, _s, _n) in enumerate(names)}
+
+
+def _check_archived(
+    backup: Path, names: list[tuple[str, str, str]], by_table: dict[tuple[str, str], _Entry]
+) -> None:
+    """RestoreError for a named table the archive does not hold, or holds partitioned."""
+    for given, schema, name in names:
+        if (schema, name) not in by_table:
+            raise RestoreError(
+                f"backup {backup} holds no table {given}; check the name (SCHEMA.NAME) or "
+                "pick the backup that has it"
+            )
+        if re.search(r"^PARTITION BY ", by_table[(schema, name)].body, re.M):
+            raise RestoreError(_partitioned(given))
+
+
+def _fk_tables(fks: Iterable[_Entry]) -> set[str]:
+    """The tables the archive's foreign-key statements name, on either side."""
+    return {
+        m.group(1)
+        for e in fks
+        for m in re.finditer(r"(?:ALTER TABLE (?:ONLY )?|REFERENCES )([^\s(]+)", e.body)
+    }
+
+
+@dataclass(frozen=True)
+class _LiveTables:
+    """The target as the restore finds it."""
+
+    quoted: dict[tuple[str, str], str]  # (schema, name) -> its quoted, qualified name
+    existing: dict[str, int]  # the named tables that exist: quoted name -> oid
+    exists: dict[str, bool]  # every table the archive's foreign keys name -> exists now
+    constraints: set[tuple[str, str]]  # the foreign keys now: (quoted table, name)
+
+
+def _live_tables(
+    conn: Connection, names: list[tuple[str, str, str]], entries: list[_Entry]
+) -> _LiveTables:
+    """What the target holds now of the named tables and of their foreign keys; RestoreError
+    for a partitioned table, or one that a table not named references."""
+    quoted: dict[tuple[str, str], str] = {}
+    existing: dict[str, int] = {}
+    for given, schema, name in names:
+        row = conn.execute(
+            text(
+                "SELECT quote_ident(:s) || '.' || quote_ident(:t), c.oid, c.relkind "
+                "FROM (SELECT) one LEFT JOIN (pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace) ON n.nspname = :s AND c.relname = :t "
+                "AND c.relkind IN ('r', 'p')"
+            ),
+            {"s": schema, "t": name},
+        ).one()
+        quoted[(schema, name)] = row[0]
+        if row[2] == "p":
+            raise RestoreError(_partitioned(given))
+        if row[1] is not None:
+            existing[row[0]] = int(row[1])
+    if existing:
+        _refuse_outside_references(conn, list(existing.values()))
+    fk_tables = _fk_tables(e for e in entries if e.kind == "FK CONSTRAINT")
+    exists = {
+        str(r[0]): bool(r[1])
+        for r in conn.execute(
+            text("SELECT t, to_regclass(t) IS NOT NULL FROM unnest(CAST(:ts AS text[])) t"),
+            {"ts": sorted(fk_tables)},
+        )
+    }
+    constraints = {
+        (str(r[0]), str(r[1]))
+        for r in conn.execute(
+            text(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), k.conname "
+                "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f'"
+            )
+        )
+    }
+    return _LiveTables(quoted, existing, exists, constraints)
+
+
+def _refuse_outside_references(conn: Connection, oids: list[int]) -> None:
+    """RestoreError when a table not among ``oids`` references one of them: emptying it
+    would break that foreign key."""
+    ref = conn.execute(
+        text(
+            "SELECT c.confrelid::regclass::text, c.conrelid::regclass::text "
+            "FROM pg_constraint c WHERE c.contype = 'f' "
+            "AND c.confrelid = ANY(:oids) AND NOT c.conrelid = ANY(:oids) "
+            "ORDER BY 1, 2 LIMIT 1"
+        ),
+        {"oids": oids},
+    ).first()
+    if ref:
+        raise RestoreError(
+            f"table {ref[0]} is referenced by {ref[1]}; restore them together "
+            f"(--table {ref[0]} --table {ref[1]})"
+        )
+
+
+def _restore_list(
+    toc: list[str],
+    chosen: list[_Entry],
+    names: list[tuple[str, str, str]],
+    by_table: dict[tuple[str, str], _Entry],
+) -> list[str]:
+    """The lines of the archive's table of contents pg_restore -L restores: the chosen
+    entries, their sequences' values and the named tables' rows."""
+    wanted = {e.key for e in chosen}
+    for e in chosen:
+        if e.kind == "SEQUENCE":
+            wanted.add(f"SEQUENCE SET {e.schema} {e.name} {e.owner}".rstrip())
+    for _, s, n in names:
+        owner = by_table[(s, n)].owner
+        wanted.add(f"TABLE DATA {s} {n} {owner}".rstrip())
+    return [line for line in toc if (m := TOC_LINE.match(line)) and m.group(2) in wanted]
 
 
 def _partitioned(table: str) -> str:

@@ -21,6 +21,7 @@ from jobs.backups import copies, dump, leftovers, snapshot
 from jobs.config import Target
 from jobs.errors import BackupError, RunbookError
 from jobs.ledger import backups, schema
+from jobs.pg import names
 
 
 class UnknownBackup(RunbookError):
@@ -174,16 +175,12 @@ def usable_backup(conn: Connection, target: Target, backup_id: str) -> backups.B
     return found
 
 
-def _qualified(table: str) -> str:
-    return table if "." in table else f"public.{table}"
-
-
 def check_restored(
     conn: Connection, backup: backups.Backup, tables: list[str], current: str | None
 ) -> dict[str, Any]:
     """Prove the target now holds what the backup holds: every table's rows and content
     checksum (or just the restored ``tables``), and, for a whole restore, the revision."""
-    wanted = {_qualified(t) for t in tables} if tables else set(backup.tables)
+    wanted = {names.qualified(t) for t in tables} if tables else set(backup.tables)
     hashed = {t for t in wanted if (backup.tables.get(t) or {}).get("checksum")}
     now = snapshot.table_stats(conn, hash_only=hashed)  # hash only what can be compared
     if not tables and set(now) != wanted:

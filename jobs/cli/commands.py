@@ -271,7 +271,7 @@ def check(target: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @friendly
 def doctor(target: str | None, as_json: bool) -> None:
-    """Diagnose the runbook's common migration errors (§8); each finding with its fix."""
+    """Diagnose the common migration errors; each finding with its fix."""
     findings = api.doctor(target)
     if as_json:
         click.echo(json.dumps(findings, indent=2))
@@ -302,7 +302,8 @@ def rehearse(target: str | None, to: str, wait: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @friendly
 def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
-    """Record REVISION in the version table without migrating (the runbook's §8 fix)."""
+    """Record REVISION in the version table without migrating (fixes a version table the
+    scripts do not match)."""
     _follow(api.enqueue_stamp(revision, target), target, wait, as_json, "")
 
 

@@ -1,11 +1,12 @@
-"""The doctor: the runbook's §8 troubleshooting, automated, without changing the database.
+"""The doctor: the common migration errors diagnosed, without changing the database.
 
 Each finding is ``{code, message, fix}``, one line each: what is wrong and what to do. The
-history is checked against ``alembic_version`` (§8 errors 1 and 4), and every pending
-revision is rendered offline (Alembic's ``--sql`` mode) and its SQL read for what would fail
-on the live database: objects that already exist (§8 error 2) and NOT NULL on columns that
-hold NULLs (§8 error 3). Scratch databases and partial dumps that killed runs left behind
-are listed too (jobs/leftovers.py).
+history is checked against ``alembic_version`` (a revision the scripts do not know, a
+database behind head), and every pending revision is rendered offline (Alembic's ``--sql``
+mode) and its SQL read for what would fail on the live database (jobs/insight/sql_findings.py):
+objects that already exist and NOT NULL on columns that hold NULLs. The messages keep the
+error numbers operators know them by ("error 1: Can't locate revision"). Scratch databases
+and partial dumps that killed runs left behind are listed too (jobs/backups/leftovers.py).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _ancestors(script: ScriptDirectory, rev: str) -> set[str]:
 def _history_findings(
     target: Target, conn: Connection, script: ScriptDirectory | None, rows: list[str]
 ) -> list[Finding]:
-    """alembic_version against the scripts: unknown revisions (§8 error 1), several rows."""
+    """alembic_version against the scripts: unknown revisions, several rows."""
     if script is None:
         return [_several_rows(target, None, rows)] if len(rows) > 1 else []
     found = [_unknown(target, conn, script, rev) for rev in rows if _resolve(script, rev) is None]
@@ -156,7 +157,7 @@ def _several_rows_fix(target: Target, script: ScriptDirectory | None, rows: list
     return "merge the branches (`alembic merge heads`), then `alembic upgrade head`"
 
 
-# -- an unknown revision: §8 error 1 -------------------------------------------------------------
+# -- an unknown revision ------------------------------------------------------------------------
 
 
 def _unknown(target: Target, conn: Connection, script: ScriptDirectory, rev: str) -> Finding:
@@ -249,7 +250,7 @@ def _applied_by(changes: list[Any], rev: str) -> str | None:
     return None
 
 
-# -- pending revisions: §8 errors 2, 3 and 4 -----------------------------------------------------
+# -- pending revisions: behind head, and what their SQL would hit -------------------------------
 
 
 def _pending_findings(

@@ -1,4 +1,4 @@
-"""Rehearsal: the runbook's staging test (§2.3, §6.2) on a real copy of production.
+"""Rehearsal: the staging test of pending revisions, on a real copy of production.
 
 The target's backup is restored into a scratch database; there every pending revision goes
 up, down and up again, each step timed, each downgrade checked against the schema

@@ -242,7 +242,7 @@ def revision_findings(
     plan: Plan,
     previous: str | None,
 ) -> list[Finding]:
-    """§8 errors 2 and 3 in one pending revision's SQL."""
+    """What one pending revision's SQL would hit: objects that already exist, NOT NULL on NULLs."""
     creates: list[_Event] = []
     existing: list[_Event] = []
     found: list[Finding] = []
@@ -296,7 +296,7 @@ def _already_exists(
 
 
 def _not_null_problem(conn: Connection, rev: Revision, ev: _Event, plan: Plan) -> Finding | None:
-    """§8 error 3: NOT NULL on a column that holds NULLs (or a new one on a table with rows)."""
+    """NOT NULL on a column that holds NULLs (or a new one on a table with rows)."""
     if ev.kind == "set_not_null":
         nulls = _nulls(conn, ev, plan)
         if nulls:

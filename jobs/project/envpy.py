@@ -19,6 +19,7 @@ runbook's own engines (jobs/db.py) set their settings themselves and are left al
 from __future__ import annotations
 
 import contextvars
+import logging.config
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -151,3 +152,14 @@ def rules(target: Target, *, read_only: bool = False) -> Iterator[list[str]]:
         yield active.refused
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def keep_logging() -> Iterator[None]:
+    """Stop a project's env.py ``fileConfig()`` from tearing down the worker's logging."""
+    original = logging.config.fileConfig
+    logging.config.fileConfig = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = original

@@ -1,5 +1,8 @@
-"""An Alembic project's revisions as runbook reads them: downgrade problems and the backfills a
-revision declares (module-level data plain Alembic ignores), checked before anything runs.
+"""An Alembic project's script directory as runbook reads it, files only (Alembic's own split:
+``alembic.script`` reads revisions, ``alembic.runtime`` runs them; here jobs/project/runtime.py
+runs them and jobs/project/offline.py renders them): the revisions, their one head, the path
+up, downgrade problems and the backfills a revision declares (module-level data plain Alembic
+ignores), checked before anything runs.
 """
 
 from __future__ import annotations
@@ -7,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import sys
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,10 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from alembic.config import Config
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection
 
-from jobs.errors import BadDeclaration, RunbookError
+from jobs.config import Target
+from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
 from jobs.lazy import lazy
+from jobs.pg.sqlstate import describe
 
 if TYPE_CHECKING:
     from jobs.backfill import sqlguard
@@ -54,16 +63,17 @@ class DeclaredBackfill:
 
     def spec(self, key: str, lock_timeout_ms: int) -> Spec:
         """The engine's spec for this backfill, walked by ``key``."""
-        from jobs.backfill.spec import Spec
+        from jobs.backfill.spec import Spec, batch_bounds
 
+        min_batch, max_batch = batch_bounds(self.batch_size)
         return Spec(
             table=self.table,
             key=key,
             set_sql=self.set_sql,
             where_sql=self.where_sql,
             batch_size=self.batch_size,
-            min_batch=min(100, self.batch_size),
-            max_batch=max(50000, self.batch_size),
+            min_batch=min_batch,
+            max_batch=max_batch,
             lock_timeout_ms=lock_timeout_ms,
             slices=self.slices,
             on_error=self.on_error,
@@ -215,3 +225,169 @@ def _downgrade_problem(fn: Callable[..., Any]) -> str | None:
             name = ast.unparse(exc.func if isinstance(exc, ast.Call) else exc) if exc else "raise"
             return f"its downgrade() raises {name}"
     return None
+
+
+def _prepend_sys_path(config: Config, here: Path) -> None:
+    """Put the project's ``prepend_sys_path`` entries on sys.path, relative ones read from
+    alembic.ini's folder: Alembic reads them from the working directory, which is the
+    project's when a user types ``alembic``, and seldom a worker's (the templates' ``.`` is
+    how env.py imports the app's models for ``target_metadata``)."""
+    try:
+        entries = config.get_prepend_sys_paths_list() or []
+    except Exception:  # Alembic itself will say what is wrong with the option
+        return
+    for entry in reversed(entries):
+        path = str((here / entry).resolve()) if entry else ""
+        if path and path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def _load_config(target: Target) -> Config:
+    """The target's alembic.ini, its ``prepend_sys_path`` applied; ProjectError otherwise."""
+    ini = target.alembic_ini
+    if not ini.is_file():
+        raise ProjectError(
+            f"target {target.name!r}: alembic.ini not found at {ini}; set alembic_ini "
+            "in runbook.toml to your project's alembic.ini"
+        )
+    config = Config(str(ini))
+    _prepend_sys_path(config, ini.parent)
+    return config
+
+
+def _script_directory(config: Config, ini: Path) -> ScriptDirectory:
+    """The script directory alembic.ini points at; ProjectError when it cannot be used."""
+    location = config.get_main_option("script_location")
+    if not location:
+        raise ProjectError(f"{ini}: no script_location in [alembic]; point it at migrations/")
+    try:
+        return ScriptDirectory.from_config(config)
+    except CommandError as exc:
+        raise ProjectError(
+            f"{ini}: script directory {location!r} cannot be used ({exc}); fix script_location"
+        ) from None
+
+
+def _single_head(script: ScriptDirectory, ini: Path) -> str | None:
+    """The history's one head (None for no revision); ProjectError for a broken history,
+    a revision file that does not import, or several heads."""
+    try:
+        heads = script.get_heads()
+    except CommandError as exc:
+        raise ProjectError(f"{ini}: the revision history is broken ({exc})") from None
+    except Exception as exc:  # a revision file that does not import
+        raise ProjectError(f"{ini}: a revision file cannot be loaded ({describe(exc)})") from None
+    if len(heads) > 1:
+        raise ProjectError(
+            f"the Alembic history has {len(heads)} heads ({', '.join(sorted(heads))}); "
+            "merge them with `alembic merge heads` before applying"
+        )
+    return heads[0] if heads else None
+
+
+class Scripts:
+    """An Alembic project's alembic.ini and script directory, read once per run."""
+
+    def __init__(self, target: Target) -> None:
+        self.config = _load_config(target)
+        self.script = _script_directory(self.config, target.alembic_ini)
+        self.head = _single_head(self.script, target.alembic_ini)
+
+    def script_of(self, rev: str) -> Script:
+        """Alembic's Script of revision ``rev``; RevisionError for an unknown one."""
+        try:
+            script = self.script.get_revision(rev)
+        except CommandError:
+            script = None
+        if script is None:
+            raise RevisionError(
+                f"unknown revision {rev!r}; `alembic history` lists the known revisions"
+            )
+        return script
+
+    def revision(self, rev: str) -> Revision:
+        s = self.script_of(rev)
+        down = s.down_revision
+        if isinstance(down, tuple | list):
+            raise RevisionError(
+                f"revision {rev} merges branches; runbook applies linear histories only"
+            )
+        return Revision(
+            id=s.revision,
+            down=down,
+            message=(s.doc or "").strip().splitlines()[0] if s.doc else "",
+            path=s.path,
+            module=s.module,
+        )
+
+    def resolve(self, spec: str) -> str | None:
+        """A full revision id for ``spec`` (``head``, ``base``, an id or a unique prefix)."""
+        if spec == "base":
+            return None
+        if spec == "head":
+            if self.head is None:
+                raise RevisionError("the Alembic history has no revisions")
+            return self.head
+        try:
+            resolved = self.script.as_revision_number(spec)
+        except CommandError:
+            resolved = None
+        if not resolved or not isinstance(resolved, str):
+            raise RevisionError(
+                f"unknown revision {spec!r}; `alembic history` lists the known revisions"
+            )
+        return self.script_of(resolved).revision
+
+    def upgrade_path(self, current: str | None, to: str | None) -> list[Revision]:
+        """Revisions to apply, oldest first, to go from ``current`` up to ``to``.
+
+        RevisionError when ``to`` is behind or beside ``current``: apply only goes up.
+        """
+        if current == to:
+            return []
+        chain: list[Revision] = []
+        rev = to
+        while rev is not None and rev != current:
+            r = self.revision(rev)
+            chain.append(r)
+            rev = r.down
+        if rev != current:
+            raise RevisionError(
+                f"--to {to or 'base'} is behind the current revision {current}; apply only "
+                "goes up (use `alembic downgrade` or a rollback to go down)"
+            )
+        return list(reversed(chain))
+
+    # -- declared backfills ------------------------------------------------------------------
+
+    def required_backfills(self, rev: Revision) -> list[DeclaredBackfill]:
+        """The backfills ``rev`` requires finished: those declared by each revision in its
+        ``requires_backfills``, which must come before it. BadDeclaration otherwise."""
+        required: list[DeclaredBackfill] = []
+        for name in rev.requires_backfills:
+            where = f"revision {rev.id} requires the backfills of {name!r}"
+            try:
+                found = self.revision(self.resolve(name) or "")
+            except RevisionError:
+                raise BadDeclaration(f"{where}, which is not a known revision") from None
+            if found.id not in self._ancestors(rev):
+                raise BadDeclaration(f"{where}, which does not come before it in the history")
+            if not found.backfills:
+                raise BadDeclaration(f"{where}, which declares no backfills")
+            required += found.backfills
+        return required
+
+    def _ancestors(self, rev: Revision) -> set[str]:
+        found: set[str] = set()
+        down = rev.down
+        while down is not None and down not in found:
+            found.add(down)
+            down = self.revision(down).down
+        return found
+
+    def check_declarations(self, path: list[Revision]) -> None:
+        """Refuse, before anything runs, a path whose revisions declare unusable backfills
+        or require backfills they cannot have (BadDeclaration, one line)."""
+        for rev in path:
+            rev.backfills  # noqa: B018 - reading it is the check
+            self.required_backfills(rev)

@@ -35,8 +35,9 @@ from jobs.ledger import backfills as ledger_backfills
 from jobs.ledger import backups, fingerprints, runs
 from jobs.ledger.records import Run, Step
 from jobs.pg import db
+from jobs.pg.backoff import with_lock_retries
 from jobs.pg.sqlstate import describe
-from jobs.project.runtime import Project, with_lock_retries
+from jobs.project.runtime import Project
 from jobs.project.scripts import DeclaredBackfill, Revision
 from jobs.run import hooks, lease, preflight
 from jobs.run.verify import digest, schema_lines, verify_revision
@@ -313,7 +314,7 @@ class Coordinator:
         self._end(step, st.STEP_SUCCEEDED, **result)
 
     def stamp(self, revision: str | None) -> None:
-        """Record ``revision`` in the version table without running migrations (§8)."""
+        """Record ``revision`` in the version table without running migrations."""
         step = self._begin("stamp", revision)
         if step is None:
             return

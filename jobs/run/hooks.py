@@ -1,4 +1,4 @@
-"""Maintenance-mode hooks around a run (the runbook's §3.1 step 2 and §3.4).
+"""Maintenance-mode hooks around a run: before it changes anything, and after it ends.
 
 A hook is a shell command, or an http(s) URL that receives a POST. ``before_run`` runs before
 anything changes (e.g. switch the app to maintenance mode); ``after_run`` runs whatever the

@@ -107,3 +107,17 @@ def test_requires_backfills_names_an_earlier_revision_that_declares_some(
     with pytest.raises(BadDeclaration) as refused:
         project.check_declarations(path)
     assert str(refused.value).startswith("revision b3") and message in str(refused.value)
+
+
+def test_the_project_reads_through_scripts_and_renders_offline(tmp_path: Path) -> None:
+    from jobs.project import offline
+    from jobs.project.scripts import Scripts
+
+    target = target_for(write_project(tmp_path, trivial_history(2)))
+    scripts = Scripts(target)
+    project = Project(target)
+    assert scripts.head == project.head == "r0002"
+    assert [r.id for r in scripts.upgrade_path(None, "r0002")] == ["r0001", "r0002"]
+    rev = project.revision("r0002")
+    # The project's SQL is the offline module's, on the project's own (URL-rewritten) config.
+    assert project.upgrade_sql(rev) == offline.upgrade_sql(project.scripts, rev)

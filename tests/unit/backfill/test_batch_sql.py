@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jobs.backfill import walk
+from jobs.backfill import batch_sql
 
 
 def without_comments(sql: str) -> str:
@@ -16,7 +16,7 @@ def without_comments(sql: str) -> str:
 
 @pytest.mark.parametrize("has_lo", [True, False])
 def test_a_trailing_comment_in_set_or_where_cannot_swallow_the_bounds(has_lo: bool) -> None:
-    sql = walk.update_sql(
+    sql = batch_sql.update_sql(
         "public.items", '"id"', "integer", "v = 1 -- all of it", "v IS NULL -- or not", has_lo
     )
     read = without_comments(sql)
@@ -26,24 +26,24 @@ def test_a_trailing_comment_in_set_or_where_cannot_swallow_the_bounds(has_lo: bo
 
 
 def test_a_colon_in_a_fragment_is_not_a_bind_parameter() -> None:
-    sql = walk.update_sql("t", '"k"', "text", "note = 'at :noon'", "x::text <> ''", False)
+    sql = batch_sql.update_sql("t", '"k"', "text", "note = 'at :noon'", "x::text <> ''", False)
     assert set(re.findall(r"(?<![:\w\\]):(\w+)", sql)) == {"hi"}
 
 
 @pytest.mark.parametrize("has_lo", [True, False])
 def test_the_bound_and_the_keys_of_a_batch_read_only_their_parameters(has_lo: bool) -> None:
     binds = {"upper", "n", "lo"} if has_lo else {"upper", "n"}
-    bound = walk.bound_sql("t", '"k"', "bigint", has_lo)
+    bound = batch_sql.bound_sql("t", '"k"', "bigint", has_lo)
     assert set(re.findall(r"(?<![:\w]):(\w+)", bound)) == binds
-    keys = walk._keys_sql("t", '"k"', "bigint", has_lo)
+    keys = batch_sql.keys_sql("t", '"k"', "bigint", has_lo)
     assert set(re.findall(r"(?<![:\w]):(\w+)", keys)) == ({"hi", "lo"} if has_lo else {"hi"})
     assert keys.endswith('ORDER BY t."k"')
 
 
 def test_a_batch_names_itself_and_does_not_wait_for_the_wal_flush() -> None:
-    assert walk._session(1500, 30000) == {
+    assert batch_sql.session_settings(1500, 30000) == {
         "lock_timeout": "1500",
         "statement_timeout": "30000",
-        "application_name": walk.APPLICATION_NAME,
+        "application_name": batch_sql.APPLICATION_NAME,
         "synchronous_commit": "off",
     }
