@@ -205,7 +205,7 @@ class Coordinator(Rollback):
         self._end(step, st.STEP_SUCCEEDED, **result)
 
     def stamp(self, revision: str | None) -> None:
-        """Record ``revision`` in the version table without running migrations (§8)."""
+        """Record ``revision`` in the version table without running migrations."""
         step = self._begin("stamp", revision)
         if step is None:
             return
