@@ -15,7 +15,7 @@ from jobs.backfill import slices
 from jobs.config import load_settings, redact
 from jobs.errors import RunbookError
 from jobs.run import refusals
-from jobs.run.coordinator import execute
+from jobs.run.deliver import execute
 from worker.app import app
 
 log = logging.getLogger("runbook.worker")

@@ -304,25 +304,10 @@ def _titles(alembic_ini: Path) -> dict[str, str]:
     }
 
 
-def _demo(workdir: Path) -> int:
-    admin = admin_url()
-    broker = os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER
-    dbname = db_name()
-    rows = int(env_number("RUNBOOK_DEMO_ROWS", DEFAULT_ROWS, 0))
-    timeout_s = env_number("RUNBOOK_DEMO_TIMEOUT", DEFAULT_TIMEOUT_S, 1)
-    alembic_ini = reference_alembic_ini()
-
-    problems = [p for p in (postgres_problem(admin), broker_problem(broker)) if p]
-    if problems:
-        hint = START_HINT if len(problems) > 1 else START_HINT.replace("them", "it")
-        err.print(
-            f"runbook demo: {' and '.join(problems)}; {hint} "
-            "(or point RUNBOOK_DEMO_ADMIN_URL / CELERY_BROKER_URL at running ones)",
-            markup=False,
-        )
-        return 2
-
-    started = time.monotonic()
+def _prepare_database(
+    admin: PgURL, dbname: str, broker: str, alembic_ini: Path, rows: int
+) -> PgURL:
+    """The scratch database, recreated at the history's first revision and seeded; its URL."""
     url = admin.set(database=dbname)
     out.print(
         f"[bold]runbook demo[/]: PostgreSQL {where_is(admin)}, broker "
@@ -333,7 +318,14 @@ def _demo(workdir: Path) -> int:
     script_dir = migrate_to_initial(alembic_ini, url)
     seed_large_table(script_dir, url, rows)
     out.print(f"  seeded sample data ({rows:,} rows in large_table)")
+    return url
 
+
+def _run_on_worker(
+    workdir: Path, url: PgURL, dbname: str, broker: str, alembic_ini: Path, timeout_s: float
+) -> tuple[dict[str, Any], DemoWorker]:
+    """Start a worker on a queue of its own, enqueue "demo to head" and follow the run to its
+    end; the run as it ended, and the worker (stopped by now, its log kept)."""
     backup_dir = demo_backup_dir()
     backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config_path = workdir / "runbook.toml"
@@ -369,6 +361,30 @@ def _demo(workdir: Path) -> int:
             with _SIGNALS.held():
                 worker.stop()
                 forget_queue(broker, queue)
+    return final, worker
+
+
+def _demo(workdir: Path) -> int:
+    admin = admin_url()
+    broker = os.environ.get("CELERY_BROKER_URL") or DEFAULT_BROKER
+    dbname = db_name()
+    rows = int(env_number("RUNBOOK_DEMO_ROWS", DEFAULT_ROWS, 0))
+    timeout_s = env_number("RUNBOOK_DEMO_TIMEOUT", DEFAULT_TIMEOUT_S, 1)
+    alembic_ini = reference_alembic_ini()
+
+    problems = [p for p in (postgres_problem(admin), broker_problem(broker)) if p]
+    if problems:
+        hint = START_HINT if len(problems) > 1 else START_HINT.replace("them", "it")
+        err.print(
+            f"runbook demo: {' and '.join(problems)}; {hint} "
+            "(or point RUNBOOK_DEMO_ADMIN_URL / CELERY_BROKER_URL at running ones)",
+            markup=False,
+        )
+        return 2
+
+    started = time.monotonic()
+    url = _prepare_database(admin, dbname, broker, alembic_ini, rows)
+    final, worker = _run_on_worker(workdir, url, dbname, broker, alembic_ini, timeout_s)
     counts = large_table_counts(url)
     _summary(final, dbname, url, time.monotonic() - started, counts)
     if final["state"] != SUCCEEDED:

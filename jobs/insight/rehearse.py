@@ -89,13 +89,47 @@ def _up(conn: Connection, scratch: Target, project: Project, rev: Revision) -> N
     project.upgrade_one(rev)
 
 
+def _rehearse_revision(
+    conn: Connection, scratch: Target, project: Project, rev: Revision, entry: dict[str, Any]
+) -> bool:
+    """Up, down, up for ``rev`` on the copy, each recorded in ``entry``; whether the
+    rehearsal goes on with the next revision (not after an upgrade that failed)."""
+    before = fingerprint(conn, scratch.version_table)
+    entry["up_s"], entry["up_error"] = _timed(lambda: _up(conn, scratch, project, rev))
+    if entry["up_error"]:
+        return False
+    if rev.backfills:
+        entry["backfills"], entry["up_error"] = _backfills(conn, scratch, rev)
+        if entry["up_error"]:
+            return False
+    after = fingerprint(conn, scratch.version_table)
+    entry["down_s"], entry["down_error"] = _timed(lambda: project.downgrade_one(rev))
+    if entry["down_error"]:
+        entry["reversible"] = False
+        return True  # still at rev: go on with the next revision
+    entry["reversible"] = fingerprint(conn, scratch.version_table) == before
+    if not entry["reversible"]:
+        entry["down_error"] = "the downgrade did not bring the schema back"
+    entry["again_s"], entry["again_error"] = _timed(lambda: project.upgrade_one(rev))
+    if entry["again_error"]:
+        return False
+    if rev.backfills:
+        again, entry["again_error"] = _backfills(conn, scratch, rev, only_if_rows_match=True)
+        entry["backfills"] += again
+        if entry["again_error"]:
+            return False
+    entry["same_after_again"] = fingerprint(conn, scratch.version_table) == after
+    return True
+
+
 def rehearse(
     target: Target, backup: Path, to: str | None, *, owner: leftovers.Owner | None = None
 ) -> dict[str, Any]:
     """Up, down, up for each pending revision on a scratch copy; what happened to each.
 
     ``owner``: the run's delivery, which holds the run lock; what earlier deliveries left
-    behind is removed first, and the scratch database's name carries it (jobs/leftovers.py).
+    behind is removed first, and the scratch database's name carries it
+    (jobs/backups/leftovers.py).
     """
     results: list[dict[str, Any]] = []
     start: str | None = None
@@ -111,39 +145,8 @@ def rehearse(
                 for rev in path:
                     entry: dict[str, Any] = {"revision": rev.id, "sha256": rev.sha256}
                     results.append(entry)
-                    before = fingerprint(conn, scratch.version_table)
-                    entry["up_s"], entry["up_error"] = _timed(
-                        lambda r=rev: _up(conn, scratch, project, r)
-                    )
-                    if entry["up_error"]:
+                    if not _rehearse_revision(conn, scratch, project, rev, entry):
                         break
-                    if rev.backfills:
-                        entry["backfills"], entry["up_error"] = _backfills(conn, scratch, rev)
-                        if entry["up_error"]:
-                            break
-                    after = fingerprint(conn, scratch.version_table)
-                    entry["down_s"], entry["down_error"] = _timed(
-                        lambda r=rev: project.downgrade_one(r)
-                    )
-                    if entry["down_error"]:
-                        entry["reversible"] = False
-                        continue  # still at rev: go on with the next revision
-                    entry["reversible"] = fingerprint(conn, scratch.version_table) == before
-                    if not entry["reversible"]:
-                        entry["down_error"] = "the downgrade did not bring the schema back"
-                    entry["again_s"], entry["again_error"] = _timed(
-                        lambda r=rev: project.upgrade_one(r)
-                    )
-                    if entry["again_error"]:
-                        break
-                    if rev.backfills:
-                        again, entry["again_error"] = _backfills(
-                            conn, scratch, rev, only_if_rows_match=True
-                        )
-                        entry["backfills"] += again
-                        if entry["again_error"]:
-                            break
-                    entry["same_after_again"] = fingerprint(conn, scratch.version_table) == after
         finally:
             project.close()
     failed = [r["revision"] for r in results if r.get("up_error") or r.get("again_error")]

@@ -21,7 +21,7 @@ from jobs.backfill import walk
 from jobs.config import load_settings
 from jobs.ledger import backfills, records, runs, schema
 from jobs.pg import db
-from jobs.run.coordinator import execute
+from jobs.run.deliver import execute
 from tests.integration.conftest import (
     Config,
     Databases,
