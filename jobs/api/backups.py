@@ -19,6 +19,7 @@ from jobs.lazy import lazy, lazy_callable
 from jobs.ledger import backups as ledger_backups
 from jobs.ledger import schema
 from jobs.pg import db
+from jobs.states import RunKind
 
 # Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
 # pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
@@ -45,7 +46,7 @@ def enqueue_backup(target: str | None = None, *, settings: Settings | None = Non
             settings,
             t,
             conn,
-            kind="backup",
+            kind=RunKind.BACKUP,
             from_revision=current,
             to_revision=current,
             options={"backup": True},
@@ -106,7 +107,7 @@ def enqueue_restore(
             settings,
             t,
             conn,
-            kind="restore",
+            kind=RunKind.RESTORE,
             from_revision=current,
             to_revision=found.revision if not tables else current,
             options={"backup": True, "backup_id": backup_id, "tables": tables or []},

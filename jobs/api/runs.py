@@ -20,7 +20,7 @@ from jobs.lazy import lazy, lazy_callable
 from jobs.ledger import backups as ledger_backups
 from jobs.ledger import notify, runs, schema
 from jobs.pg import db
-from jobs.states import CANCELLED, ENQUEUED
+from jobs.states import CANCELLED, ENQUEUED, RunKind
 
 # Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
 # pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
@@ -128,7 +128,7 @@ def enqueue(
             settings,
             t,
             conn,
-            kind="apply",
+            kind=RunKind.APPLY,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": take_backup},
@@ -195,7 +195,7 @@ def enqueue_rollback(
             settings,
             t,
             conn,
-            kind="rollback",
+            kind=RunKind.ROLLBACK,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": t.backup, "data_loss": losses},
@@ -223,7 +223,7 @@ def enqueue_rehearse(
             settings,
             t,
             conn,
-            kind="rehearse",
+            kind=RunKind.REHEARSE,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": True},
@@ -245,7 +245,7 @@ def enqueue_stamp(
             settings,
             t,
             conn,
-            kind="stamp",
+            kind=RunKind.STAMP,
             from_revision=recorded[0] if recorded else None,
             to_revision=to_rev,
             options={"backup": False},

@@ -18,7 +18,7 @@ import click
 
 from jobs.errors import UnknownRun
 from jobs.lazy import lazy, lazy_callable
-from jobs.states import SUCCEEDED, TERMINAL
+from jobs.states import BACKFILL_SETTLED, SUCCEEDED, TERMINAL
 
 # The heavy modules load on first use: `runbook --help` imports none of them and `runbook
 # status` only what reading the ledger needs (tests/unit/test_cli_imports.py).
@@ -37,7 +37,6 @@ else:
     load_settings = lazy_callable("jobs.config", "load_settings")
 from jobs.cli.options import Group
 from jobs.cli.render import (
-    BACKFILL_STOPS,
     LazyConsole,
     backfill_line,
     duration,
@@ -63,7 +62,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
             if not as_json and (now["state"], now["rows_done"]) != last:
                 err.print(backfill_line(now))
                 last = (now["state"], now["rows_done"])
-            if now["state"] in BACKFILL_STOPS:
+            if now["state"] in BACKFILL_SETTLED:
                 break
             now = next(updates)
     else:
@@ -82,7 +81,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
             while True:
                 detail = backfill_line(now).split(" ", 2)[2]  # "<state>: <rows> of ..."
                 bar.update(task, completed=now["rows_done"], detail=detail)
-                if now["state"] in BACKFILL_STOPS:
+                if now["state"] in BACKFILL_SETTLED:
                     break
                 now = next(updates)
     if as_json:

@@ -43,7 +43,6 @@ from jobs.cli.demo_setup import (
     INITIAL_REVISION,
     START_HINT,
     TARGET,
-    DemoError,
     DemoWorker,
     admin_url,
     broker_problem,
@@ -61,7 +60,7 @@ from jobs.cli.demo_setup import (
     write_config,
 )
 from jobs.config import DEFAULT_BROKER, Settings, load_settings, redact
-from jobs.errors import RunbookError
+from jobs.errors import DemoError, RunbookError
 from jobs.states import SUCCEEDED, TERMINAL
 
 DEFAULT_TIMEOUT_S = 600.0

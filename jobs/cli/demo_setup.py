@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from jobs.config import normalize_url, redact
-from jobs.errors import RunbookError
+from jobs.errors import DemoError, DemoSetupError, RunbookError
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DB = "runbook_demo"
@@ -28,18 +28,6 @@ INITIAL_REVISION = "w5x6y7z8a9b0"  # the reference history's first revision
 TARGET = "demo"
 START_HINT = "start them with `docker compose up -d postgres redis`"
 _DB_NAME = re.compile(r"^runbook_demo[a-z0-9_]{0,50}$")
-
-
-class DemoError(RunbookError):
-    """Raised when the demo cannot go on; one line for the operator."""
-
-    exit_code = 1
-
-
-class DemoSetupError(DemoError):
-    """Raised when the demo's input (environment, files) is unusable; nothing was changed."""
-
-    exit_code = 2
 
 
 # -- configuration ---------------------------------------------------------------------------

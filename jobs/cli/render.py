@@ -23,8 +23,6 @@ else:
     Console = lazy_callable("rich.console", "Console")
     redact = lazy_callable("jobs.config", "redact")
 
-BACKFILL_STOPS = {"succeeded", "cancelled", "errored", "paused"}
-
 
 def duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)

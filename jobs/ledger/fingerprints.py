@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from jobs.ledger.schema import SCHEMA, exists
+from jobs.states import RunState, StepKind
 
 
 def applied_file_hashes(conn: Connection) -> list[tuple[str, str, str]]:
@@ -26,7 +27,7 @@ def applied_file_hashes(conn: Connection) -> list[tuple[str, str, str]]:
     return [
         (r.revision, r.file_sha256, r.run_id)
         for r in rows
-        if r.kind == "upgrade" and r.run_state != "restored" and r.file_sha256
+        if r.kind == StepKind.UPGRADE and r.run_state != RunState.RESTORED and r.file_sha256
     ]
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
-from jobs.errors import BadDeclaration, RunbookError
+from jobs.errors import BadDeclaration, RunbookError, UnsafeSql
 from jobs.lazy import lazy
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def _declared_backfill(revision: str, index: int, raw: Any) -> DeclaredBackfill:
         key = raw.get("key")
         if key is not None:
             key = sqlguard.identifier(key, "key", qualified=False)[1:-1]  # folded, unquoted
-    except sqlguard.UnsafeSql as exc:
+    except UnsafeSql as exc:
         raise BadDeclaration(f"{where}: {exc}") from None
     if key is not None and any(column == f'"{key}"' for column, _ in pairs):
         raise BadDeclaration(f"{where}: its set assigns the key {key}; a backfill cannot move it")

@@ -28,7 +28,14 @@ from jobs.backfill import control, declared
 from jobs.backfill import slices as backfill_slices
 from jobs.backups import leftovers, restore, restore_tables, vault
 from jobs.config import Settings, Target, redact
-from jobs.errors import DowngradeImpossible, RunbookError, StepFailed, VerifyFailed
+from jobs.errors import (
+    AwaitingBackfill,
+    DowngradeImpossible,
+    HookFailed,
+    RunbookError,
+    StepFailed,
+    VerifyFailed,
+)
 from jobs.insight import parse
 from jobs.insight import rehearse as insight_rehearse
 from jobs.ledger import backfills as ledger_backfills
@@ -46,7 +53,6 @@ log = logging.getLogger("runbook.coordinator")
 Progress = Callable[[dict[str, Any]], None]
 
 # Steps after which the target may differ from before the run: a failure must roll back.
-CHANGING_STEPS = frozenset({"upgrade", "downgrade", "restore"})
 
 
 @dataclass
@@ -70,15 +76,6 @@ class Outcome:
             "note": self.note,
             "waiting_for": self.waiting_for,
         }
-
-
-class AwaitingBackfill(Exception):
-    """Raised inside a delivery when the run must wait for a backfill; not a failure."""
-
-    def __init__(self, backfill_id: str, state: str) -> None:
-        super().__init__(f"waiting for backfill {backfill_id} ({state})")
-        self.backfill_id = backfill_id
-        self.state = state
 
 
 class Coordinator:
@@ -144,9 +141,9 @@ class Coordinator:
     def _before(self, rev: Revision) -> str | None:
         """The fingerprint the schema had before ``rev`` went up in this run: what its
         downgrade must bring back. The previous revision's verify step recorded it."""
-        if self.run.kind == "apply" and rev.down == self.run.from_revision:
+        if self.run.kind == st.RunKind.APPLY and rev.down == self.run.from_revision:
             return self.run.fingerprint_before
-        previous = self.run.step("verify", rev.down)
+        previous = self.run.step(st.StepKind.VERIFY, rev.down)
         if previous is not None:
             return previous.detail.get("fingerprint")
         return fingerprints.recorded_fingerprint(self.conn, rev.down)
@@ -161,9 +158,9 @@ class Coordinator:
         """The run's work, by kind; raises StepFailed (or any error) to start a rollback."""
         run = self.run
         self.hook("before_run")
-        if run.kind == "backup":
+        if run.kind == st.RunKind.BACKUP:
             self.backup()
-        elif run.kind == "apply":
+        elif run.kind == st.RunKind.APPLY:
             path = self.project.upgrade_path(run.from_revision, run.to_revision)
             if not run.irreversible:
                 found = {r.id: r.irreversible for r in path if r.irreversible}
@@ -175,7 +172,7 @@ class Coordinator:
                 self.upgrade(rev)
                 self.backfills(rev)
                 self.verify(rev)
-        elif run.kind == "rollback":
+        elif run.kind == st.RunKind.ROLLBACK:
             path = self.project.upgrade_path(run.to_revision, run.from_revision)
             if run.options.get("backup", True):
                 self.backup()  # fresh and verified: what a failed rollback is restored from
@@ -184,19 +181,19 @@ class Coordinator:
             for rev in reversed(path):
                 self.downgrade(rev)
                 self.check_at(rev.down)
-        elif run.kind == "restore":
+        elif run.kind == st.RunKind.RESTORE:
             self.backup()  # the state being replaced stays recoverable
             self.restore(run.options["backup_id"], run.options.get("tables") or [])
-        elif run.kind == "rehearse":
+        elif run.kind == st.RunKind.REHEARSE:
             self.rehearse()
-        elif run.kind == "stamp":
+        elif run.kind == st.RunKind.STAMP:
             self.stamp(run.to_revision)
         else:
             raise StepFailed(f"unknown run kind {run.kind!r}")
 
     def preflight(self, path: list[Revision]) -> None:
         """The run's preconditions, checked before the backup (recorded as a step)."""
-        step = self._begin("preflight")
+        step = self._begin(st.StepKind.PREFLIGHT)
         if step is None:
             return
         try:  # a bad declaration is refused before anything changes
@@ -256,14 +253,14 @@ class Coordinator:
         command = getattr(self.target, which)
         if not command:
             return
-        step = self._begin("hook", which)
+        step = self._begin(st.StepKind.HOOK, which)
         if step is None:
             return
         try:
             answer = hooks.run_hook(
                 self.target, which, command, self.run.id, state or self.run.state
             )
-        except hooks.HookFailed as exc:
+        except HookFailed as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise
         self._end(step, st.STEP_SUCCEEDED, **answer)
@@ -283,7 +280,7 @@ class Coordinator:
         if latest is None:
             self.backup()
             latest = backups.get_backup(self.conn, (run.backup or {})["id"])
-        step = self._begin("rehearse", run.to_revision)
+        step = self._begin(st.StepKind.REHEARSE, run.to_revision)
         if step is None:
             return
         try:
@@ -314,7 +311,7 @@ class Coordinator:
 
     def stamp(self, revision: str | None) -> None:
         """Record ``revision`` in the version table without running migrations (§8)."""
-        step = self._begin("stamp", revision)
+        step = self._begin(st.StepKind.STAMP, revision)
         if step is None:
             return
         before = self.project.recorded(self.conn)
@@ -335,7 +332,7 @@ class Coordinator:
         runs.update_run(self.conn, self.run, current_revision=current)
 
     def backup(self) -> None:
-        step = self._begin("backup")
+        step = self._begin(st.StepKind.BACKUP)
         if step is None:
             return
         try:
@@ -363,7 +360,7 @@ class Coordinator:
 
     def restore(self, backup_id: str, tables: list[str]) -> None:
         """Restore a backup (whole, or some tables) and prove the result equals it."""
-        step = self._begin("restore", backup_id)
+        step = self._begin(st.StepKind.RESTORE, backup_id)
         if step is None:
             return
         try:
@@ -384,7 +381,7 @@ class Coordinator:
         runs.update_run(self.conn, self.run, current_revision=self.project.current(self.conn))
 
     def upgrade(self, rev: Revision) -> None:
-        step = self._begin("upgrade", rev.id)
+        step = self._begin(st.StepKind.UPGRADE, rev.id)
         if step is None:
             return
         current = self.project.current(self.conn)
@@ -442,9 +439,9 @@ class Coordinator:
         items = rev.backfills
         if not items:
             return
-        step = self.run.step("backfill", rev.id)
+        step = self.run.step(st.StepKind.BACKFILL, rev.id)
         if step is None or step.state != st.STEP_RUNNING:  # a waiting step is not restarted
-            step = self._begin("backfill", rev.id)
+            step = self._begin(st.StepKind.BACKFILL, rev.id)
             if step is None:
                 return
         done = [self._backfill(step, rev, item) for item in items]
@@ -501,7 +498,7 @@ class Coordinator:
                 control.cancel(self.conn, bf.id)
 
     def verify(self, rev: Revision) -> None:
-        step = self._begin("verify", rev.id)
+        step = self._begin(st.StepKind.VERIFY, rev.id)
         if step is None:
             return
         try:
@@ -527,12 +524,12 @@ class Coordinator:
         backup it took first. When downgrades cannot undo the run, the backup is restored.
         """
         run = self.run
-        if run.kind != "apply":
-            if any(s.kind in ("downgrade", "restore") for s in run.steps):
+        if run.kind != st.RunKind.APPLY:
+            if any(s.kind in (st.StepKind.DOWNGRADE, st.StepKind.RESTORE) for s in run.steps):
                 return self.restore_after(f"the {run.kind} failed: {run.error}")
             return st.FAILED
         self._cancel_backfills()
-        applied = {s.revision: s for s in run.steps if s.kind == "upgrade"}
+        applied = {s.revision: s for s in run.steps if s.kind == st.StepKind.UPGRADE}
         try:
             while True:
                 current = self.project.current(self.conn)
@@ -586,7 +583,7 @@ class Coordinator:
         return st.FAILED
 
     def downgrade(self, rev: Revision) -> None:
-        step = self._begin("downgrade", rev.id)
+        step = self._begin(st.StepKind.DOWNGRADE, rev.id)
         if step is None:  # recorded as done, yet the database is still there: refuse to loop
             raise DowngradeImpossible(f"downgrade of {rev.id} ran but did not take effect")
         if rev.declared_irreversible:
@@ -739,7 +736,7 @@ def _drive(
             error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
             if conn.in_transaction():
                 conn.rollback()
-            if any(s.kind in CHANGING_STEPS for s in run.steps):
+            if any(s.kind in st.CHANGING_STEPS for s in run.steps):
                 runs.transition(conn, run, st.ROLLING_BACK, error=error)
             else:  # nothing was changed yet (a hook or the backup failed): nothing to undo
                 runs.update_run(conn, run, error=error)
@@ -749,7 +746,7 @@ def _drive(
     assert final is not None
     try:
         coordinator.hook("after_run", final)  # whatever the outcome
-    except hooks.HookFailed as exc:
+    except HookFailed as exc:
         runs.update_run(conn, run, error=f"{run.error + '; ' if run.error else ''}{exc}")
     runs.transition(conn, run, final)
     report({"run_id": run.id, "target": target.name, "state": run.state})

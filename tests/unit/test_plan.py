@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from jobs.cli import render_plan
 from jobs.config import Target
-from jobs.errors import BadDeclaration
+from jobs.errors import BadDeclaration, LintFailed, LintUnavailable
 from jobs.insight import lint, parse, plan
 from jobs.project.runtime import Project
 from jobs.project.scripts import Revision
@@ -223,7 +223,7 @@ def test_syntax_error_is_an_error_finding() -> None:
 def test_missing_squawk_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(lint.LintUnavailable, match="squawk not found; pip install squawk-cli"):
+    with pytest.raises(LintUnavailable, match="squawk not found; pip install squawk-cli"):
         lint.lint({"r": framed("SELECT 1")})
 
 
@@ -232,7 +232,7 @@ def test_squawk_without_a_report_fails(monkeypatch: pytest.MonkeyPatch, tmp_path
     fake.write_text("#!/bin/sh\necho 'boom: no config' >&2\nexit 2\n")
     fake.chmod(0o755)
     monkeypatch.setattr(lint, "squawk_binary", lambda: str(fake))
-    with pytest.raises(lint.LintFailed, match=r"squawk gave no report \(boom: no config\)"):
+    with pytest.raises(LintFailed, match=r"squawk gave no report \(boom: no config\)"):
         lint.lint({"r": framed("SELECT 1")})
 
 
