@@ -20,7 +20,7 @@ from jobs.lazy import lazy, lazy_callable
 from jobs.ledger import backups as ledger_backups
 from jobs.ledger import notify, runs, schema
 from jobs.pg import db
-from jobs.states import CANCELLED, ENQUEUED, RunKind
+from jobs.states import CANCELLED, ENQUEUED, RunKind, RunState
 
 # Loaded on first use, so that `runbook status` pays only for the ledger: Alembic (migrate),
 # pglast (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands
@@ -143,7 +143,7 @@ def _check_rehearsed(
     """require_rehearsal: a succeeded rehearsal of exactly these revision files must exist."""
     hint = f"run `runbook rehearse --target {t.name} --to {to_rev}` first"
     found = ledger_backups.latest_rehearsal(conn, current, to_rev) if schema.exists(conn) else None
-    if found is None or found["state"] != "succeeded":
+    if found is None or found["state"] != RunState.SUCCEEDED:
         raise RunbookError(
             f"target {t.name!r} requires a rehearsal of {current or 'base'} -> {to_rev}; {hint}"
         )

@@ -18,7 +18,7 @@ import click
 
 from jobs.errors import UnknownRun
 from jobs.lazy import lazy, lazy_callable
-from jobs.states import BACKFILL_SETTLED, SUCCEEDED, TERMINAL
+from jobs.states import BACKFILL_SETTLED, ENQUEUED, SUCCEEDED, TERMINAL
 
 # The heavy modules load on first use: `runbook --help` imports none of them and `runbook
 # status` only what reading the ledger needs (tests/unit/test_cli_imports.py).
@@ -88,7 +88,7 @@ def _follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> Non
         click.echo(json.dumps(now, indent=2))
     elif now["error"]:
         err.print(f"  error: {now['error']}")
-    sys.exit(0 if now["state"] == "succeeded" else 1)
+    sys.exit(0 if now["state"] == SUCCEEDED else 1)
 
 
 def _exit_for(run: dict[str, Any]) -> None:
@@ -131,7 +131,7 @@ def _follow(run_id: str | None, target: str | None, wait: bool, as_json: bool, w
             err.print(f"nothing to do: {what}")
         return
     if not wait:
-        click.echo(json.dumps({"id": run_id, "state": "enqueued"}) if as_json else run_id)
+        click.echo(json.dumps({"id": run_id, "state": ENQUEUED}) if as_json else run_id)
         return
     if not as_json:
         click.echo(run_id)
