@@ -15,7 +15,7 @@ from jobs.lazy import lazy
 from jobs.ledger import read
 from jobs.ledger.records import backfill_progress
 from jobs.pg import connect
-from jobs.states import BACKFILL_TERMINAL
+from jobs.states import BACKFILL_TERMINAL, BackfillState
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
 # psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
@@ -134,7 +134,7 @@ def enqueue_backfill(
         spec.check()
         check_broker(settings)
         backfill_id = create.create(conn, t.name, spec)
-        if control.get(conn, backfill_id).state == "succeeded":
+        if control.get(conn, backfill_id).state == BackfillState.SUCCEEDED:
             return backfill_id  # an empty table: nothing to queue
         started = control.start(conn, backfill_id)
         try:
@@ -236,7 +236,7 @@ def control_backfill(
             control.pause(conn, backfill_id)
         elif action == "cancel":
             bf = control.get(conn, backfill_id)
-            if control.cancel(conn, backfill_id) == "cancelled" and bf.run_id:
+            if control.cancel(conn, backfill_id) == BackfillState.CANCELLED and bf.run_id:
                 # Cancelled at once (no slice was running to settle it): its run, waiting for
                 # it, is sent on now rather than by the reconciler a lease later.
                 check_broker(settings)

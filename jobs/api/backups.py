@@ -14,6 +14,7 @@ from jobs.errors import (
 )
 from jobs.lazy import lazy, lazy_callable
 from jobs.pg import names
+from jobs.states import RunKind
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
 # psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
@@ -49,7 +50,7 @@ def enqueue_backup(target: str | None = None, *, settings: Settings | None = Non
             settings,
             t,
             conn,
-            kind="backup",
+            kind=RunKind.BACKUP,
             from_revision=current,
             to_revision=current,
             options={"backup": True},
@@ -112,7 +113,7 @@ def enqueue_restore(
             settings,
             t,
             conn,
-            kind="restore",
+            kind=RunKind.RESTORE,
             from_revision=current,
             to_revision=found.revision if not tables else current,
             options={"backup": True, "backup_id": backup_id, "tables": tables or []},

@@ -15,7 +15,7 @@ from jobs.errors import (
     RunbookError,
 )
 from jobs.lazy import lazy, lazy_callable
-from jobs.states import CANCELLED, ENQUEUED
+from jobs.states import CANCELLED, ENQUEUED, RunKind, RunState
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
 # psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
@@ -135,7 +135,7 @@ def enqueue(
             settings,
             t,
             conn,
-            kind="apply",
+            kind=RunKind.APPLY,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": take_backup},
@@ -150,7 +150,7 @@ def _check_rehearsed(
     """require_rehearsal: a succeeded rehearsal of exactly these revision files must exist."""
     hint = f"run `runbook rehearse --target {t.name} --to {to_rev}` first"
     found = ledger_backups.latest_rehearsal(conn, current, to_rev) if schema.exists(conn) else None
-    if found is None or found["state"] != "succeeded":
+    if found is None or found["state"] != RunState.SUCCEEDED:
         raise RunbookError(
             f"target {t.name!r} requires a rehearsal of {current or 'base'} -> {to_rev}; {hint}"
         )
@@ -202,7 +202,7 @@ def enqueue_rollback(
             settings,
             t,
             conn,
-            kind="rollback",
+            kind=RunKind.ROLLBACK,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": t.backup, "data_loss": losses},
@@ -230,7 +230,7 @@ def enqueue_rehearse(
             settings,
             t,
             conn,
-            kind="rehearse",
+            kind=RunKind.REHEARSE,
             from_revision=current,
             to_revision=to_rev,
             options={"backup": True},
@@ -253,7 +253,7 @@ def enqueue_stamp(
             settings,
             t,
             conn,
-            kind="stamp",
+            kind=RunKind.STAMP,
             from_revision=recorded[0] if recorded else None,
             to_revision=to_rev,
             options={"backup": False},

@@ -10,33 +10,23 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
-    BadSpec,
-    IsolationFailed,
+from jobs.errors import (
     UnknownBackfill,
-    UnusableKey,
 )
 from jobs.ledger import backfills, records
 from jobs.ledger import slices as ledger_slices
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
+from jobs.states import (
+    BACKFILL_ALL_DONE,
+    BACKFILL_ALL_STOPPED,
+    ERRORED,
+    SliceState,
 )
+from jobs.states import BACKFILL_CANCEL as CANCEL
 from jobs.states import BACKFILL_CLAIM as CLAIM
 from jobs.states import BACKFILL_PAUSE as PAUSE
 from jobs.states import BACKFILL_RESUME as RESUME
 from jobs.states import BACKFILL_TERMINAL as TERMINAL
 from jobs.states import BACKFILL_TRANSITIONS as TRANSITIONS
-from jobs.states import (
-    CANCELLED,
-    CANCELLING,
-    ERRORED,
-    PAUSED,
-    PAUSING,
-    RUNNING,
-    SUCCEEDED,
-)
 from jobs.states import (
     check_backfill_transition as check_transition,
 )
@@ -91,11 +81,11 @@ def cancel(conn: Connection, backfill_id: str) -> str:
 def settled_state(state: str, slices: list[str]) -> str | None:
     """What the backfill becomes once its slices are as ``slices`` say, or None (no change):
     succeeded when every slice is done, paused or cancelled once none is still active."""
-    if slices and all(s == backfills.SLICE_DONE for s in slices):
-        return {RUNNING: SUCCEEDED, PAUSING: SUCCEEDED, CANCELLING: CANCELLED}.get(state)
-    if backfills.SLICE_ACTIVE in slices:
+    if slices and all(s == SliceState.DONE for s in slices):
+        return BACKFILL_ALL_DONE.get(state)
+    if SliceState.ACTIVE in slices:
         return None
-    return {PAUSING: PAUSED, CANCELLING: CANCELLED}.get(state)
+    return BACKFILL_ALL_STOPPED.get(state)
 
 
 def settle(conn: Connection, backfill_id: str) -> str | None:
@@ -120,7 +110,7 @@ def abandon(conn: Connection, backfill_id: str, slice_no: int, generation: int, 
         piece = ledger_slices.lock_slice(conn, backfill_id, slice_no)
         if bf is None or piece is None or piece.generation != generation:
             return FENCED
-        ledger_slices.set_slice_state(conn, piece, backfills.SLICE_STOPPED)
+        ledger_slices.set_slice_state(conn, piece, SliceState.STOPPED)
         if ERRORED not in TRANSITIONS[bf.state]:
             return bf.state
         where = Range(slice_no, piece.position, None)

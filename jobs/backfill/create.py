@@ -24,19 +24,11 @@ from jobs.backfill.keys import (
     walkable_key_type,
 )
 from jobs.backfill.spec import Spec
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
+from jobs.errors import (
     BadSpec,
-    IsolationFailed,
-    UnknownBackfill,
-    UnusableKey,
 )
 from jobs.ledger import backfills, schema
 from jobs.pg.sqlstate import describe
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
 from jobs.states import (
     ENQUEUED,
     SUCCEEDED,

@@ -20,7 +20,7 @@ from jobs.ledger import backfills, records, schema
 from jobs.pg import db
 from jobs.project.runtime import Project
 from jobs.project.scripts import DeclaredBackfill, Revision
-from jobs.states import BACKFILL_TERMINAL, SUCCEEDED
+from jobs.states import BACKFILL_TERMINAL, ERRORED, PAUSED, SUCCEEDED
 
 IN_PROCESS_BUDGET_S = 2.0  # per call of run_slice when the slices run here, in this process
 
@@ -101,9 +101,9 @@ def _command(target: str, declared: DeclaredBackfill) -> str:
 
 def _unfinished(bf: records.Backfill) -> str:
     """What to do about a backfill that has not finished."""
-    if bf.state == "paused":
+    if bf.state == PAUSED:
         return f"resume it (runbook resume {bf.id})"
-    if bf.state == "errored":
+    if bf.state == ERRORED:
         return f"fix its error ({bf.error}) and resume it (runbook resume {bf.id})"
     return f"wait for it (runbook status {bf.id} --watch)"
 

@@ -15,18 +15,10 @@ from jobs.backfill.create import Prepared, prepare
 from jobs.backfill.keys import quote
 from jobs.backfill.sizing import next_batch_size
 from jobs.backfill.spec import Spec
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
+from jobs.errors import (
     BadSpec,
-    IsolationFailed,
-    UnknownBackfill,
-    UnusableKey,
 )
 from jobs.pg.sqlstate import describe
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
 
 
 def dry_run(conn: Connection, spec: Spec, batches: int = 3) -> dict[str, Any]:

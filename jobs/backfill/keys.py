@@ -14,18 +14,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from jobs.backfill.spec import KEY_TYPES, Spec, embed
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
-    BadSpec,
-    IsolationFailed,
-    UnknownBackfill,
-    UnusableKey,
-)
+from jobs.errors import BadSpec, UnusableKey
 from jobs.pg.sqlstate import QUERY_CANCELED, sqlstate
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
 
 COUNT_BELOW_ROWS = 1_000_000  # below this many rows (planner estimate) the estimate is counted
 SAMPLE_ABOVE_ROWS = 200_000  # slice bounds come from a sample of a table larger than this

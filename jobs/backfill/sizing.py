@@ -4,18 +4,6 @@ from __future__ import annotations
 
 import math
 
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
-    BadSpec,
-    IsolationFailed,
-    UnknownBackfill,
-    UnusableKey,
-)
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
-
 GROWTH = 1.2  # a fast batch grows the next one by at most this factor
 
 

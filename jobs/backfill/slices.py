@@ -17,18 +17,15 @@ from jobs.backfill import control, walk
 from jobs.config import Settings, Target
 from jobs.ledger import backfills, leases, notify, records
 from jobs.ledger import slices as ledger_slices
-from jobs.ledger.records import BACKFILL_ACTIVE, backfill_progress
+from jobs.ledger.records import backfill_progress
 from jobs.pg import db
 from jobs.run import lease
-from jobs.states import CANCELLED, ERRORED, PAUSED, SUCCEEDED
+from jobs.states import BACKFILL_SETTLED
 
 log = logging.getLogger("runbook.backfill")
 
 SLICE_SECONDS = 3.0
 PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
-# The outcomes of a slice that stopped the whole backfill: a run waiting on it goes on.
-STOPS = frozenset({SUCCEEDED, PAUSED, CANCELLED, ERRORED})
-ACTIVE = BACKFILL_ACTIVE
 
 # (backfill id, target name, slice, generation, argsrepr): queue one slice's task.
 SendSlice = Callable[[str, str, int, int, str], None]
@@ -66,7 +63,7 @@ def follow(
                 before_each()
             info = progress(conn, control.get(conn, backfill_id))
             yield info
-            if info["state"] in STOPS:
+            if info["state"] in BACKFILL_SETTLED:
                 return
             notify.wait_for_change(conn, backfill_id, interval_s)
 
@@ -164,7 +161,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Send the waiting run on if this slice stopped the backfill; the task's result."""
     bf = control.get(conn, backfill_id)
-    if outcome in STOPS and bf.run_id and resume_run is not None:
+    if outcome in BACKFILL_SETTLED and bf.run_id and resume_run is not None:
         resume_run(bf.run_id, target_name)
     log.info(
         "backfill %s slice %d on %s: %s, %d rows done",

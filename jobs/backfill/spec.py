@@ -8,17 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
-    BadSpec,
-    IsolationFailed,
-    UnknownBackfill,
-    UnusableKey,
-)
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
+from jobs.errors import BadSpec
 
 # format_type() of a usable key -> the type its cursor is cast to.
 KEY_TYPES = {

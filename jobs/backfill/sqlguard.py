@@ -53,7 +53,7 @@ from pglast import ast, parse_sql
 from pglast.parser import ParseError, scan
 from pglast.stream import RawStream
 
-from jobs.errors import RunbookError
+from jobs.errors import UnsafeSql
 
 MAX_FRAGMENT_BYTES = 4096
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1
@@ -184,12 +184,6 @@ _CLAUSE_WORDS = {
 }
 _SET_PREFIX = "UPDATE _t SET "
 _WHERE_PREFIX = "SELECT 1 FROM _t WHERE "
-
-
-class UnsafeSql(RunbookError):
-    """Raised when an operator-written name or SQL fragment is malformed or not allowed."""
-
-    exit_code = 2
 
 
 # -- names ------------------------------------------------------------------------------------

@@ -47,24 +47,20 @@ from jobs.backfill.keys import UNKNOWN, quote
 from jobs.backfill.pacing import Pacing
 from jobs.backfill.sizing import next_batch_size
 from jobs.backfill.spec import KEY_TYPES
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
+from jobs.errors import (
     BackfillInterrupted,
     BadSpec,
     IsolationFailed,
     UnknownBackfill,
-    UnusableKey,
 )
 from jobs.ledger import backfills, records, slices
 from jobs.pg import backoff
 from jobs.pg.sqlstate import QUERY_CANCELED, describe, is_transient, sqlstate
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
 from jobs.states import BACKFILL_TRANSITIONS as TRANSITIONS
 from jobs.states import (
     ERRORED,
     RUNNING,
+    SliceState,
 )
 
 log = logging.getLogger("runbook.backfill")
@@ -171,7 +167,7 @@ class _Walk:
                 time.sleep(backoff.delay(attempt, backoff_s, MAX_BACKOFF_S))
                 attempt += 1
                 continue
-            if outcome == backfills.SLICE_DONE or outcome == STOPPED:
+            if outcome == SliceState.DONE or outcome == STOPPED:
                 return settle(self.connection(), self.id) or STOPPED
             return outcome
 
@@ -251,9 +247,9 @@ class _Walk:
             else:  # a first batch, or the cursor moved under us (a duplicate delivery)
                 hi = self.bound(conn, bf, piece, size)
             if hi is None:
-                slices.set_slice_state(conn, piece, backfills.SLICE_DONE)
+                slices.set_slice_state(conn, piece, SliceState.DONE)
                 conn.exec_driver_sql("COMMIT")
-                return backfills.SLICE_DONE
+                return SliceState.DONE
             self.range.hi = hi
             blocked = self.apply(conn, bf, piece, size, hi, attempt)
         self.committed(hi, piece.upper_key, blocked)
@@ -334,12 +330,12 @@ class _Walk:
         """Why this worker must not do a batch now (fenced, paused, cancelled…), or None."""
         if piece.generation != self.generation:
             return FENCED
-        if piece.state != backfills.SLICE_ACTIVE:
+        if piece.state != SliceState.ACTIVE:
             return STOPPED
         if bf.state != RUNNING:
             # A pause, a cancel or another slice's error: this slice stops; the last one to
             # stop settles the backfill's state.
-            slices.set_slice_state(conn, piece, backfills.SLICE_STOPPED)
+            slices.set_slice_state(conn, piece, SliceState.STOPPED)
             return STOPPED
         if bf.key_type not in KEY_TYPES.values():
             raise BadSpec(f"backfill {bf.id}: unsupported key type {bf.key_type!r}")
@@ -415,7 +411,7 @@ class _Walk:
                 piece = slices.lock_slice(conn, self.id, self.slice)
                 if bf is None or piece is None or piece.generation != self.generation:
                     return FENCED
-                slices.set_slice_state(conn, piece, backfills.SLICE_STOPPED)
+                slices.set_slice_state(conn, piece, SliceState.STOPPED)
                 if ERRORED not in TRANSITIONS[bf.state]:
                     return STOPPED
                 move_state(conn, bf, ERRORED, error=message, error_range=self.range.as_dict())

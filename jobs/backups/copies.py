@@ -31,7 +31,7 @@ from botocore.exceptions import (
 )
 
 from jobs.config import redact
-from jobs.errors import BackupError
+from jobs.errors import CopyError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -48,10 +48,6 @@ _AUTH_CODES = {
     "InvalidToken",
     "SignatureDoesNotMatch",
 }
-
-
-class CopyError(BackupError):
-    """Raised when a backup copy cannot be written, read back, fetched or removed."""
 
 
 def _scrub(text: str) -> str:

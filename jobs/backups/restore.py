@@ -53,13 +53,8 @@ from typing import IO, Any
 
 from jobs.backups.dump import libpq_env
 from jobs.config import Target, redact
-from jobs.errors import RunbookError
+from jobs.errors import RestoreError
 from jobs.ledger.read import SCHEMA as LEDGER_SCHEMA
-
-
-class RestoreError(RunbookError):
-    """Raised when a backup cannot be restored; the target is then left as it was."""
-
 
 MARK = "runbook-restore"
 TOC_LINE = re.compile(r"^(\d+); \d+ \d+ (.*)$")

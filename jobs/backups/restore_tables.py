@@ -17,7 +17,6 @@ from jobs.backups.restore import (
     HEADER,
     MARK,
     TOC_LINE,
-    RestoreError,
     check_lock_timeout,
     read_toc,
     run_restore,
@@ -25,6 +24,7 @@ from jobs.backups.restore import (
     tool,
 )
 from jobs.config import Target
+from jobs.errors import RestoreError
 from jobs.pg.db import connect
 from jobs.pg.names import DEFAULT_SCHEMA
 

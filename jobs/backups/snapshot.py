@@ -30,7 +30,7 @@ from jobs.backups.dump import libpq_env
 from jobs.backups.dump import tool as _tool
 from jobs.backups.leftovers import Owner, scratch_name
 from jobs.config import Target, redact
-from jobs.errors import BackupError
+from jobs.errors import BackupError, RestoreMismatch
 from jobs.ledger.read import SCHEMA as LEDGER_SCHEMA
 from jobs.pg.db import connect
 
@@ -73,10 +73,6 @@ class TableStats(TypedDict):
 
     rows: int
     checksum: str | None
-
-
-class RestoreMismatch(BackupError):
-    """Raised when a backup restored into a scratch database differs from the pre-run state."""
 
 
 @contextmanager

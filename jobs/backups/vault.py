@@ -19,17 +19,9 @@ from sqlalchemy import Connection
 
 from jobs.backups import copies, dump, leftovers, snapshot
 from jobs.config import Target
-from jobs.errors import BackupError, RunbookError
+from jobs.errors import BackupError, RestoreCheckFailed, UnknownBackup
 from jobs.ledger import backups, schema
 from jobs.pg import names
-
-
-class UnknownBackup(RunbookError):
-    """Raised when a backup id is not in the target's ledger (or was removed by retention)."""
-
-
-class RestoreCheckFailed(BackupError):
-    """Raised when the restored database does not equal the backup it was restored from."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ import click
 
 from jobs.cli.options import Command
 from jobs.cli.render import (
-    BACKFILL_STOPS,
     LazyConsole,
     backfill_line,
     duration,
@@ -21,6 +20,7 @@ from jobs.cli.render import (
     statement,
 )
 from jobs.lazy import lazy, lazy_callable
+from jobs.states import BACKFILL_SETTLED, SUCCEEDED
 
 # The heavy modules load on first use: `runbook --help` imports none of them and `runbook
 # status` only what reading the ledger needs (tests/unit/test_cli_imports.py).
@@ -50,7 +50,7 @@ def follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None
             if not as_json and (now["state"], now["rows_done"]) != last:
                 err.print(backfill_line(now))
                 last = (now["state"], now["rows_done"])
-            if now["state"] in BACKFILL_STOPS:
+            if now["state"] in BACKFILL_SETTLED:
                 break
             now = next(updates)
     else:
@@ -69,14 +69,14 @@ def follow_backfill(backfill_id: str, target: str | None, as_json: bool) -> None
             while True:
                 detail = backfill_line(now).split(" ", 2)[2]  # "<state>: <rows> of ..."
                 bar.update(task, completed=now["rows_done"], detail=detail)
-                if now["state"] in BACKFILL_STOPS:
+                if now["state"] in BACKFILL_SETTLED:
                     break
                 now = next(updates)
     if as_json:
         click.echo(json.dumps(now, indent=2))
     elif now["error"]:
         err.print(f"  error: {now['error']}")
-    sys.exit(0 if now["state"] == "succeeded" else 1)
+    sys.exit(0 if now["state"] == SUCCEEDED else 1)
 
 
 @click.command(cls=Command)

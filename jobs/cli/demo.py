@@ -42,7 +42,6 @@ from jobs.cli.demo_setup import (
     INITIAL_REVISION,
     START_HINT,
     TARGET,
-    DemoError,
     DemoWorker,
     admin_url,
     broker_problem,
@@ -60,24 +59,24 @@ from jobs.cli.demo_setup import (
     write_config,
 )
 from jobs.config import DEFAULT_BROKER, Settings, load_settings, redact
-from jobs.errors import RunbookError
+from jobs.errors import DemoError, RunbookError
 from jobs.pg.url import PgURL
-from jobs.states import SUCCEEDED, TERMINAL
+from jobs.states import SUCCEEDED, TERMINAL, RunState, StepKind, StepState
 
 DEFAULT_TIMEOUT_S = 600.0
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-STATE_STYLE = {
-    "succeeded": "green",
-    "running": "yellow",
-    "enqueued": "cyan",
-    "failed": "bold red",
-    "rolling_back": "magenta",
-    "rolled_back": "magenta",
-    "restored": "magenta",
-    "skipped": "dim",
+STATE_STYLE: dict[str, str] = {
+    RunState.SUCCEEDED: "green",
+    RunState.RUNNING: "yellow",
+    RunState.ENQUEUED: "cyan",
+    RunState.FAILED: "bold red",
+    RunState.ROLLING_BACK: "magenta",
+    RunState.ROLLED_BACK: "magenta",
+    RunState.RESTORED: "magenta",
+    StepState.SKIPPED: "dim",
 }
 
 
@@ -119,7 +118,7 @@ def _progress(started: float, titles: dict[str, str]) -> Callable[[dict[str, Any
             rev = step["revision"] or ""
             took = _seconds(step.get("started_at"), step.get("finished_at"))
             extra = f", {took:.1f}s" if took is not None else ""
-            if first and step["kind"] == "upgrade" and titles.get(rev):
+            if first and step["kind"] == StepKind.UPGRADE and titles.get(rev):
                 extra += f"  [dim]{escape(titles[rev])}[/]"
             if step.get("error"):
                 extra += f"  [red]{escape(str(step['error']))}[/]"
@@ -172,7 +171,7 @@ def _summary(
     )
     kinds: dict[str, int] = {}
     for step in run["steps"]:
-        if step["state"] == "succeeded":
+        if step["state"] == StepState.SUCCEEDED:
             kinds[step["kind"]] = kinds.get(step["kind"], 0) + 1
     done = ", ".join(f"{n} {kind}" for kind, n in kinds.items()) or "none"
     row("steps", f"{len(run['steps'])} recorded, succeeded: {done}")

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from jobs.config import normalize_url, redact
-from jobs.errors import RunbookError
+from jobs.errors import DemoError, DemoSetupError, RunbookError
 from jobs.pg.url import PgURL
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -27,18 +27,6 @@ INITIAL_REVISION = "w5x6y7z8a9b0"  # the reference history's first revision
 TARGET = "demo"
 START_HINT = "start them with `docker compose up -d postgres redis`"
 _DB_NAME = re.compile(r"^runbook_demo[a-z0-9_]{0,50}$")
-
-
-class DemoError(RunbookError):
-    """Raised when the demo cannot go on; one line for the operator."""
-
-    exit_code = 1
-
-
-class DemoSetupError(DemoError):
-    """Raised when the demo's input (environment, files) is unusable; nothing was changed."""
-
-    exit_code = 2
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import click
 
 from jobs.errors import RunbookError
 from jobs.lazy import lazy_callable
+from jobs.states import SliceState, StepState
 
 # The heavy modules load on first use: `runbook --help` imports none of them and `runbook
 # status` only what reading the ledger needs (tests/unit/test_cli_imports.py).
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 else:
     Console = lazy_callable("rich.console", "Console")
     redact = lazy_callable("jobs.config", "redact")
-
-BACKFILL_STOPS = {"succeeded", "cancelled", "errored", "paused"}
 
 
 def duration(seconds: float) -> str:
@@ -49,7 +48,7 @@ def backfill_line(now: dict[str, Any]) -> str:
     if now["skipped"]:
         parts.append(f"{now['skipped']} rows skipped")
     if len(now["slices"]) > 1:
-        done = sum(1 for s in now["slices"] if s["state"] == "done")
+        done = sum(1 for s in now["slices"] if s["state"] == SliceState.DONE)
         parts.append(f"slices {done}/{len(now['slices'])} done")
     return ", ".join(parts)
 
@@ -120,7 +119,7 @@ def step_line(step: dict[str, Any]) -> str:
     rev = f" {step['revision']}" if step.get("revision") else ""
     tries = f" (attempt {step['attempts']})" if step.get("attempts", 1) > 1 else ""
     head = f"{step['kind']}{rev} {step['state']}{tries}"
-    if not (step.get("error") and step["state"] == "failed"):
+    if not (step.get("error") and step["state"] == StepState.FAILED):
         return head
     # Step errors often name the step already ("upgrade r1 failed: ..."): say it once.
     return step["error"] if step["error"].startswith(head) else f"{head}: {step['error']}"

@@ -22,7 +22,7 @@ from jobs.cli.render import (
 )
 from jobs.errors import UnknownRun
 from jobs.lazy import lazy, lazy_callable
-from jobs.states import SUCCEEDED, TERMINAL
+from jobs.states import ENQUEUED, SUCCEEDED, TERMINAL
 
 # The heavy modules load on first use: `runbook --help` imports none of them and `runbook
 # status` only what reading the ledger needs (tests/unit/test_cli_imports.py).
@@ -52,7 +52,7 @@ def follow_run(
             err.print(f"nothing to do: {what}")
         return
     if not wait:
-        click.echo(json.dumps({"id": run_id, "state": "enqueued"}) if as_json else run_id)
+        click.echo(json.dumps({"id": run_id, "state": ENQUEUED}) if as_json else run_id)
         return
     if not as_json:
         click.echo(run_id)

@@ -28,6 +28,7 @@ from jobs.pg.sqlstate import describe
 from jobs.project.runtime import Project
 from jobs.project.scripts import Revision
 from jobs.run import verify
+from jobs.states import StepKind
 
 
 def diagnose(target: Target, conn: Connection) -> list[Finding]:
@@ -231,7 +232,7 @@ def _by_ledger(
     for change in changes[start:]:
         if change.revision not in known:
             continue
-        at = change.revision if change.kind == "upgrade" else _down(script, change.revision)
+        at = change.revision if change.kind == StepKind.UPGRADE else _down(script, change.revision)
         return (at, "where the ledger last recorded the database") if at else None
     return None
 
@@ -246,7 +247,7 @@ def _applied_by(changes: list[Any], rev: str) -> str | None:
     """The run that applied ``rev`` when the ledger's last change of it is an upgrade."""
     for change in changes:
         if change.revision == rev:
-            return str(change.run_id) if change.kind == "upgrade" else None
+            return str(change.run_id) if change.kind == StepKind.UPGRADE else None
     return None
 
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
-from jobs.errors import RunbookError
+from jobs.errors import LintFailed, LintUnavailable
 from jobs.insight.parse import Statement, is_bookkeeping, statements
 
 SQUAWK_TIMEOUT_S = 120
@@ -58,14 +58,6 @@ ERROR_RULES = frozenset(
         "ban-uncommitted-transaction",
     }
 )
-
-
-class LintUnavailable(RunbookError):
-    """Raised when the squawk linter is not installed."""
-
-
-class LintFailed(RunbookError):
-    """Raised when squawk runs but gives no report."""
 
 
 class Finding(TypedDict):

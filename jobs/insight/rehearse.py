@@ -22,6 +22,7 @@ from sqlalchemy import Connection
 from jobs.backfill import control, declared
 from jobs.backups import leftovers, snapshot
 from jobs.config import Target
+from jobs.errors import RehearsalRefused
 from jobs.pg import db
 from jobs.pg.sqlstate import describe
 from jobs.project.runtime import Project
@@ -30,16 +31,12 @@ from jobs.run.verify import fingerprint
 from jobs.states import SUCCEEDED
 
 
-class _Refused(Exception):
-    """An upgrade the rehearsal refused before running it, as an apply would."""
-
-
 def _timed(action: Any) -> tuple[float, str | None]:
     started = time.monotonic()
     try:
         action()
         return round(time.monotonic() - started, 3), None
-    except _Refused as refused:
+    except RehearsalRefused as refused:
         return round(time.monotonic() - started, 3), str(refused)
     except Exception as exc:
         return round(time.monotonic() - started, 3), describe(exc)
@@ -85,7 +82,7 @@ def _up(conn: Connection, scratch: Target, project: Project, rev: Revision) -> N
     """Upgrade ``rev`` on the copy as an apply would: its backfill requirements first."""
     unmet = declared.unmet_requirement(conn, scratch.name, project, rev)
     if unmet:
-        raise _Refused(unmet)
+        raise RehearsalRefused(unmet)
     project.upgrade_one(rev)
 
 

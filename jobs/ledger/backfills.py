@@ -29,12 +29,8 @@ from jobs.ledger.sql import clean, tx
 # A backfill's key range is cut into slices (one by default), each walked by its own task with
 # its own cursor and generation. The backfill row holds what the operator controls (state:
 # pause, cancel, resume) and what was asked for; each slice row holds a walk's checkpoint.
-
-# Slice states: a slice is `active` while a worker may walk it, `stopped` once its worker saw
-# a pause, cancel or error (resume makes it active again), `done` when its range is walked.
-SLICE_ACTIVE = "active"
-SLICE_STOPPED = "stopped"
-SLICE_DONE = "done"
+#
+# Slice states (SliceState, SLICE_TRANSITIONS) are jobs/states.py's too.
 
 
 _BATCH_COLUMNS = (

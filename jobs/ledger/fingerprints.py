@@ -6,10 +6,9 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from jobs.ledger.read import (
-    SCHEMA,
-)
+from jobs.ledger.read import SCHEMA
 from jobs.ledger.schema import exists
+from jobs.states import RunState, StepKind
 
 
 def applied_file_hashes(conn: Connection) -> list[tuple[str, str, str]]:
@@ -29,7 +28,7 @@ def applied_file_hashes(conn: Connection) -> list[tuple[str, str, str]]:
     return [
         (r.revision, r.file_sha256, r.run_id)
         for r in rows
-        if r.kind == "upgrade" and r.run_state != "restored" and r.file_sha256
+        if r.kind == StepKind.UPGRADE and r.run_state != RunState.RESTORED and r.file_sha256
     ]
 
 

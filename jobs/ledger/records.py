@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jobs.states import TERMINAL
+from jobs.states import BACKFILL_ACTIVE, TERMINAL
 
 # A backfill's states while work on it may still go on: an ETA is shown only in these.
-BACKFILL_ACTIVE = frozenset({"enqueued", "running", "pausing", "cancelling"})
 
 
 @dataclass

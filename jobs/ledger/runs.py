@@ -21,7 +21,7 @@ from jobs.ledger.read import (
 from jobs.ledger.records import Run, Step
 from jobs.ledger.sql import clean, tx
 from jobs.pg.db import ADMISSION_LOCK_KEY
-from jobs.states import ENQUEUED, TERMINAL, check_transition
+from jobs.states import ENQUEUED, TERMINAL, StepState, check_step_transition, check_transition
 
 
 def new_run_id() -> str:
@@ -170,6 +170,9 @@ def count_delivery(conn: Connection, run: Run) -> None:
 def start_step(conn: Connection, run: Run, kind: str, revision: str | None = None) -> Step:
     """Record that a step starts, or that an interrupted one starts again (attempts + 1)."""
     rev = revision or ""
+    previous = run.step(kind, rev)
+    if previous is not None:
+        check_step_transition(previous.state, StepState.RUNNING)
     with tx(conn):
         row = conn.execute(
             text(
@@ -211,6 +214,7 @@ def finish_step(
     **detail: Any,
 ) -> None:
     """Close a step; with ``current_revision``, move the run's revision in the same commit."""
+    check_step_transition(step.state, state)
     step.detail = {**step.detail, **detail}
     with tx(conn):
         conn.execute(

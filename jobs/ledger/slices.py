@@ -9,15 +9,18 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from jobs.errors import IllegalTransition
-from jobs.ledger.backfills import BACKFILL_FIELDS, SLICE_ACTIVE, SLICE_DONE, lock_for_state
-from jobs.ledger.notify import notify
-from jobs.ledger.read import (
+from jobs.ledger.backfills import (
+    BACKFILL_FIELDS,
     BACKFILL_ROW,
-    SCHEMA,
     SLICE_COLUMNS,
+    Backfill,
+    Slice,
+    lock_for_state,
 )
-from jobs.ledger.records import Backfill, Slice
+from jobs.ledger.notify import notify
+from jobs.ledger.read import SCHEMA
 from jobs.ledger.sql import cached_text, clean, tx
+from jobs.states import SliceState, check_slice_transition
 
 
 def claim(
@@ -55,9 +58,10 @@ def claim(
         rows = conn.execute(
             text(
                 f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
-                f"state = '{SLICE_ACTIVE}', updated_at = now(), "
+                f"state = '{SliceState.ACTIVE}', updated_at = now(), "
                 "unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END "
-                f"WHERE backfill_id = :id AND state <> '{SLICE_DONE}' RETURNING slice, generation"
+                f"WHERE backfill_id = :id AND state <> '{SliceState.DONE}' "
+                "RETURNING slice, generation"
             ),
             {"id": backfill_id, "fresh": fresh},
         ).all()
@@ -72,7 +76,7 @@ def handoff(conn: Connection, backfill_id: str, slice_no: int, generation: int) 
             text(
                 f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
                 "updated_at = now() WHERE backfill_id = :id AND slice = :n AND generation = :g "
-                f"AND state = '{SLICE_ACTIVE}' RETURNING generation"
+                f"AND state = '{SliceState.ACTIVE}' RETURNING generation"
             ),
             {"id": backfill_id, "n": slice_no, "g": generation},
         ).scalar()
@@ -145,6 +149,7 @@ def lock_slice(conn: Connection, backfill_id: str, slice_no: int) -> Slice | Non
 
 def set_slice_state(conn: Connection, piece: Slice, state: str) -> None:
     """Within the caller's transaction (the slice locked by lock_slice)."""
+    check_slice_transition(piece.state, state)
     conn.execute(
         text(
             f"UPDATE {SCHEMA}.backfill_slices SET state = :state, updated_at = now() "

@@ -9,21 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs.config import redact
-from jobs.errors import (  # noqa: F401 - re-exported for callers of the engine
-    BackfillError,
-    BackfillInterrupted,
-    BadDeclaration,
-    BadSpec,
-    IsolationFailed,
-    ProjectError,
-    RevisionError,
-    RunbookError,
-    UnknownBackfill,
-    UnusableKey,
-)
-from jobs.states import (  # noqa: F401 - the backfill state machine lives in jobs/states.py
-    BACKFILL_CANCEL as CANCEL,
-)
+from jobs.errors import RunbookError
 
 if TYPE_CHECKING:
     pass

@@ -24,7 +24,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection
 
 from jobs.config import Target
-from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError
+from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError, UnsafeSql
 from jobs.lazy import lazy
 from jobs.pg.sqlstate import describe
 
@@ -114,7 +114,7 @@ def _declared_backfill(revision: str, index: int, raw: Any) -> DeclaredBackfill:
         key = raw.get("key")
         if key is not None:
             key = sqlguard.identifier(key, "key", qualified=False)[1:-1]  # folded, unquoted
-    except sqlguard.UnsafeSql as exc:
+    except UnsafeSql as exc:
         raise BadDeclaration(f"{where}: {exc}") from None
     if key is not None and any(column == f'"{key}"' for column, _ in pairs):
         raise BadDeclaration(f"{where}: its set assigns the key {key}; a backfill cannot move it")

@@ -22,7 +22,7 @@ from jobs import states as st
 from jobs.backfill import control, declared
 from jobs.backfill import slices as backfill_slices
 from jobs.backups import leftovers, vault
-from jobs.errors import RunbookError, StepFailed, VerifyFailed
+from jobs.errors import AwaitingBackfill, HookFailed, RunbookError, StepFailed, VerifyFailed
 from jobs.insight import parse
 from jobs.insight import rehearse as insight_rehearse
 from jobs.ledger import backups, runs
@@ -35,15 +35,6 @@ from jobs.run.rollback import Rollback
 from jobs.run.verify import digest, verify_revision
 
 
-class AwaitingBackfill(Exception):
-    """Raised inside a delivery when the run must wait for a backfill; not a failure."""
-
-    def __init__(self, backfill_id: str, state: str) -> None:
-        super().__init__(f"waiting for backfill {backfill_id} ({state})")
-        self.backfill_id = backfill_id
-        self.state = state
-
-
 class Coordinator(Rollback):
     """One delivery's work on a run: forward by the run's kind, back when that failed."""
 
@@ -53,9 +44,9 @@ class Coordinator(Rollback):
         """The run's work, by kind; raises StepFailed (or any error) to start a rollback."""
         run = self.run
         self.hook("before_run")
-        if run.kind == "backup":
+        if run.kind == st.RunKind.BACKUP:
             self.backup()
-        elif run.kind == "apply":
+        elif run.kind == st.RunKind.APPLY:
             path = self.project.upgrade_path(run.from_revision, run.to_revision)
             if not run.irreversible:
                 found = {r.id: r.irreversible for r in path if r.irreversible}
@@ -67,7 +58,7 @@ class Coordinator(Rollback):
                 self.upgrade(rev)
                 self.backfills(rev)
                 self.verify(rev)
-        elif run.kind == "rollback":
+        elif run.kind == st.RunKind.ROLLBACK:
             path = self.project.upgrade_path(run.to_revision, run.from_revision)
             if run.options.get("backup", True):
                 self.backup()  # fresh and verified: what a failed rollback is restored from
@@ -76,19 +67,19 @@ class Coordinator(Rollback):
             for rev in reversed(path):
                 self.downgrade(rev)
                 self.check_at(rev.down)
-        elif run.kind == "restore":
+        elif run.kind == st.RunKind.RESTORE:
             self.backup()  # the state being replaced stays recoverable
             self.restore(run.options["backup_id"], run.options.get("tables") or [])
-        elif run.kind == "rehearse":
+        elif run.kind == st.RunKind.REHEARSE:
             self.rehearse()
-        elif run.kind == "stamp":
+        elif run.kind == st.RunKind.STAMP:
             self.stamp(run.to_revision)
         else:
             raise StepFailed(f"unknown run kind {run.kind!r}")
 
     def preflight(self, path: list[Revision]) -> None:
         """The run's preconditions, checked before the backup (recorded as a step)."""
-        step = self._begin("preflight")
+        step = self._begin(st.StepKind.PREFLIGHT)
         if step is None:
             return
         try:  # a bad declaration is refused before anything changes
@@ -148,14 +139,14 @@ class Coordinator(Rollback):
         command = getattr(self.target, which)
         if not command:
             return
-        step = self._begin("hook", which)
+        step = self._begin(st.StepKind.HOOK, which)
         if step is None:
             return
         try:
             answer = hooks.run_hook(
                 self.target, which, command, self.run.id, state or self.run.state
             )
-        except hooks.HookFailed as exc:
+        except HookFailed as exc:
             self._end(step, st.STEP_FAILED, str(exc))
             raise
         self._end(step, st.STEP_SUCCEEDED, **answer)
@@ -175,7 +166,7 @@ class Coordinator(Rollback):
         if latest is None:
             self.backup()
             latest = backups.get_backup(self.conn, (run.backup or {})["id"])
-        step = self._begin("rehearse", run.to_revision)
+        step = self._begin(st.StepKind.REHEARSE, run.to_revision)
         if step is None:
             return
         try:
@@ -206,7 +197,7 @@ class Coordinator(Rollback):
 
     def stamp(self, revision: str | None) -> None:
         """Record ``revision`` in the version table without running migrations."""
-        step = self._begin("stamp", revision)
+        step = self._begin(st.StepKind.STAMP, revision)
         if step is None:
             return
         before = self.project.recorded(self.conn)
@@ -227,7 +218,7 @@ class Coordinator(Rollback):
         runs.update_run(self.conn, self.run, current_revision=current)
 
     def backup(self) -> None:
-        step = self._begin("backup")
+        step = self._begin(st.StepKind.BACKUP)
         if step is None:
             return
         try:
@@ -254,7 +245,7 @@ class Coordinator(Rollback):
         )
 
     def upgrade(self, rev: Revision) -> None:
-        step = self._begin("upgrade", rev.id)
+        step = self._begin(st.StepKind.UPGRADE, rev.id)
         if step is None:
             return
         current = self.project.current(self.conn)
@@ -312,9 +303,9 @@ class Coordinator(Rollback):
         items = rev.backfills
         if not items:
             return
-        step = self.run.step("backfill", rev.id)
+        step = self.run.step(st.StepKind.BACKFILL, rev.id)
         if step is None or step.state != st.STEP_RUNNING:  # a waiting step is not restarted
-            step = self._begin("backfill", rev.id)
+            step = self._begin(st.StepKind.BACKFILL, rev.id)
             if step is None:
                 return
         done = [self._backfill(step, rev, item) for item in items]
@@ -361,7 +352,7 @@ class Coordinator(Rollback):
                 )
 
     def verify(self, rev: Revision) -> None:
-        step = self._begin("verify", rev.id)
+        step = self._begin(st.StepKind.VERIFY, rev.id)
         if step is None:
             return
         try:

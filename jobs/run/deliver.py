@@ -17,22 +17,19 @@ from sqlalchemy import Connection
 from jobs import states as st
 from jobs.backfill import slices as backfill_slices
 from jobs.config import Settings, Target
-from jobs.errors import RunbookError
+from jobs.errors import AwaitingBackfill, HookFailed, RunbookError
 from jobs.ledger import backfills as ledger_backfills
 from jobs.ledger import runs
 from jobs.ledger.records import Run
 from jobs.pg import db
 from jobs.pg.sqlstate import describe
-from jobs.run import hooks, lease
-from jobs.run.coordinator import AwaitingBackfill, Coordinator
+from jobs.run import lease
+from jobs.run.coordinator import Coordinator
 from jobs.run.steps import Progress
 
 # Named as before the delivery moved out of jobs/run/coordinator.py: the worker's log lines
 # stay as they were.
 log = logging.getLogger("runbook.coordinator")
-
-# Steps after which the target may differ from before the run: a failure must roll back.
-CHANGING_STEPS = frozenset({"upgrade", "downgrade", "restore"})
 
 
 @dataclass
@@ -168,7 +165,7 @@ def _drive(
             error = str(exc) if isinstance(exc, RunbookError) else describe(exc)
             if conn.in_transaction():
                 conn.rollback()
-            if any(s.kind in CHANGING_STEPS for s in run.steps):
+            if any(s.kind in st.CHANGING_STEPS for s in run.steps):
                 runs.transition(conn, run, st.ROLLING_BACK, error=error)
             else:  # nothing was changed yet (a hook or the backup failed): nothing to undo
                 runs.update_run(conn, run, error=error)
@@ -178,7 +175,7 @@ def _drive(
     assert final is not None
     try:
         coordinator.hook("after_run", final)  # whatever the outcome
-    except hooks.HookFailed as exc:
+    except HookFailed as exc:
         runs.update_run(conn, run, error=f"{run.error + '; ' if run.error else ''}{exc}")
     runs.transition(conn, run, final)
     report({"run_id": run.id, "target": target.name, "state": run.state})

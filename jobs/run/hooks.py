@@ -15,11 +15,7 @@ import urllib.request
 from typing import Any
 
 from jobs.config import Target, redact
-from jobs.errors import StepFailed
-
-
-class HookFailed(StepFailed):
-    """Raised when a before_run or after_run hook fails or times out."""
+from jobs.errors import HookFailed
 
 
 def run_hook(target: Target, which: str, hook: str, run_id: str, state: str) -> dict[str, Any]:

@@ -16,13 +16,8 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from jobs.config import Target
-from jobs.errors import StepFailed
+from jobs.errors import PreflightFailed
 from jobs.project.runtime import Project
-
-
-class PreflightFailed(StepFailed):
-    """Raised when a precondition of the run does not hold; nothing was changed."""
-
 
 # Catalog only: no lock on the tables, so an application's lock cannot stall preflight.
 _INVALID_INDEXES = text(

@@ -31,12 +31,12 @@ class Rollback(RunSteps):
         backup it took first. When downgrades cannot undo the run, the backup is restored.
         """
         run = self.run
-        if run.kind != "apply":
-            if any(s.kind in ("downgrade", "restore") for s in run.steps):
+        if run.kind != st.RunKind.APPLY:
+            if any(s.kind in (st.StepKind.DOWNGRADE, st.StepKind.RESTORE) for s in run.steps):
                 return self.restore_after(f"the {run.kind} failed: {run.error}")
             return st.FAILED
         self._cancel_backfills()
-        applied = {s.revision: s for s in run.steps if s.kind == "upgrade"}
+        applied = {s.revision: s for s in run.steps if s.kind == st.StepKind.UPGRADE}
         try:
             while True:
                 current = self.project.current(self.conn)
@@ -90,7 +90,7 @@ class Rollback(RunSteps):
         return st.FAILED
 
     def downgrade(self, rev: Revision) -> None:
-        step = self._begin("downgrade", rev.id)
+        step = self._begin(st.StepKind.DOWNGRADE, rev.id)
         if step is None:  # recorded as done, yet the database is still there: refuse to loop
             raise DowngradeImpossible(f"downgrade of {rev.id} ran but did not take effect")
         if rev.declared_irreversible:
@@ -120,9 +120,9 @@ class Rollback(RunSteps):
     def _before(self, rev: Revision) -> str | None:
         """The fingerprint the schema had before ``rev`` went up in this run: what its
         downgrade must bring back. The previous revision's verify step recorded it."""
-        if self.run.kind == "apply" and rev.down == self.run.from_revision:
+        if self.run.kind == st.RunKind.APPLY and rev.down == self.run.from_revision:
             return self.run.fingerprint_before
-        previous = self.run.step("verify", rev.down)
+        previous = self.run.step(st.StepKind.VERIFY, rev.down)
         if previous is not None:
             return previous.detail.get("fingerprint")
         return fingerprints.recorded_fingerprint(self.conn, rev.down)
@@ -135,7 +135,7 @@ class Rollback(RunSteps):
 
     def restore(self, backup_id: str, tables: list[str]) -> None:
         """Restore a backup (whole, or some tables) and prove the result equals it."""
-        step = self._begin("restore", backup_id)
+        step = self._begin(st.StepKind.RESTORE, backup_id)
         if step is None:
             return
         try:

@@ -14,6 +14,7 @@ import pytest
 
 from jobs import api
 from jobs.config import load_settings
+from jobs.errors import PreflightFailed
 from jobs.pg import db
 from jobs.project.runtime import Project
 from jobs.run import preflight
@@ -112,7 +113,7 @@ def test_invalid_index_and_full_disk_are_refused(
     target = load_settings().target(name)
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(1, 1, 1024))
     with db.connect(target) as c:
-        with pytest.raises(preflight.PreflightFailed, match="has 0 MiB free, less than"):
+        with pytest.raises(PreflightFailed, match="has 0 MiB free, less than"):
             preflight.preflight(c, target, Project(target), "q1", "q2", ["queue"], backup=True)
         checked = preflight.preflight(
             c, target, Project(target), "q1", "q2", ["queue"], backup=False

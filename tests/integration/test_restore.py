@@ -12,9 +12,10 @@ import psycopg2
 import pytest
 
 from jobs.backups.dump import libpq_env
-from jobs.backups.restore import RestoreError, restore_database
+from jobs.backups.restore import restore_database
 from jobs.backups.restore_tables import restore_tables
 from jobs.config import Target, normalize_url
+from jobs.errors import RestoreError
 from tests.integration.conftest import Databases, admin_exec, db_url, query, schema_dump
 
 pytestmark = pytest.mark.integration

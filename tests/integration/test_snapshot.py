@@ -16,7 +16,7 @@ import pytest
 
 from jobs.backups import snapshot
 from jobs.config import Target, normalize_url
-from jobs.errors import BackupError
+from jobs.errors import BackupError, RestoreMismatch
 from jobs.pg.db import connect
 from tests.integration.conftest import SESSION, Databases, admin_exec, db_url
 
@@ -282,7 +282,7 @@ def test_a_dump_that_does_not_match_the_expected_stats_is_refused(
     dumped = snapshot.dump_with_stats(target, path, max_checksum_bytes=None)
     expected = copy.deepcopy(dumped["tables"])
     change(expected)
-    with pytest.raises(snapshot.RestoreMismatch) as err:
+    with pytest.raises(RestoreMismatch) as err:
         snapshot.verify_by_restore(target, path, expected)
     text = str(err.value)
     assert message in text
@@ -306,7 +306,7 @@ def test_large_tables_are_counted_but_not_checksummed(
     assert summary["rows"] == 803
     # A row count mismatch is still caught on an unhashed table.
     tables["public.accounts"]["rows"] = 1
-    with pytest.raises(snapshot.RestoreMismatch, match="public.accounts has 501 rows"):
+    with pytest.raises(RestoreMismatch, match="public.accounts has 501 rows"):
         snapshot.verify_by_restore(target, path, tables)
 
 

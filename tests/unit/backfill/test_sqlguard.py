@@ -8,8 +8,7 @@ import pytest
 from pglast import ast, parse_sql
 
 from jobs.backfill import sqlguard
-from jobs.backfill.sqlguard import UnsafeSql
-from jobs.errors import RunbookError
+from jobs.errors import RunbookError, UnsafeSql
 
 
 def refused(call: Callable[..., object], *args: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.errors import LintFailed, LintUnavailable
 from jobs.insight import lint
 from tests.unit.revisions import framed
 
@@ -141,7 +142,7 @@ def test_syntax_error_is_an_error_finding() -> None:
 def test_missing_squawk_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(lint.LintUnavailable, match="squawk not found; pip install squawk-cli"):
+    with pytest.raises(LintUnavailable, match="squawk not found; pip install squawk-cli"):
         lint.lint({"r": framed("SELECT 1")})
 
 
@@ -150,5 +151,5 @@ def test_squawk_without_a_report_fails(monkeypatch: pytest.MonkeyPatch, tmp_path
     fake.write_text("#!/bin/sh\necho 'boom: no config' >&2\nexit 2\n")
     fake.chmod(0o755)
     monkeypatch.setattr(lint, "squawk_binary", lambda: str(fake))
-    with pytest.raises(lint.LintFailed, match=r"squawk gave no report \(boom: no config\)"):
+    with pytest.raises(LintFailed, match=r"squawk gave no report \(boom: no config\)"):
         lint.lint({"r": framed("SELECT 1")})
