@@ -24,7 +24,7 @@ def notify(conn: Connection, run_id: str, *, flush: bool = True) -> None:
     commit on the server (the next revision's migration, the run's next state change)
     flushes it too, so a Postgres crash can lose only the step records written after the
     last of those, which a redelivered run redoes after checking the database, as it does
-    after a worker died before recording them (jobs/coordinator.py). One fsync less per
+    after a worker died before recording them (jobs/run/coordinator.py). One fsync less per
     step record."""
     conn.execute(query("notify" if flush else "notify_unflushed"), {"ch": CHANNEL, "id": run_id})
 

@@ -80,7 +80,7 @@ def open_batch(
     statement_timeout applies from the next statement on).
 
     ``begin``: the statement starts the transaction itself (``BEGIN;`` in the same round
-    trip), for a connection whose driver is in autocommit (see jobs/backfill.py _Walk)."""
+    trip), for a connection whose driver is in autocommit (see jobs/backfill/walk.py _Walk)."""
     names = sorted(session)
     columns = [f"set_config(:bf_name_{i}, :bf_value_{i}, true)" for i in range(len(names))]
     binds: dict[str, Any] = {"bf_id": backfill_id, "bf_slice": slice_no}
