@@ -28,9 +28,6 @@ QUERIES_DIR = Path(__file__).with_name("queries")
 # A query's first line: its name between two "--".
 _NAME_LINE = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
 
-# The statements a backfill batch runs each time, parsed once (text() costs ~50 us each).
-cached_text = functools.lru_cache(maxsize=256)(text)
-
 
 def parse_queries(source: str, origin: str = "<sql>") -> dict[str, str]:
     """{name: text} of a queries file; ValueError for a query without its comment line, an
