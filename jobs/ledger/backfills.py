@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from jobs.errors import IllegalTransition
 from jobs.ledger.notify import notify
-from jobs.ledger.read import (
-    BACKFILL_COLUMNS,
-    BACKFILL_ROW,
-    LAST_THROTTLE,
-    RECENT_RATE,
-    SCHEMA,
-    SLICE_COLUMNS,
-)
 from jobs.ledger.records import Backfill, BackfillBatch, Slice
 from jobs.ledger.runs import new_run_id
-from jobs.ledger.sql import clean, tx
+from jobs.ledger.sql import clean, query, tx
 
 # -- backfills ----------------------------------------------------------------------------------
 # The state names and the legal transitions are jobs/states.py's; functions here that change
@@ -29,14 +22,9 @@ from jobs.ledger.sql import clean, tx
 # A backfill's key range is cut into slices (one by default), each walked by its own task with
 # its own cursor and generation. The backfill row holds what the operator controls (state:
 # pause, cancel, resume) and what was asked for; each slice row holds a walk's checkpoint.
-#
 # Slice states (SliceState, SLICE_TRANSITIONS) are jobs/states.py's too.
 
-
-_BATCH_COLUMNS = (
-    "id, backfill_id, slice, lo, hi, batch_size, rows, skipped, duration_ms, throttled_ms, "
-    "attempt, generation, committed_at"
-)
+# The settings create_backfill takes (jobs/ledger/queries/backfills.sql insert_backfill).
 BACKFILL_SETTINGS = (
     "batch_size",
     "min_batch",
@@ -48,8 +36,13 @@ BACKFILL_SETTINGS = (
     "max_xact_age_s",
 )
 
-
-BACKFILL_FIELDS = frozenset(c.strip().removeprefix("b.") for c in BACKFILL_ROW.split(","))
+# The backfill's own row: its columns, without the counters summed over its slices. Enough
+# for a batch and a state change, which read it on every batch and should not sum the slices.
+BACKFILL_FIELDS = frozenset(f.name for f in fields(Backfill)) - {
+    "rows_done",
+    "throttled_ms",
+    "skipped",
+}
 
 
 def _backfill(row: Any) -> Backfill:
@@ -83,20 +76,11 @@ def create_backfill(
     """
     assert set(settings) == set(BACKFILL_SETTINGS), settings
     backfill_id = new_run_id()
-    names = ", ".join(BACKFILL_SETTINGS)
-    binds = ", ".join(f":{k}" for k in BACKFILL_SETTINGS)
     with tx(conn):
         if run_id:
             notify(conn, run_id)
         conn.execute(
-            text(
-                f"INSERT INTO {SCHEMA}.backfills (id, target, run_id, revision, table_name, "
-                "key_column, key_type, set_sql, where_sql, state, upper_key, slices, on_error, "
-                f"rows_total_estimate, estimate_kind, finished_at, {names}) VALUES (:id, "
-                ":target, :run_id, :revision, :table, :key, :key_type, :set_sql, :where_sql, "
-                ":state, :upper, :slices, :on_error, :estimate, :kind, "
-                f"CASE WHEN :finished THEN now() END, {binds})"
-            ),
+            query("insert_backfill"),
             {
                 "id": backfill_id,
                 "target": target,
@@ -117,29 +101,28 @@ def create_backfill(
                 **settings,
             },
         )
-        for number, upper in enumerate(bounds):
-            conn.execute(
-                text(
-                    f"INSERT INTO {SCHEMA}.backfill_slices (backfill_id, slice, lower_key, "
-                    "upper_key, batch_size) VALUES (:id, :n, :lower, :upper, :size)"
-                ),
-                {
-                    "id": backfill_id,
-                    "n": number,
-                    "lower": bounds[number - 1] if number else None,
-                    "upper": upper,
-                    "size": settings["batch_size"],
-                },
-            )
+        _insert_slices(conn, backfill_id, bounds, settings["batch_size"])
     return backfill_id
+
+
+def _insert_slices(conn: Connection, backfill_id: str, bounds: list[str], batch_size: int) -> None:
+    """A new backfill's slices: each walks the keys after the previous one's last key."""
+    for number, upper in enumerate(bounds):
+        conn.execute(
+            query("insert_backfill_slice"),
+            {
+                "id": backfill_id,
+                "n": number,
+                "lower": bounds[number - 1] if number else None,
+                "upper": upper,
+                "size": batch_size,
+            },
+        )
 
 
 def get_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     """The backfill with ``backfill_id``, or None."""
-    row = conn.execute(
-        text(f"SELECT {BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
-        {"id": backfill_id},
-    ).first()
+    row = conn.execute(query("get_backfill"), {"id": backfill_id}).first()
     if conn.in_transaction():
         conn.rollback()
     return _backfill(row) if row else None
@@ -155,14 +138,7 @@ def list_backfills(
 ) -> list[Backfill]:
     """Backfills, newest first, optionally of one target, one run or one declaring revision."""
     rows = conn.execute(
-        text(
-            f"SELECT {BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b "
-            "WHERE (CAST(:t AS text) IS NULL OR b.target = :t) "
-            "AND (CAST(:r AS text) IS NULL OR b.run_id = :r) "
-            "AND (CAST(:v AS text) IS NULL OR b.revision = :v) "
-            "ORDER BY b.created_at DESC LIMIT :n"
-        ),
-        {"t": target, "r": run_id, "v": revision, "n": limit},
+        query("list_backfills"), {"t": target, "r": run_id, "v": revision, "n": limit}
     ).all()
     if conn.in_transaction():
         conn.rollback()
@@ -171,13 +147,7 @@ def list_backfills(
 
 def list_slices(conn: Connection, backfill_id: str) -> list[Slice]:
     """A backfill's slices, in key order."""
-    rows = conn.execute(
-        text(
-            f"SELECT {SLICE_COLUMNS} FROM {SCHEMA}.backfill_slices "
-            "WHERE backfill_id = :id ORDER BY slice"
-        ),
-        {"id": backfill_id},
-    ).all()
+    rows = conn.execute(query("list_slices"), {"id": backfill_id}).all()
     if conn.in_transaction():
         conn.rollback()
     return [Slice(**r._mapping) for r in rows]
@@ -185,13 +155,7 @@ def list_slices(conn: Connection, backfill_id: str) -> list[Slice]:
 
 def list_batches(conn: Connection, backfill_id: str) -> list[BackfillBatch]:
     """A backfill's committed batches, in the order they committed."""
-    rows = conn.execute(
-        text(
-            f"SELECT {_BATCH_COLUMNS} FROM {SCHEMA}.backfill_batches "
-            "WHERE backfill_id = :id ORDER BY id"
-        ),
-        {"id": backfill_id},
-    ).all()
+    rows = conn.execute(query("list_batches"), {"id": backfill_id}).all()
     if conn.in_transaction():
         conn.rollback()
     return [BackfillBatch(**r._mapping) for r in rows]
@@ -199,13 +163,7 @@ def list_batches(conn: Connection, backfill_id: str) -> list[BackfillBatch]:
 
 def list_skipped(conn: Connection, backfill_id: str) -> list[tuple[str, str]]:
     """The keys an isolating backfill left alone, with the error each row raised."""
-    rows = conn.execute(
-        text(
-            f"SELECT key, error FROM {SCHEMA}.backfill_skipped WHERE backfill_id = :id "
-            "ORDER BY recorded_at, key"
-        ),
-        {"id": backfill_id},
-    ).all()
+    rows = conn.execute(query("list_skipped"), {"id": backfill_id}).all()
     if conn.in_transaction():
         conn.rollback()
     return [(r.key, r.error) for r in rows]
@@ -214,7 +172,7 @@ def list_skipped(conn: Connection, backfill_id: str) -> list[tuple[str, str]]:
 def recent_rate(conn: Connection, backfill_id: str, window_s: int = 60) -> tuple[int, float]:
     """Rows and seconds of work (throttled time left out) over the last ``window_s`` seconds
     of committed batches, all slices together: the rate an ETA is drawn from."""
-    row = conn.exec_driver_sql(RECENT_RATE, {"id": backfill_id, "w": window_s}).one()
+    row = conn.execute(query("recent_rate"), {"id": backfill_id, "w": window_s}).one()
     if conn.in_transaction():
         conn.rollback()
     busy = float(row.span_s) - float(row.throttled_s)
@@ -257,16 +215,13 @@ def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     """The backfill's own row (no counters) inside the caller's transaction, not locked (a
     batch reads the operator's flags this way, so that slices never wait for each other on
     the backfill's row)."""
-    row = conn.execute(
-        text(f"SELECT {BACKFILL_ROW} FROM {SCHEMA}.backfills b WHERE b.id = :id"),
-        {"id": backfill_id},
-    ).first()
+    row = conn.execute(query("read_backfill"), {"id": backfill_id}).first()
     return _backfill(row) if row else None
 
 
 def last_throttle(conn: Connection, backfill_id: str) -> tuple[str, datetime] | None:
     """The latest database signal any slice waited on, and when."""
-    row = conn.exec_driver_sql(LAST_THROTTLE, {"id": backfill_id}).first()
+    row = conn.execute(query("last_throttle"), {"id": backfill_id}).first()
     if conn.in_transaction():
         conn.rollback()
     return None if row is None else (str(row.throttle_reason), row.throttled_at)
@@ -290,10 +245,7 @@ def lock_for_state(conn: Connection, backfill_id: str) -> Backfill | None:
     # NO KEY UPDATE, not UPDATE: a batch in flight holds its slice row and then takes KEY SHARE
     # on this row for its batch record's foreign key; FOR UPDATE here (held while a claim waits
     # for that slice row) would deadlock with it.
-    row = conn.execute(
-        text(f"SELECT {BACKFILL_ROW} FROM {SCHEMA}.backfills b WHERE b.id = :id FOR NO KEY UPDATE"),
-        {"id": backfill_id},
-    ).first()
+    row = conn.execute(query("lock_backfill_for_state"), {"id": backfill_id}).first()
     return _backfill(row) if row else None
 
 
@@ -309,15 +261,12 @@ def _mark(
     if backfill.run_id:
         notify(conn, backfill.run_id)
     notify(conn, backfill.id)  # wakes `runbook backfill --wait` (api.follow_backfill)
-    sets = ["state = :state", "updated_at = now()"]
-    if finished:
-        sets.append("finished_at = now()")
-    if error is not None:
-        sets += ["error = :error", "error_range = CAST(:range AS jsonb)"]
     conn.execute(
-        text(f"UPDATE {SCHEMA}.backfills SET {', '.join(sets)} WHERE id = :id"),
+        query("mark_backfill"),
         {
             "state": state,
+            "finished": finished,
+            "set_error": error is not None,
             "error": clean(error),
             "range": None if error_range is None else json.dumps(error_range),
             "id": backfill.id,

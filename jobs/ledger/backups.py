@@ -7,13 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from jobs.ledger.read import (
-    SCHEMA,
-)
-from jobs.ledger.records import iso as _iso
-from jobs.ledger.sql import tx
+from jobs.ledger.sql import iso, query, tx
 
 
 @dataclass
@@ -40,32 +36,22 @@ class Backup:
             "path": self.path,
             "size": self.size,
             "sha256": self.sha256,
-            "taken_at": _iso(self.taken_at),
+            "taken_at": iso(self.taken_at),
             "verified": self.verified,
             "verification": self.verification,
             "copies": self.copies,
             "revision": self.revision,
-            "deleted_at": _iso(self.deleted_at),
+            "deleted_at": iso(self.deleted_at),
         }
         if with_tables:
             out["tables"] = self.tables
         return out
 
 
-_BACKUP_COLUMNS = (
-    "id, target, run_id, path, size, sha256, taken_at, verified, verification, tables, "
-    "copies, revision, deleted_at"
-)
-
-
 def record_backup(conn: Connection, backup: Backup) -> None:
     with tx(conn):
         conn.execute(
-            text(
-                f"INSERT INTO {SCHEMA}.backups ({_BACKUP_COLUMNS}) VALUES (:id, :target, "
-                ":run_id, :path, :size, :sha256, :taken_at, :verified, CAST(:verification AS "
-                "jsonb), CAST(:tables AS jsonb), CAST(:copies AS jsonb), :revision, :deleted_at)"
-            ),
+            query("record_backup"),
             {
                 **backup.__dict__,
                 "verification": json.dumps(backup.verification),
@@ -76,9 +62,7 @@ def record_backup(conn: Connection, backup: Backup) -> None:
 
 
 def get_backup(conn: Connection, backup_id: str) -> Backup | None:
-    row = conn.execute(
-        text(f"SELECT {_BACKUP_COLUMNS} FROM {SCHEMA}.backups WHERE id = :id"), {"id": backup_id}
-    ).first()
+    row = conn.execute(query("get_backup"), {"id": backup_id}).first()
     if conn.in_transaction():
         conn.rollback()
     return Backup(**row._mapping) if row else None
@@ -86,12 +70,7 @@ def get_backup(conn: Connection, backup_id: str) -> Backup | None:
 
 def list_backups(conn: Connection, target: str, *, include_deleted: bool = False) -> list[Backup]:
     rows = conn.execute(
-        text(
-            f"SELECT {_BACKUP_COLUMNS} FROM {SCHEMA}.backups WHERE target = :t "
-            + ("" if include_deleted else "AND deleted_at IS NULL ")
-            + "ORDER BY taken_at DESC"
-        ),
-        {"t": target},
+        query("list_backups"), {"t": target, "include_deleted": include_deleted}
     ).all()
     if conn.in_transaction():
         conn.rollback()
@@ -100,28 +79,16 @@ def list_backups(conn: Connection, target: str, *, include_deleted: bool = False
 
 def mark_backup_deleted(conn: Connection, backup_id: str) -> None:
     with tx(conn):
-        conn.execute(
-            text(f"UPDATE {SCHEMA}.backups SET deleted_at = now() WHERE id = :id"),
-            {"id": backup_id},
-        )
+        conn.execute(query("mark_backup_deleted"), {"id": backup_id})
 
 
 def latest_rehearsal(
     conn: Connection, from_revision: str | None, to_revision: str | None
 ) -> dict[str, Any] | None:
     """The newest rehearsal of exactly these revisions: its run id, state and findings."""
-    row = conn.execute(
-        text(
-            f"SELECT r.id, r.state, r.finished_at, s.detail FROM {SCHEMA}.runs r "
-            f"JOIN {SCHEMA}.steps s ON s.run_id = r.id AND s.kind = 'rehearse' "
-            "WHERE r.kind = 'rehearse' AND r.state IN ('succeeded', 'failed') "
-            "AND r.from_revision IS NOT DISTINCT FROM :f AND r.to_revision IS NOT DISTINCT FROM :t "
-            "ORDER BY r.created_at DESC LIMIT 1"
-        ),
-        {"f": from_revision, "t": to_revision},
-    ).first()
+    row = conn.execute(query("latest_rehearsal"), {"f": from_revision, "t": to_revision}).first()
     if conn.in_transaction():
         conn.rollback()
     if row is None:
         return None
-    return {"run": row.id, "state": row.state, "finished_at": _iso(row.finished_at), **row.detail}
+    return {"run": row.id, "state": row.state, "finished_at": iso(row.finished_at), **row.detail}

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-from jobs.ledger.read import (
-    SCHEMA,
-)
-from jobs.ledger.sql import tx
+from jobs.ledger.sql import query, tx
 
 # -- leases and reconciliation ------------------------------------------------------------------
 # A delivery of a run's task holds a lease (heartbeat_at, renewed while it works) and counts
@@ -24,34 +21,20 @@ def begin_delivery(conn: Connection, run_id: str, worker: str) -> int | None:
     """A delivery of the run's task starts: take the lease; how many deliveries in a row have
     now started without returning (this one included). None when the run has ended. Commits."""
     with tx(conn):
-        value = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.runs SET unfinished = unfinished + 1, heartbeat_at = now(), "
-                "heartbeat_by = :w WHERE id = :id AND finished_at IS NULL RETURNING unfinished"
-            ),
-            {"id": run_id, "w": worker},
-        ).scalar()
+        value = conn.execute(query("begin_delivery"), {"id": run_id, "w": worker}).scalar()
     return None if value is None else int(value)
 
 
 def heartbeat(conn: Connection, run_id: str) -> None:
     """Renew the run's lease. Commits."""
     with tx(conn):
-        conn.execute(
-            text(f"UPDATE {SCHEMA}.runs SET heartbeat_at = now() WHERE id = :id"), {"id": run_id}
-        )
+        conn.execute(query("heartbeat"), {"id": run_id})
 
 
 def end_delivery(conn: Connection, run_id: str) -> None:
     """The delivery returned normally: the run is not poison, and its lease is given back."""
     with tx(conn):
-        conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.runs SET unfinished = 0, heartbeat_at = NULL, "
-                "heartbeat_by = NULL WHERE id = :id"
-            ),
-            {"id": run_id},
-        )
+        conn.execute(query("end_delivery"), {"id": run_id})
 
 
 def begin_slice_delivery(conn: Connection, backfill_id: str, slice_no: int, generation: int) -> int:
@@ -59,12 +42,7 @@ def begin_slice_delivery(conn: Connection, backfill_id: str, slice_no: int, gene
     included); 0 when the task is not the slice's current generation. Commits."""
     with tx(conn):
         value = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices SET unfinished = unfinished + 1, "
-                "updated_at = now() WHERE backfill_id = :id AND slice = :n AND generation = :g "
-                "RETURNING unfinished"
-            ),
-            {"id": backfill_id, "n": slice_no, "g": generation},
+            query("begin_slice_delivery"), {"id": backfill_id, "n": slice_no, "g": generation}
         ).scalar()
     return 0 if value is None else int(value)
 
@@ -77,11 +55,7 @@ def unsent_continuation(
     the continuation, leaving the slice to wait for its lease. None otherwise."""
     with tx(conn):
         value = conn.execute(
-            text(
-                f"SELECT generation FROM {SCHEMA}.backfill_slices WHERE backfill_id = :id "
-                "AND slice = :n AND generation = :g + 1 AND unfinished = 0 AND state = 'active'"
-            ),
-            {"id": backfill_id, "n": slice_no, "g": generation},
+            query("unsent_continuation"), {"id": backfill_id, "n": slice_no, "g": generation}
         ).scalar()
     return None if value is None else int(value)
 
@@ -89,13 +63,7 @@ def unsent_continuation(
 def end_slice_delivery(conn: Connection, backfill_id: str, slice_no: int) -> None:
     """The slice's task returned normally."""
     with tx(conn):
-        conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices SET unfinished = 0 "
-                "WHERE backfill_id = :id AND slice = :n"
-            ),
-            {"id": backfill_id, "n": slice_no},
-        )
+        conn.execute(query("end_slice_delivery"), {"id": backfill_id, "n": slice_no})
 
 
 @dataclass
@@ -109,17 +77,7 @@ class StaleRun:
 def stale_runs(conn: Connection, lease_s: float) -> list[StaleRun]:
     """Unfinished runs nobody holds: no live lease (or, never started, queued longer than a
     lease), and no backfill of theirs still going (that backfill sends the run on)."""
-    rows = conn.execute(
-        text(
-            f"SELECT r.id, r.target, r.state, r.unfinished FROM {SCHEMA}.runs r "
-            "WHERE r.finished_at IS NULL "
-            "AND coalesce(r.heartbeat_at, r.updated_at) < now() - make_interval(secs => :lease) "
-            f"AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.backfills b WHERE b.run_id = r.id "
-            "  AND b.state IN ('enqueued', 'running', 'pausing', 'cancelling')) "
-            "ORDER BY r.created_at"
-        ),
-        {"lease": lease_s},
-    ).all()
+    rows = conn.execute(query("stale_runs"), {"lease": lease_s}).all()
     if conn.in_transaction():
         conn.rollback()
     return [StaleRun(r.id, r.target, r.state, int(r.unfinished)) for r in rows]
@@ -130,34 +88,10 @@ def take_stale_slices(conn: Connection, lease_s: float) -> list[tuple[str, str, 
     generation (fencing a worker that may still wake up); [(backfill, target, slice,
     generation)] to send. A backfill created but never started is started. Commits."""
     with tx(conn):
-        started = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfills SET state = 'running', "
-                "started_at = coalesce(started_at, now()), updated_at = now() "
-                "WHERE state = 'enqueued' AND created_at < now() - make_interval(secs => :lease) "
-                "RETURNING id"
-            ),
-            {"lease": lease_s},
-        ).scalars()
+        started = conn.execute(query("start_stale_backfills"), {"lease": lease_s}).scalars()
         for backfill_id in list(started):
-            conn.execute(
-                text(
-                    f"UPDATE {SCHEMA}.backfill_slices SET state = 'active', updated_at = "
-                    "now() - make_interval(secs => :lease + 1) "
-                    "WHERE backfill_id = :id AND state <> 'done'"
-                ),
-                {"id": backfill_id, "lease": lease_s},
-            )
-        rows = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices s SET generation = s.generation + 1, "
-                f"updated_at = now() FROM {SCHEMA}.backfills b WHERE b.id = s.backfill_id "
-                "AND b.state IN ('running', 'pausing', 'cancelling') AND s.state = 'active' "
-                "AND s.updated_at < now() - make_interval(secs => :lease) "
-                "RETURNING s.backfill_id, b.target, s.slice, s.generation"
-            ),
-            {"lease": lease_s},
-        ).all()
+            conn.execute(query("expire_backfill_slices"), {"id": backfill_id, "lease": lease_s})
+        rows = conn.execute(query("take_stale_slices"), {"lease": lease_s}).all()
     return [(r.backfill_id, r.target, int(r.slice), int(r.generation)) for r in rows]
 
 
@@ -175,13 +109,7 @@ class RunDeliveries:
 
 def run_deliveries(conn: Connection, run_ids: set[str]) -> dict[str, RunDeliveries]:
     """State and delivery count of each of ``run_ids`` this ledger holds."""
-    rows = conn.execute(
-        text(
-            f"SELECT id, target, state, finished_at IS NOT NULL AS finished, deliveries "
-            f"FROM {SCHEMA}.runs WHERE id = ANY(:ids)"
-        ),
-        {"ids": sorted(run_ids)},
-    ).all()
+    rows = conn.execute(query("run_deliveries"), {"ids": sorted(run_ids)}).all()
     if conn.in_transaction():
         conn.rollback()
     return {

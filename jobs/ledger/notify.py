@@ -8,18 +8,14 @@ import select
 import time
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
+
+from jobs.ledger.sql import query
 
 # Every change to a run or its steps is announced here (payload: the run id), so that
-# `wait` and `status --watch` follow a run without polling it.
+# `wait` and `status --watch` follow a run without polling it. Spelled out again in
+# jobs/ledger/queries/notify.sql `listen` (LISTEN takes no parameter).
 CHANNEL = "runbook_runs"
-
-
-# What notify(flush=False) does, as a CTE of a step record's own statement (one round trip
-# less per record); the statement must read from ``announced`` for it to run.
-ANNOUNCED = (
-    "WITH announced AS (SELECT pg_notify(:ch, :run), set_config('synchronous_commit', 'off', true))"
-)
 
 
 def notify(conn: Connection, run_id: str, *, flush: bool = True) -> None:
@@ -28,20 +24,14 @@ def notify(conn: Connection, run_id: str, *, flush: bool = True) -> None:
     commit on the server (the next revision's migration, the run's next state change)
     flushes it too, so a Postgres crash can lose only the step records written after the
     last of those, which a redelivered run redoes after checking the database, as it does
-    after a worker died before recording them (jobs/coordinator.py). One fsync less per
+    after a worker died before recording them (jobs/run/coordinator.py). One fsync less per
     step record."""
-    if flush:
-        conn.execute(text("SELECT pg_notify(:ch, :id)"), {"ch": CHANNEL, "id": run_id})
-    else:
-        conn.execute(
-            text("SELECT pg_notify(:ch, :id), set_config('synchronous_commit', 'off', true)"),
-            {"ch": CHANNEL, "id": run_id},
-        )
+    conn.execute(query("notify" if flush else "notify_unflushed"), {"ch": CHANNEL, "id": run_id})
 
 
 def listen(conn: Connection) -> None:
     """Subscribe an autocommit connection to run and backfill changes (see wait_for_change)."""
-    conn.execute(text(f"LISTEN {CHANNEL}"))
+    conn.execute(query("listen"))
 
 
 def wait_for_change(conn: Connection, run_id: str, timeout_s: float) -> None:

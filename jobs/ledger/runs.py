@@ -9,17 +9,12 @@ import json
 import uuid
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from jobs.errors import TargetBusy, UnknownRun
-from jobs.ledger.notify import ANNOUNCED, CHANNEL, notify
-from jobs.ledger.read import (
-    RUN_COLUMNS,
-    SCHEMA,
-    STEP_COLUMNS,
-)
+from jobs.ledger.notify import CHANNEL, notify
 from jobs.ledger.records import Run, Step
-from jobs.ledger.sql import clean, tx
+from jobs.ledger.sql import clean, query, tx
 from jobs.pg.db import ADMISSION_LOCK_KEY
 from jobs.states import ENQUEUED, TERMINAL, StepState, check_step_transition, check_transition
 
@@ -44,14 +39,8 @@ def admit(
     """
     run_id = new_run_id()
     with tx(conn):
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
-        holder = conn.execute(
-            text(
-                f"SELECT id, state FROM {SCHEMA}.runs WHERE state <> ALL(:terminal) "
-                "ORDER BY created_at LIMIT 1"
-            ),
-            {"terminal": sorted(TERMINAL)},
-        ).first()
+        conn.execute(query("take_admission_lock"), {"k": ADMISSION_LOCK_KEY})
+        holder = conn.execute(query("unfinished_run"), {"terminal": sorted(TERMINAL)}).first()
         if holder is not None:
             raise TargetBusy(
                 f"target {target!r} is busy: run {holder.id} is {holder.state}; wait for it "
@@ -59,12 +48,7 @@ def admit(
                 holder=holder.id,
             )
         conn.execute(
-            text(
-                f"INSERT INTO {SCHEMA}.runs (id, target, kind, state, from_revision, "
-                "to_revision, current_revision, options, irreversible) VALUES (:id, :target, "
-                ":kind, :state, :from_rev, :to_rev, :from_rev, CAST(:options AS jsonb), "
-                "CAST(:irreversible AS jsonb))"
-            ),
+            query("insert_run"),
             {
                 "id": run_id,
                 "target": target,
@@ -85,17 +69,12 @@ def _run_from_row(row: Any) -> Run:
 
 def get_run(conn: Connection, run_id: str, *, with_steps: bool = True) -> Run:
     """The run with ``run_id`` and its steps; UnknownRun when this ledger lacks it."""
-    row = conn.execute(
-        text(f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs WHERE id = :id"), {"id": run_id}
-    ).first()
+    row = conn.execute(query("get_run"), {"id": run_id}).first()
     if row is None:
         raise UnknownRun(f"unknown run {run_id!r}; `runbook history` lists the runs")
     run = _run_from_row(row)
     if with_steps:
-        rows = conn.execute(
-            text(f"SELECT {STEP_COLUMNS} FROM {SCHEMA}.steps WHERE run_id = :id ORDER BY id"),
-            {"id": run_id},
-        )
+        rows = conn.execute(query("run_steps"), {"id": run_id})
         run.steps = [Step(**r._mapping) for r in rows]
     if conn.in_transaction():
         conn.commit()
@@ -103,10 +82,7 @@ def get_run(conn: Connection, run_id: str, *, with_steps: bool = True) -> Run:
 
 
 def list_runs(conn: Connection, *, limit: int = 50) -> list[Run]:
-    rows = conn.execute(
-        text(f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs ORDER BY created_at DESC LIMIT :n"),
-        {"n": limit},
-    ).all()
+    rows = conn.execute(query("list_runs"), {"n": limit}).all()
     if conn.in_transaction():
         conn.commit()
     return [_run_from_row(r) for r in rows]
@@ -115,18 +91,19 @@ def list_runs(conn: Connection, *, limit: int = 50) -> list[Run]:
 def transition(conn: Connection, run: Run, new_state: str, *, error: str | None = None) -> None:
     """Move ``run`` to ``new_state`` if the transition table allows it. Commits."""
     check_transition(run.state, new_state)
-    sets = ["state = :new", "updated_at = now()"]
-    if error is not None:
-        sets.append("error = :error")
-    if new_state in TERMINAL:
-        sets.append("finished_at = now()")
-    if run.started_at is None and new_state != ENQUEUED:
-        sets.append("started_at = coalesce(started_at, now())")
     with tx(conn):
         notify(conn, run.id)
         updated = conn.execute(
-            text(f"UPDATE {SCHEMA}.runs SET {', '.join(sets)} WHERE id = :id AND state = :old"),
-            {"new": new_state, "old": run.state, "id": run.id, "error": clean(error)},
+            query("transition_run"),
+            {
+                "new": new_state,
+                "old": run.state,
+                "id": run.id,
+                "set_error": error is not None,
+                "error": clean(error),
+                "finishes": new_state in TERMINAL,
+                "starts": run.started_at is None and new_state != ENQUEUED,
+            },
         ).rowcount
     if updated != 1:
         # Someone else moved it first (cancel, a duplicate task): re-read and refuse.
@@ -138,19 +115,24 @@ def transition(conn: Connection, run: Run, new_state: str, *, error: str | None 
         run.error = clean(error)
 
 
+# The columns update_run sets (jobs/ledger/queries/runs.sql update_run), and which are jsonb.
+_UPDATABLE = frozenset(
+    {"current_revision", "backup", "fingerprint_before", "error", "irreversible"}
+)
+_JSONB = frozenset({"backup", "irreversible"})
+
+
 def update_run(conn: Connection, run: Run, **values: Any) -> None:
     """Set plain columns of a run (current_revision, backup, fingerprint_before, ...)."""
-    allowed = {"current_revision", "backup", "fingerprint_before", "error", "irreversible"}
-    assert set(values) <= allowed, values
-    jsonb = {"backup", "irreversible"}
-    params = {k: (json.dumps(v) if k in jsonb else v) for k, v in values.items()}
-    sets = ", ".join(f"{k} = CAST(:{k} AS jsonb)" if k in jsonb else f"{k} = :{k}" for k in values)
+    assert set(values) <= _UPDATABLE, values
+    params: dict[str, Any] = {"id": run.id}
+    for column in _UPDATABLE:
+        value = values.get(column)
+        params[column] = json.dumps(value) if column in _JSONB and column in values else value
+        params[f"set_{column}"] = column in values
     with tx(conn):
         notify(conn, run.id)
-        conn.execute(
-            text(f"UPDATE {SCHEMA}.runs SET {sets}, updated_at = now() WHERE id = :id"),
-            {**params, "id": run.id},
-        )
+        conn.execute(query("update_run"), params)
     for k, v in values.items():
         setattr(run, k, v)
 
@@ -158,13 +140,7 @@ def update_run(conn: Connection, run: Run, **values: Any) -> None:
 def count_delivery(conn: Connection, run: Run) -> None:
     with tx(conn):
         notify(conn, run.id)
-        run.deliveries = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.runs SET deliveries = deliveries + 1 WHERE id = :id "
-                "RETURNING deliveries"
-            ),
-            {"id": run.id},
-        ).scalar_one()
+        run.deliveries = conn.execute(query("count_delivery"), {"id": run.id}).scalar_one()
 
 
 def start_step(conn: Connection, run: Run, kind: str, revision: str | None = None) -> Step:
@@ -175,15 +151,7 @@ def start_step(conn: Connection, run: Run, kind: str, revision: str | None = Non
         check_step_transition(previous.state, StepState.RUNNING)
     with tx(conn):
         row = conn.execute(
-            text(
-                f"{ANNOUNCED} INSERT INTO {SCHEMA}.steps (run_id, kind, revision, state) "
-                "SELECT :run, :kind, :rev, 'running' FROM announced "
-                "ON CONFLICT (run_id, kind, revision) DO UPDATE SET "
-                "attempts = steps.attempts + 1, state = 'running', error = NULL, "
-                "started_at = clock_timestamp(), finished_at = NULL "
-                "RETURNING id, run_id, kind, revision, state, started_at, finished_at, "
-                "attempts, error, detail"
-            ),
+            query("start_step"),
             {"ch": CHANNEL, "run": run.id, "kind": kind, "rev": rev},
         ).one()
     step = Step(**row._mapping)
@@ -196,11 +164,7 @@ def bump_attempts(conn: Connection, step: Step, error: str) -> None:
     with tx(conn):
         notify(conn, step.run_id, flush=False)
         step.attempts = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.steps SET attempts = attempts + 1, error = :e "
-                "WHERE id = :id RETURNING attempts"
-            ),
-            {"e": clean(error), "id": step.id},
+            query("bump_step_attempts"), {"e": clean(error), "id": step.id}
         ).scalar_one()
 
 
@@ -218,13 +182,7 @@ def finish_step(
     step.detail = {**step.detail, **detail}
     with tx(conn):
         conn.execute(
-            text(
-                f"{ANNOUNCED}, moved AS (UPDATE {SCHEMA}.runs SET current_revision = :rev, "
-                "updated_at = now() WHERE id = :run AND CAST(:move AS boolean)) "
-                f"UPDATE {SCHEMA}.steps SET state = :state, error = :error, "
-                "finished_at = clock_timestamp(), detail = CAST(:d AS jsonb) "
-                "FROM announced WHERE id = :id"
-            ),
+            query("finish_step"),
             {
                 "ch": CHANNEL,
                 "run": step.run_id,
@@ -249,7 +207,4 @@ def note_step(conn: Connection, step: Step, **detail: Any) -> None:
     step.detail = {**step.detail, **detail}
     with tx(conn):
         notify(conn, step.run_id)
-        conn.execute(
-            text(f"UPDATE {SCHEMA}.steps SET detail = CAST(:d AS jsonb) WHERE id = :id"),
-            {"d": json.dumps(step.detail), "id": step.id},
-        )
+        conn.execute(query("note_step"), {"d": json.dumps(step.detail), "id": step.id})

@@ -4,23 +4,17 @@ move in the batch's own transaction under the generation fence.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, TextClause, text
 
 from jobs.errors import IllegalTransition
-from jobs.ledger.backfills import (
-    BACKFILL_FIELDS,
-    BACKFILL_ROW,
-    SLICE_COLUMNS,
-    Backfill,
-    Slice,
-    lock_for_state,
-)
+from jobs.ledger.backfills import BACKFILL_FIELDS, Backfill, Slice, lock_for_state
 from jobs.ledger.notify import notify
-from jobs.ledger.read import SCHEMA
-from jobs.ledger.sql import cached_text, clean, tx
-from jobs.states import SliceState, check_slice_transition
+from jobs.ledger.sql import clean, query, query_text, tx
+from jobs.states import check_slice_transition
 
 
 def claim(
@@ -47,24 +41,9 @@ def claim(
             notify(conn, current.run_id)
         notify(conn, backfill_id)
         conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfills SET state = :state, "
-                "error = CASE WHEN state = 'errored' THEN NULL ELSE error END, "
-                "error_range = CASE WHEN state = 'errored' THEN NULL ELSE error_range END, "
-                "started_at = coalesce(started_at, now()), updated_at = now() WHERE id = :id"
-            ),
-            {"state": after_claim[current.state], "id": backfill_id},
+            query("claim_backfill"), {"state": after_claim[current.state], "id": backfill_id}
         )
-        rows = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
-                f"state = '{SliceState.ACTIVE}', updated_at = now(), "
-                "unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END "
-                f"WHERE backfill_id = :id AND state <> '{SliceState.DONE}' "
-                "RETURNING slice, generation"
-            ),
-            {"id": backfill_id, "fresh": fresh},
-        ).all()
+        rows = conn.execute(query("claim_slices"), {"id": backfill_id, "fresh": fresh}).all()
     return sorted((int(r.slice), int(r.generation)) for r in rows)
 
 
@@ -73,18 +52,13 @@ def handoff(conn: Connection, backfill_id: str, slice_no: int, generation: int) 
     so that a redelivered copy of the finished task is fenced; None when no longer ours."""
     with tx(conn):
         value = conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices SET generation = generation + 1, "
-                "updated_at = now() WHERE backfill_id = :id AND slice = :n AND generation = :g "
-                f"AND state = '{SliceState.ACTIVE}' RETURNING generation"
-            ),
-            {"id": backfill_id, "n": slice_no, "g": generation},
+            query("handoff_slice"), {"id": backfill_id, "n": slice_no, "g": generation}
         ).scalar()
     return None if value is None else int(value)
 
 
-_SLICE_NAMES = tuple(c.strip() for c in SLICE_COLUMNS.split(","))
-_SLICE_AS = ", ".join(f"s.{c} AS s_{c}" for c in _SLICE_NAMES)
+# open_batch reads the slice's columns as s_<name> (jobs/ledger/queries/slices.sql).
+_SLICE_NAMES = tuple(f.name for f in fields(Slice))
 
 
 def open_batch(
@@ -108,7 +82,7 @@ def open_batch(
     statement_timeout applies from the next statement on).
 
     ``begin``: the statement starts the transaction itself (``BEGIN;`` in the same round
-    trip), for a connection whose driver is in autocommit (see jobs/backfill.py _Walk)."""
+    trip), for a connection whose driver is in autocommit (see jobs/backfill/walk.py _Walk)."""
     names = sorted(session)
     columns = [f"set_config(:bf_name_{i}, :bf_value_{i}, true)" for i in range(len(names))]
     binds: dict[str, Any] = {"bf_id": backfill_id, "bf_slice": slice_no}
@@ -119,14 +93,7 @@ def open_batch(
         columns.append(f"({extra[0]})")
         binds.update(extra[1])
     selected = "".join(f"{c} AS bf_col_{i}, " for i, c in enumerate(columns))
-    row = conn.execute(
-        cached_text(
-            ("BEGIN; " if begin else "") + f"SELECT {selected}{_SLICE_AS}, {BACKFILL_ROW} "
-            f"FROM {SCHEMA}.backfill_slices s JOIN {SCHEMA}.backfills b ON b.id = s.backfill_id "
-            "WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s"
-        ),
-        binds,
-    ).first()
+    row = conn.execute(_open_batch_statement(selected, begin), binds).first()
     if row is None:
         return None
     values = row._mapping
@@ -135,15 +102,18 @@ def open_batch(
     return piece, bf, values[f"bf_col_{len(columns) - 1}"] if extra is not None else None
 
 
+# A batch's statements, assembled once per shape: str.format of a 1 KB query costs more than
+# the rest of the assembly (~10 us).
+@functools.lru_cache(maxsize=64)
+def _open_batch_statement(columns: str, begin: bool) -> TextClause:
+    """open_batch's statement selecting ``columns`` first, starting the transaction too
+    with ``begin``."""
+    return text(("BEGIN; " if begin else "") + query_text("open_batch").format(columns=columns))
+
+
 def lock_slice(conn: Connection, backfill_id: str, slice_no: int) -> Slice | None:
     """The slice, row-locked until the caller's transaction ends (no commit here)."""
-    row = conn.execute(
-        text(
-            f"SELECT {SLICE_COLUMNS} FROM {SCHEMA}.backfill_slices "
-            "WHERE backfill_id = :id AND slice = :n FOR UPDATE"
-        ),
-        {"id": backfill_id, "n": slice_no},
-    ).first()
+    row = conn.execute(query("lock_slice"), {"id": backfill_id, "n": slice_no}).first()
     return Slice(**row._mapping) if row else None
 
 
@@ -151,21 +121,14 @@ def set_slice_state(conn: Connection, piece: Slice, state: str) -> None:
     """Within the caller's transaction (the slice locked by lock_slice)."""
     check_slice_transition(piece.state, state)
     conn.execute(
-        text(
-            f"UPDATE {SCHEMA}.backfill_slices SET state = :state, updated_at = now() "
-            "WHERE backfill_id = :id AND slice = :n"
-        ),
-        {"state": state, "id": piece.backfill_id, "n": piece.slice},
+        query("set_slice_state"), {"state": state, "id": piece.backfill_id, "n": piece.slice}
     )
     piece.state = state
 
 
 def slice_states(conn: Connection, backfill_id: str) -> list[str]:
     """Each slice's state, within the caller's transaction."""
-    rows = conn.execute(
-        text(f"SELECT state FROM {SCHEMA}.backfill_slices WHERE backfill_id = :id"),
-        {"id": backfill_id},
-    ).scalars()
+    rows = conn.execute(query("slice_states"), {"id": backfill_id}).scalars()
     return [str(s) for s in rows]
 
 
@@ -201,30 +164,11 @@ def record_batch(
         notify(conn, backfill.run_id)
     for key, error in skipped:
         conn.execute(
-            text(
-                f"INSERT INTO {SCHEMA}.backfill_skipped (backfill_id, slice, key, error) "
-                "VALUES (:b, :n, :key, :error)"
-            ),
+            query("record_skipped"),
             {"b": backfill.id, "n": piece.slice, "key": key, "error": clean(error)},
         )
-    blocked = f"({blocked_sql})" if blocked_sql else "0"
     value = conn.execute(
-        cached_text(
-            f"WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n), "
-            f"batch AS (INSERT INTO {SCHEMA}.backfill_batches (backfill_id, slice, lo, hi, "
-            "batch_size, rows, skipped, duration_ms, throttled_ms, attempt, generation) VALUES "
-            "(:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)), "
-            f"moved AS (UPDATE {SCHEMA}.backfill_slices SET cursor = :hi, "
-            "rows_done = rows_done + :rows, batch_size = CASE WHEN (SELECT n FROM blocked) > 0 "
-            "THEN :shrunk ELSE :next END, throttled_ms = throttled_ms + :throttled, "
-            "updated_at = now() WHERE backfill_id = :b AND slice = :n) "
-            + (
-                "SELECT set_config('runbook.blocked', CAST(n AS text), false) FROM blocked; "
-                "COMMIT; SELECT CAST(current_setting('runbook.blocked') AS bigint)"
-                if commit
-                else "SELECT n FROM blocked"
-            )
-        ),
+        _record_batch_statement(blocked_sql, commit),
         {
             "b": backfill.id,
             "n": piece.slice,
@@ -245,6 +189,13 @@ def record_batch(
     return int(value)
 
 
+@functools.lru_cache(maxsize=64)
+def _record_batch_statement(blocked_sql: str | None, commit: bool) -> TextClause:
+    """record_batch's statement, with or without its COMMIT, counting ``blocked_sql``."""
+    template = query_text("record_batch_and_commit" if commit else "record_batch")
+    return text(template.format(blocked=f"({blocked_sql})" if blocked_sql else "0"))
+
+
 def add_throttled(
     conn: Connection, backfill_id: str, slice_no: int, ms: int, reason: str | None = None
 ) -> None:
@@ -252,11 +203,6 @@ def add_throttled(
     database signal made it wait, why. Commits."""
     with tx(conn):
         conn.execute(
-            text(
-                f"UPDATE {SCHEMA}.backfill_slices SET throttled_ms = throttled_ms + :ms, "
-                "throttle_reason = coalesce(:reason, throttle_reason), "
-                "throttled_at = CASE WHEN :reason IS NULL THEN throttled_at ELSE now() END "
-                "WHERE backfill_id = :id AND slice = :n"
-            ),
+            query("add_throttled"),
             {"ms": ms, "reason": reason, "id": backfill_id, "n": slice_no},
         )

@@ -141,9 +141,9 @@ def _sql_set(source: str, pattern: str) -> set[str]:
 
 def test_the_groups_are_what_the_ledger_sql_spells_out() -> None:
     # The ledger's SQL cannot import the enums: it spells the same sets by hand.
-    leases = (JOBS / "ledger" / "leases.py").read_text()
+    leases = (JOBS / "ledger" / "queries" / "leases.sql").read_text()
     assert _sql_set(leases, r"b\.state IN \(([^)]*)\)") == st.BACKFILL_ACTIVE
-    schema = (JOBS / "ledger" / "schema.py").read_text()
+    schema = (JOBS / "ledger" / "migrations" / "0004_backfill_slices.sql").read_text()
     assert _sql_set(schema, r"CHECK \(state IN \(([^)]*)\)\)") == set(st.SliceState)
 
 
