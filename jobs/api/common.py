@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
-from jobs.config import Settings, Target, load_settings, redact
+from jobs import dispatch, ids
+from jobs.config import Settings, Target, load_settings
 from jobs.errors import (
     BackupError,
     BrokerUnavailable,
@@ -28,14 +29,13 @@ from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 # that need them (tests/unit/test_cli_imports.py).
 if TYPE_CHECKING:
     from jobs import errors
-    from jobs.backfill import control, slices
+    from jobs.backfill import control
     from jobs.backups import dump
 else:
     errors = lazy("jobs.errors")
     control = lazy("jobs.backfill.control")
     dump = lazy("jobs.backups.dump")
 
-EXECUTE_TASK = "runbook.execute_run"
 WAIT_REREAD_S = 0.05
 
 
@@ -43,52 +43,12 @@ def resolve_settings(settings: Settings | None) -> Settings:
     return settings if settings is not None else load_settings()
 
 
-def _broker_gone(settings: Settings) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    safe = redact(maybe_sanitize_url(settings.broker_url))
-    return (
-        f"the broker at {safe} is unreachable; start Redis (e.g. `docker compose up -d "
-        "redis`) or set CELERY_BROKER_URL"
-    )
-
-
 def check_broker(settings: Settings) -> None:
-    from kombu import Connection
-
-    # A timeout on every socket read too: a stopped Redis accepts connections, never answers.
-    options = {"socket_timeout": 3, "socket_connect_timeout": 3}
-    try:
-        with Connection(settings.broker_url, connect_timeout=3, transport_options=options) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
-            client = getattr(conn.default_channel, "client", None)  # Redis: a real round trip
-            if client is not None:
-                client.ping()
-    except Exception:
-        raise BrokerUnavailable(_broker_gone(settings)) from None
-
-
-def _publish(settings: Settings, task: str, args: list[Any], **options: Any) -> None:
-    """Send one task message; BrokerUnavailable when the broker cannot take it (it went away
-    since check_broker): a few quick retries, not Celery's default of a second or more."""
-    from kombu.exceptions import OperationalError
-
-    from worker.app import app
-
-    try:
-        app.send_task(
-            task,
-            args=args,
-            queue=settings.queue,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2},
-            **options,
-        )
-    except (OperationalError, OSError):
-        raise BrokerUnavailable(_broker_gone(settings)) from None
+    dispatch.for_settings(settings).check_broker()
 
 
 def send_run(settings: Settings, run_id: str, target: Target) -> None:
-    _publish(settings, EXECUTE_TASK, [run_id, target.name])
+    dispatch.for_settings(settings).send_run(run_id, target.name)
 
 
 def check_scratch(conn: Connection, target: Target) -> None:
@@ -188,6 +148,21 @@ def find_run(settings: Settings, run_id: str, target: str | None) -> tuple[Targe
     return t, run
 
 
+def locate(
+    work_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> tuple[str, Target]:
+    """What ``work_id`` is (jobs/ids.py: RUN or BACKFILL) and the target whose ledger holds
+    it: one look in each ledger searched, for the commands that take either kind."""
+    settings = resolve_settings(settings)
+    t, kind, unreachable = _locate(settings, target, lambda conn: ids.kind_of(conn, work_id))
+    if t is None:
+        raise UnknownRun(
+            f"unknown run or backfill {work_id!r}{_unreachable(unreachable)}; "
+            "`runbook history` lists the runs"
+        )
+    return kind, t
+
+
 def _refusal(settings: Settings, work_id: str) -> dict[str, Any] | None:
     """Why a worker refused ``work_id``, if one did (jobs/refusals.py); None when Redis
     cannot be asked: the ledger alone still answers."""
@@ -232,17 +207,8 @@ def settle_refused_backfill(settings: Settings, t: Target, backfill_id: str) -> 
     refusals.forget(settings.result_backend, backfill_id)
 
 
-def slice_sender(settings: Settings) -> slices.SendSlice:
-    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
-        _publish(
-            settings,
-            "runbook.backfill_slice",
-            [backfill_id, target, slice_no, generation],
-            argsrepr=label,
-            kwargsrepr="{}",
-        )
-
-    return send
+def slice_sender(settings: Settings) -> dispatch.SendSlice:
+    return dispatch.for_settings(settings).send_slice
 
 
 def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
@@ -250,7 +216,8 @@ def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> T
         settings, target, lambda conn: backfills.get_backfill(conn, backfill_id)
     )
     if t is None:
-        # The CLI looks for a run first, then a backfill: name both.
+        # As locate's: `runbook pause ID` and the API take a backfill's id where a run's is
+        # often meant.
         raise errors.UnknownBackfill(
             f"unknown run or backfill {backfill_id!r}{_unreachable(unreachable)}; "
             "`runbook history` lists the runs"

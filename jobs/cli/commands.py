@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
-from jobs.errors import UnknownRun
 from jobs.lazy import lazy, lazy_callable
 from jobs.states import SUCCEEDED, TERMINAL
 
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.table import Table
 
-    from jobs import api
+    from jobs import api, ids
     from jobs.config import load_settings
 else:
     BarColumn = lazy_callable("rich.progress", "BarColumn")
@@ -34,6 +33,7 @@ else:
     TextColumn = lazy_callable("rich.progress", "TextColumn")
     Table = lazy_callable("rich.table", "Table")
     api = lazy("jobs.api")
+    ids = lazy("jobs.ids")
     load_settings = lazy_callable("jobs.config", "load_settings")
 from jobs.cli.options import Group
 from jobs.cli.render import (
@@ -314,9 +314,9 @@ def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
 @friendly
 def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
     """Show a run (or a backfill): its state, revisions, backup and steps."""
-    try:
-        run = api.status(run_id, target)
-    except UnknownRun:
+    kind, found_on = api.locate(run_id, target)
+    target = found_on.name
+    if kind == ids.BACKFILL:
         found = api.backfill_status(run_id, target)
         if watch:
             _follow_backfill(run_id, target, as_json)
@@ -326,6 +326,7 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
         if not as_json and found["error"]:
             click.echo(f"  error: {found['error']}")
         return
+    run = api.status(run_id, target)
     if watch:
         final = api.wait(run_id, target, on_change=None if as_json else progress_printer())
         if as_json:
@@ -447,14 +448,14 @@ def backfills(target: str | None, limit: int, as_json: bool) -> None:
 @friendly
 def resume(run_id: str, target: str | None) -> None:
     """Send an unfinished run to the workers again (after a worker died)."""
-    try:
-        run = api.resume(run_id, target)
-    except UnknownRun:
-        done = api.control_backfill("resume", run_id, target)
+    kind, found_on = api.locate(run_id, target)
+    if kind == ids.BACKFILL:
+        done = api.control_backfill("resume", run_id, found_on.name)
         err.print(
             f"backfill {run_id} {done['state']} from its checkpoint ({done['rows_done']} rows done)"
         )
         return
+    run = api.resume(run_id, found_on.name)
     err.print(f"run {run['id']} ({run['state']}) sent to the workers again")
 
 
@@ -550,12 +551,12 @@ def pause(backfill_id: str, target: str | None) -> None:
 @friendly
 def cancel(run_id: str, target: str | None) -> None:
     """Cancel a run that no worker has started yet."""
-    try:
-        run = api.cancel(run_id, target)
-    except UnknownRun:
-        done = api.control_backfill("cancel", run_id, target)
+    kind, found_on = api.locate(run_id, target)
+    if kind == ids.BACKFILL:
+        done = api.control_backfill("cancel", run_id, found_on.name)
         err.print(f"backfill {run_id} {done['state']}")
         return
+    run = api.cancel(run_id, found_on.name)
     err.print(f"run {run['id']} {run['state']}")
 
 

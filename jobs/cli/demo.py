@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import URL
 
+from jobs import dispatch
 from jobs.cli.demo_setup import (
     DEFAULT_ROWS,
     INITIAL_REVISION,
@@ -50,7 +51,6 @@ from jobs.cli.demo_setup import (
     db_name,
     demo_backup_dir,
     env_number,
-    forget_queue,
     large_table_counts,
     migrate_to_initial,
     postgres_problem,
@@ -347,7 +347,8 @@ def _demo(workdir: Path) -> int:
     # This process and the worker read the same settings: set before worker.app is imported.
     with _environment(shared):
         settings = load_settings(config_path)
-        worker = DemoWorker(workdir, queue, dict(os.environ, PYTHONUNBUFFERED="1"))
+        demo_queue = dispatch.connect(broker, queue)
+        worker = DemoWorker(workdir, demo_queue, dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
             out.print(f"  starting a Celery worker on queue {queue}")
             worker.start()
@@ -368,7 +369,7 @@ def _demo(workdir: Path) -> int:
         finally:
             with _SIGNALS.held():
                 worker.stop()
-                forget_queue(broker, queue)
+                demo_queue.forget_queue()
     counts = large_table_counts(url)
     _summary(final, dbname, url, time.monotonic() - started, counts)
     if final["state"] != SUCCEEDED:

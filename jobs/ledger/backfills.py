@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from jobs import ids
 from jobs.errors import IllegalTransition
 from jobs.ledger.notify import notify
-from jobs.ledger.runs import new_run_id
 from jobs.ledger.schema import SCHEMA
 from jobs.ledger.sql import clean, iso, tx
 
@@ -186,7 +186,7 @@ def create_backfill(
     empty table); ``settings``: batch sizes, pacing, timeouts.
     """
     assert set(settings) == set(_BACKFILL_SETTINGS), settings
-    backfill_id = new_run_id()
+    backfill_id = ids.new_backfill_id()
     names = ", ".join(_BACKFILL_SETTINGS)
     binds = ", ".join(f":{k}" for k in _BACKFILL_SETTINGS)
     with tx(conn):

@@ -6,13 +6,13 @@ Postgres is the source of truth for a run; Redis only carries the messages.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, text
 
+from jobs import ids
 from jobs.errors import TargetBusy, UnknownRun
 from jobs.ledger.notify import ANNOUNCED, CHANNEL, notify
 from jobs.ledger.schema import SCHEMA
@@ -98,10 +98,6 @@ class Run:
         }
 
 
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
-
-
 def admit(
     conn: Connection,
     *,
@@ -116,7 +112,7 @@ def admit(
 
     The admission lock makes check-and-insert atomic against concurrent `apply`s.
     """
-    run_id = new_run_id()
+    run_id = ids.new_run_id()
     with tx(conn):
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADMISSION_LOCK_KEY})
         holder = conn.execute(

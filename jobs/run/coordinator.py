@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,6 +27,7 @@ from jobs.backfill import control, declared
 from jobs.backfill import slices as backfill_slices
 from jobs.backups import leftovers, restore, restore_tables, vault
 from jobs.config import Settings, Target, redact
+from jobs.dispatch import Progress, SendSlice
 from jobs.errors import DowngradeImpossible, RunbookError, StepFailed, VerifyFailed
 from jobs.insight import parse
 from jobs.insight import rehearse as insight_rehearse
@@ -42,8 +42,6 @@ from jobs.run import hooks, lease, preflight
 from jobs.run.verify import digest, schema_lines, verify_revision
 
 log = logging.getLogger("runbook.coordinator")
-
-Progress = Callable[[dict[str, Any]], None]
 
 # Steps after which the target may differ from before the run: a failure must roll back.
 CHANGING_STEPS = frozenset({"upgrade", "downgrade", "restore"})
@@ -88,7 +86,7 @@ class Coordinator:
         target: Target,
         run: Run,
         progress: Progress,
-        send_slice: backfill_slices.SendSlice | None = None,
+        send_slice: SendSlice | None = None,
     ) -> None:
         self.conn = conn
         self.target = target
@@ -635,7 +633,7 @@ def execute(
     target_name: str,
     *,
     progress: Progress | None = None,
-    send_slice: backfill_slices.SendSlice | None = None,
+    send_slice: SendSlice | None = None,
     lock_wait_s: float = 5.0,
 ) -> Outcome:
     """Carry run ``run_id`` of ``target_name`` as far as it goes: one delivery of the task.
@@ -666,7 +664,7 @@ def _deliver(
     target: Target,
     run_id: str,
     progress: Progress | None,
-    send_slice: backfill_slices.SendSlice | None,
+    send_slice: SendSlice | None,
     lock_wait_s: float,
 ) -> Outcome:
     """One pass over the run under its run lock."""
@@ -693,7 +691,7 @@ def _carry(
     target: Target,
     run: Run,
     report: Progress,
-    send_slice: backfill_slices.SendSlice | None,
+    send_slice: SendSlice | None,
 ) -> Outcome:
     """The delivery that holds the run lock and the lease: count it, and carry the run."""
     runs.count_delivery(conn, run)
