@@ -154,7 +154,11 @@ def locate(
     """What ``work_id`` is (jobs/ids.py: RUN or BACKFILL) and the target whose ledger holds
     it: one look in each ledger searched, for the commands that take either kind."""
     settings = resolve_settings(settings)
-    t, kind, unreachable = _locate(settings, target, lambda conn: ids.kind_of(conn, work_id))
+    t, kind, unreachable = _locate(
+        settings,
+        target,
+        lambda conn: conn.exec_driver_sql(ids.KIND_OF, {"id": work_id}).scalar(),
+    )
     if t is None:
         raise UnknownRun(
             f"unknown run or backfill {work_id!r}{_unreachable(unreachable)}; "
