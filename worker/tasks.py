@@ -3,47 +3,34 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
 from celery.signals import worker_ready
-from celery.utils.saferepr import saferepr
 
 from jobs.backfill import slices
 from jobs.config import load_settings, redact
+from jobs.dispatch import SendRun, SendSlice, SliceMessage
 from jobs.errors import RunbookError
 from jobs.run import refusals
 from jobs.run.deliver import execute
+from worker import flower
 from worker.app import app
 
 log = logging.getLogger("runbook.worker")
 
 
-@contextmanager
-def _best_effort(what: str) -> Iterator[None]:
-    """Progress goes to Redis, the record to the ledger: a broker that is away must not fail
-    the step (or the batch) that reports it."""
-    try:
-        yield
-    except Exception as exc:
-        log.warning("%s not published (the broker is away?): %s", what, redact(str(exc)))
-
-
-@app.task(name="runbook.execute_run", bind=True)
+@app.task(name=flower.EXECUTE_RUN, bind=True)
 def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
     """Carry a run as far as it goes. Arguments are names only, never URLs."""
-
-    def progress(info: dict[str, Any]) -> None:
-        if self.request.id:
-            with _best_effort("progress"):
-                self.update_state(state="PROGRESS", meta=info)
-
     try:
         settings = load_settings()
         outcome = execute(
-            settings, run_id, target, progress=progress, send_slice=slice_sender(settings.queue)
+            settings,
+            run_id,
+            target,
+            progress=flower.run_progress(self),
+            send_slice=slice_sender(settings.queue),
         )
         return outcome.as_dict()
     except RunbookError as exc:
@@ -56,29 +43,11 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
 
 
 # Flower shows a result as its repr, cut at resultrepr_maxsize: room for many slices' progress.
-@app.task(name="runbook.backfill_slice", bind=True, resultrepr_maxsize=8192)
+@app.task(name=flower.BACKFILL_SLICE, bind=True, resultrepr_maxsize=8192)
 def backfill_slice(
     self: Task, backfill_id: str, target: str, slice_no: int, generation: int
 ) -> dict[str, Any]:
     """A few seconds of one slice's batches, then its continuation. Names only, no URLs."""
-
-    def progress(info: dict[str, Any]) -> None:
-        # PROGRESS in the result backend (AsyncResult.info), and a task-progress event: Flower
-        # reads events only, makes the task PROGRESS and shows the event's `result` field (its
-        # other fields are kept but not shown). `state` is left out: applied after the task's
-        # success event, it would overwrite the task's state in Flower.
-        if not self.request.id:
-            return
-        with _best_effort("progress"):
-            self.update_state(state="PROGRESS", meta=info)
-            fields = {k: v for k, v in info.items() if k != "state"}
-            self.send_event(
-                "task-progress",
-                result=saferepr(info, self.resultrepr_maxsize),
-                backfill_state=info["state"],
-                **fields,
-            )
-
     try:
         settings = load_settings()
         return slices.run_slice_and_continue(
@@ -88,7 +57,7 @@ def backfill_slice(
             slice_no,
             generation,
             send_next=slice_sender(settings.queue),
-            on_progress=progress,
+            on_progress=flower.slice_progress(self),
             resume_run=run_sender(settings.queue),
         )
     except RunbookError as exc:
@@ -119,24 +88,23 @@ def _report_broken_targets(**_: Any) -> None:
         log.info("serving targets: %s", ", ".join(sorted(settings.targets)))
 
 
-def slice_sender(queue: str) -> slices.SendSlice:
-    """Queue a backfill slice's task on ``queue``; Flower shows ``argsrepr`` as its arguments."""
+# The worker's own senders: a failure to send propagates as Celery raises it (the task fails
+# and its message comes back), unlike the CLI's, which names the broker (worker/dispatcher.py).
+def slice_sender(queue: str) -> SendSlice:
+    """Queue a backfill slice's task on ``queue``; Flower shows its label as its arguments."""
 
-    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
+    def send(message: SliceMessage) -> None:
         backfill_slice.apply_async(
-            args=[backfill_id, target, slice_no, generation],
-            queue=queue,
-            argsrepr=label,
-            kwargsrepr="{}",
+            args=flower.slice_args(message), queue=queue, **flower.slice_options(message)
         )
 
     return send
 
 
-def run_sender(queue: str) -> slices.ResumeRun:
+def run_sender(queue: str) -> SendRun:
     """Queue a run again (a backfill it waits for has stopped)."""
 
     def send(run_id: str, target: str) -> None:
-        execute_run.apply_async(args=[run_id, target], queue=queue)
+        execute_run.apply_async(args=flower.run_args(run_id, target), queue=queue)
 
     return send

@@ -15,7 +15,7 @@ from jobs.api.backfills import (
     list_backfills,
 )
 from jobs.api.backups import data_loss, enqueue_backup, enqueue_restore, list_backups
-from jobs.api.common import EXECUTE_TASK, WAIT_REREAD_S, settle_refusal
+from jobs.api.common import WAIT_REREAD_S, locate, settle_refusal
 from jobs.api.runs import (
     cancel,
     check,
@@ -33,7 +33,6 @@ from jobs.api.runs import (
 from jobs.api.targets import targets
 
 __all__ = [
-    "EXECUTE_TASK",
     "WAIT_REREAD_S",
     "backfill_status",
     "cancel",
@@ -53,6 +52,7 @@ __all__ = [
     "history",
     "list_backfills",
     "list_backups",
+    "locate",
     "plan",
     "resume",
     "settle_refusal",

@@ -7,7 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from jobs.config import Settings, Target, load_settings, redact
+from sqlalchemy import Connection, text
+
+from jobs import dispatch, ids
+from jobs.config import Settings, Target, load_settings
 from jobs.errors import (
     BackupError,
     BrokerUnavailable,
@@ -29,7 +32,7 @@ from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
-    from jobs.backfill import control, slices
+    from jobs.backfill import control
     from jobs.backups import dump
     from jobs.ledger import backfills, runs, schema
     from jobs.pg import db
@@ -42,7 +45,6 @@ else:
     schema = lazy("jobs.ledger.schema")
     db = lazy("jobs.pg.db")
 
-EXECUTE_TASK = "runbook.execute_run"
 WAIT_REREAD_S = 0.05
 
 
@@ -50,59 +52,18 @@ def resolve_settings(settings: Settings | None) -> Settings:
     return settings if settings is not None else load_settings()
 
 
-def _broker_gone(settings: Settings) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    safe = redact(maybe_sanitize_url(settings.broker_url))
-    return (
-        f"the broker at {safe} is unreachable; start Redis (e.g. `docker compose up -d "
-        "redis`) or set CELERY_BROKER_URL"
-    )
-
-
 def check_broker(settings: Settings) -> None:
-    from kombu import Connection
-
-    # A timeout on every socket read too: a stopped Redis accepts connections, never answers.
-    options = {"socket_timeout": 3, "socket_connect_timeout": 3}
-    try:
-        with Connection(settings.broker_url, connect_timeout=3, transport_options=options) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
-            client = getattr(conn.default_channel, "client", None)  # Redis: a real round trip
-            if client is not None:
-                client.ping()
-    except Exception:
-        raise BrokerUnavailable(_broker_gone(settings)) from None
-
-
-def _publish(settings: Settings, task: str, args: list[Any], **options: Any) -> None:
-    """Send one task message; BrokerUnavailable when the broker cannot take it (it went away
-    since check_broker): a few quick retries, not Celery's default of a second or more."""
-    from kombu.exceptions import OperationalError
-
-    from worker.app import app
-
-    try:
-        app.send_task(
-            task,
-            args=args,
-            queue=settings.queue,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2},
-            **options,
-        )
-    except (OperationalError, OSError):
-        raise BrokerUnavailable(_broker_gone(settings)) from None
+    dispatch.for_settings(settings).check_broker()
 
 
 def send_run(settings: Settings, run_id: str, target: Target) -> None:
-    _publish(settings, EXECUTE_TASK, [run_id, target.name])
+    dispatch.for_settings(settings).send_run(run_id, target.name)
 
 
 def check_scratch(conn: Connection, target: Target) -> None:
     """A verified backup restores into a scratch database: the role must be able to make one."""
     if not (target.backup and target.verify_restore):
         return
-    from sqlalchemy import text
 
     can = conn.execute(
         text("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
@@ -191,6 +152,33 @@ def find_run(settings: Settings, run_id: str, target: str | None) -> tuple[Targe
     return t, run
 
 
+def _kind_of(conn: Any, work_id: str) -> str | None:
+    """RUN, BACKFILL or None, on a plain psycopg2 connection (jobs/pg/connect.py)."""
+    with conn.cursor() as cur:
+        cur.execute(ids.KIND_OF, {"id": work_id})
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def locate(
+    work_id: str, target: str | None = None, *, settings: Settings | None = None
+) -> tuple[str, Target]:
+    """What ``work_id`` is (jobs/ids.py: RUN or BACKFILL) and the target whose ledger holds
+    it: one look in each ledger searched, for the commands that take either kind."""
+    settings = resolve_settings(settings)
+    t, kind, unreachable = _locate(
+        settings,
+        target,
+        lambda conn: _kind_of(conn, work_id),
+    )
+    if t is None:
+        raise UnknownRun(
+            f"unknown run or backfill {work_id!r}{_unreachable(unreachable)}; "
+            "`runbook history` lists the runs"
+        )
+    return kind, t
+
+
 def _refusal(settings: Settings, work_id: str) -> dict[str, Any] | None:
     """Why a worker refused ``work_id``, if one did (jobs/refusals.py); None when Redis
     cannot be asked: the ledger alone still answers."""
@@ -235,23 +223,15 @@ def settle_refused_backfill(settings: Settings, t: Target, backfill_id: str) -> 
     refusals.forget(settings.result_backend, backfill_id)
 
 
-def slice_sender(settings: Settings) -> slices.SendSlice:
-    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
-        _publish(
-            settings,
-            "runbook.backfill_slice",
-            [backfill_id, target, slice_no, generation],
-            argsrepr=label,
-            kwargsrepr="{}",
-        )
-
-    return send
+def slice_sender(settings: Settings) -> dispatch.SendSlice:
+    return dispatch.for_settings(settings).send_slice
 
 
 def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
     t, _, unreachable = _locate(settings, target, lambda conn: read.get_backfill(conn, backfill_id))
     if t is None:
-        # The CLI looks for a run first, then a backfill: name both.
+        # As locate's: `runbook pause ID` and the API take a backfill's id where a run's is
+        # often meant.
         raise UnknownBackfill(
             f"unknown run or backfill {backfill_id!r}{_unreachable(unreachable)}; "
             "`runbook history` lists the runs"

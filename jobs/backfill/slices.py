@@ -1,7 +1,8 @@
 """Backfills as short tasks: each runs one slice's batches for a few seconds, then hands the
 slice to its continuation (a new generation, so a redelivered copy of the finished task is
 fenced) and queues it. No task outlives Redis's visibility timeout; pause and cancel take
-effect within one batch. The Celery glue in worker/tasks.py passes the senders.
+effect within one batch. The worker passes the senders and the progress hook
+(jobs/dispatch.py; worker/tasks.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import Connection
 
 from jobs.backfill import control, walk
 from jobs.config import Settings, Target
+from jobs.dispatch import Progress, SendRun, SendSlice, SliceMessage
 from jobs.ledger import backfills, leases, notify, records
 from jobs.ledger import slices as ledger_slices
 from jobs.ledger.records import backfill_progress
@@ -27,11 +29,6 @@ log = logging.getLogger("runbook.backfill")
 SLICE_SECONDS = 3.0
 PROGRESS_EVERY_S = 0.5  # at most this often a running slice reports progress to Flower
 
-# (backfill id, target name, slice, generation, argsrepr): queue one slice's task.
-SendSlice = Callable[[str, str, int, int, str], None]
-# (run id, target name): queue the run that waits for a backfill.
-ResumeRun = Callable[[str, str], None]
-Progress = Callable[[dict[str, Any]], None]
 Updates = Iterator[dict[str, Any]]
 
 
@@ -68,14 +65,21 @@ def follow(
             notify.wait_for_change(conn, backfill_id, interval_s)
 
 
-def label(bf: records.Backfill, piece: records.Slice) -> str:
-    """What Flower shows as the task's arguments: which backfill, what it sets, which slice
-    and key range."""
-    lo = "start" if piece.lower_key is None else piece.lower_key
-    where = f" WHERE {bf.where_sql}" if bf.where_sql else ""
-    return (
-        f"backfill {bf.id} on {bf.target}: UPDATE {bf.table_name} SET {bf.set_sql}{where}; "
-        f"slice {piece.slice} keys ({lo}, {piece.upper_key}]"
+def message(
+    target: str, bf: records.Backfill, piece: records.Slice, generation: int
+) -> SliceMessage:
+    """One slice's task on ``target`` (the configured name the worker resolves), with what
+    the backfill does (Flower's label, worker/flower.py)."""
+    return SliceMessage(
+        backfill_id=bf.id,
+        target=target,
+        slice_no=piece.slice,
+        generation=generation,
+        table=bf.table_name,
+        set_sql=bf.set_sql,
+        where_sql=bf.where_sql,
+        lower_key=piece.lower_key,
+        upper_key=piece.upper_key,
     )
 
 
@@ -87,7 +91,7 @@ def send_slices(
     bf = backfills.get_backfill(conn, bf_id)
     assert bf is not None, bf_id  # start() just handed its slices out
     for number, generation in slices:
-        send(bf_id, target, number, generation, label(bf, pieces[number]))
+        send(message(target, bf, pieces[number], generation))
 
 
 def run_slice_and_continue(
@@ -99,7 +103,7 @@ def run_slice_and_continue(
     send_next: SendSlice,
     *,
     on_progress: Progress | None = None,
-    resume_run: ResumeRun | None = None,
+    resume_run: SendRun | None = None,
 ) -> dict[str, Any]:
     """One slice's few seconds; queue its continuation when work is left, and the waiting
     run when this slice stopped the backfill. The slice's outcome and the progress."""
@@ -157,7 +161,7 @@ def _finish(
     backfill_id: str,
     slice_no: int,
     outcome: str,
-    resume_run: ResumeRun | None,
+    resume_run: SendRun | None,
 ) -> dict[str, Any]:
     """Send the waiting run on if this slice stopped the backfill; the task's result."""
     bf = control.get(conn, backfill_id)

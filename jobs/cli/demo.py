@@ -37,6 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from jobs import dispatch
 from jobs.cli.demo_setup import (
     DEFAULT_ROWS,
     INITIAL_REVISION,
@@ -48,7 +49,6 @@ from jobs.cli.demo_setup import (
     db_name,
     demo_backup_dir,
     env_number,
-    forget_queue,
     large_table_counts,
     migrate_to_initial,
     postgres_problem,
@@ -338,7 +338,8 @@ def _run_on_worker(
     # This process and the worker read the same settings: set before worker.app is imported.
     with _environment(shared):
         settings = load_settings(config_path)
-        worker = DemoWorker(workdir, queue, dict(os.environ, PYTHONUNBUFFERED="1"))
+        demo_queue = dispatch.connect(broker, queue)
+        worker = DemoWorker(workdir, demo_queue, dict(os.environ, PYTHONUNBUFFERED="1"))
         try:
             out.print(f"  starting a Celery worker on queue {queue}")
             worker.start()
@@ -359,7 +360,7 @@ def _run_on_worker(
         finally:
             with _SIGNALS.held():
                 worker.stop()
-                forget_queue(broker, queue)
+                demo_queue.forget_queue()
     return final, worker
 
 

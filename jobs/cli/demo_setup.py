@@ -11,13 +11,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-from jobs.config import normalize_url, redact
-from jobs.errors import DemoError, DemoSetupError, RunbookError
+from jobs import dispatch
+from jobs.config import DEFAULT_QUEUE, normalize_url, redact
+from jobs.errors import BrokerUnavailable, DemoError, DemoSetupError, RunbookError
 from jobs.pg.url import PgURL
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -114,15 +114,13 @@ def postgres_problem(admin: PgURL) -> str | None:
 
 
 def broker_problem(broker: str) -> str | None:
-    from kombu import Connection
-    from kombu.utils.url import maybe_sanitize_url
-
+    broker_queue = dispatch.connect(broker, DEFAULT_QUEUE)
     try:
-        with Connection(broker, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, timeout=3)
-    except Exception:
-        safe = maybe_sanitize_url(broker)
-        return f"the broker (Redis) is not reachable at {safe} (CELERY_BROKER_URL)"
+        broker_queue.check_broker()
+    except BrokerUnavailable:
+        return (
+            f"the broker (Redis) is not reachable at {broker_queue.safe_url()} (CELERY_BROKER_URL)"
+        )
     return None
 
 
@@ -228,35 +226,29 @@ def write_config(path: Path, url: PgURL, alembic_ini: Path, backup_dir: Path) ->
 
 
 class DemoWorker:
-    """A real ``celery worker`` subprocess on the demo's own queue."""
+    """A real worker subprocess on the demo's own queue (``dispatcher``'s)."""
 
-    def __init__(self, workdir: Path, queue: str, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, dispatcher: dispatch.Dispatcher, env: dict[str, str]) -> None:
         self.workdir = workdir
-        self.queue = queue
+        self.dispatcher = dispatcher
         self.env = env
         self.nodename = f"runbook-demo-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.log_path = workdir / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "worker",
-            "-Q",
-            self.queue,
-            "-c",
-            "1",
-            "-n",
-            self.nodename,
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            "WARNING",
-        ]
+        args = self.dispatcher.worker_command(
+            [
+                "-c",
+                "1",
+                "-n",
+                self.nodename,
+                "--without-mingle",
+                "--without-gossip",
+                "--loglevel",
+                "WARNING",
+            ]
+        )
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 args,
@@ -267,8 +259,6 @@ class DemoWorker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as one, Ctrl-C aside
             )
-        from worker.app import app
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -276,7 +266,7 @@ class DemoWorker:
                     f"the worker exited at start (code {self.proc.returncode}); its log ends "
                     f"with:\n{self.log_tail()}"
                 )
-            if app.control.ping(destination=[self.nodename], timeout=0.5):
+            if self.dispatcher.ping_worker(self.nodename, 0.5):
                 return
         raise DemoError(
             f"the worker did not answer a ping within {timeout_s:.0f}s; its log ends with:\n"
@@ -306,20 +296,3 @@ class DemoWorker:
             proc.wait(10)
         except ProcessLookupError:
             proc.wait(10)
-
-
-def forget_queue(broker: str, queue: str) -> None:
-    """Best effort: remove the demo's queue (and its binding) from the broker."""
-    from kombu import Connection, Exchange, Queue
-
-    try:
-        with Connection(broker, connect_timeout=3) as conn:
-            # Celery's automatic queue: a direct exchange of the same name. The channel only
-            # deletes bindings it knows, so declare them (a no-op) before deleting.
-            bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(
-                conn.default_channel
-            )
-            bound.declare()
-            bound.delete()
-    except Exception:
-        pass

@@ -20,7 +20,6 @@ from jobs.cli.render import (
     statement,
     summary,
 )
-from jobs.errors import UnknownRun
 from jobs.lazy import lazy, lazy_callable
 from jobs.states import ENQUEUED, SUCCEEDED, TERMINAL
 
@@ -29,11 +28,12 @@ from jobs.states import ENQUEUED, SUCCEEDED, TERMINAL
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from jobs import api
+    from jobs import api, ids
     from jobs.config import load_settings
 else:
     Table = lazy_callable("rich.table", "Table")
     api = lazy("jobs.api")
+    ids = lazy("jobs.ids")
     load_settings = lazy_callable("jobs.config", "load_settings")
 
 
@@ -205,9 +205,9 @@ def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
 @friendly
 def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
     """Show a run (or a backfill): its state, revisions, backup and steps."""
-    try:
-        run = api.status(run_id, target)
-    except UnknownRun:
+    kind, found_on = api.locate(run_id, target)
+    target = found_on.name
+    if kind == ids.BACKFILL:
         found = api.backfill_status(run_id, target)
         if watch:
             follow_backfill(run_id, target, as_json)
@@ -224,6 +224,7 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
         else:
             summary(final)
         _exit_for(final)
+    run = api.status(run_id, target)
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
@@ -275,14 +276,14 @@ def history(target: str | None, limit: int, as_json: bool) -> None:
 @friendly
 def resume(run_id: str, target: str | None) -> None:
     """Send an unfinished run to the workers again (after a worker died)."""
-    try:
-        run = api.resume(run_id, target)
-    except UnknownRun:
-        done = api.control_backfill("resume", run_id, target)
+    kind, found_on = api.locate(run_id, target)
+    if kind == ids.BACKFILL:
+        done = api.control_backfill("resume", run_id, found_on.name)
         err.print(
             f"backfill {run_id} {done['state']} from its checkpoint ({done['rows_done']} rows done)"
         )
         return
+    run = api.resume(run_id, found_on.name)
     err.print(f"run {run['id']} ({run['state']}) sent to the workers again")
 
 
@@ -292,10 +293,10 @@ def resume(run_id: str, target: str | None) -> None:
 @friendly
 def cancel(run_id: str, target: str | None) -> None:
     """Cancel a run that no worker has started yet."""
-    try:
-        run = api.cancel(run_id, target)
-    except UnknownRun:
-        done = api.control_backfill("cancel", run_id, target)
+    kind, found_on = api.locate(run_id, target)
+    if kind == ids.BACKFILL:
+        done = api.control_backfill("cancel", run_id, found_on.name)
         err.print(f"backfill {run_id} {done['state']}")
         return
+    run = api.cancel(run_id, found_on.name)
     err.print(f"run {run['id']} {run['state']}")

@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from jobs import ids
 from jobs.errors import IllegalTransition
 from jobs.ledger.notify import notify
 from jobs.ledger.records import Backfill, BackfillBatch, Slice
-from jobs.ledger.runs import new_run_id
 from jobs.ledger.sql import clean, query, tx
 
 # -- backfills ----------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def create_backfill(
     empty table); ``settings``: batch sizes, pacing, timeouts.
     """
     assert set(settings) == set(BACKFILL_SETTINGS), settings
-    backfill_id = new_run_id()
+    backfill_id = ids.new_backfill_id()
     with tx(conn):
         if run_id:
             notify(conn, run_id)

@@ -6,21 +6,17 @@ Postgres is the source of truth for a run; Redis only carries the messages.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from sqlalchemy import Connection
 
+from jobs import ids
 from jobs.errors import TargetBusy, UnknownRun
 from jobs.ledger.notify import CHANNEL, notify
 from jobs.ledger.records import Run, Step
 from jobs.ledger.sql import clean, query, tx
 from jobs.pg.db import ADMISSION_LOCK_KEY
 from jobs.states import ENQUEUED, TERMINAL, StepState, check_step_transition, check_transition
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def admit(
@@ -37,7 +33,7 @@ def admit(
 
     The admission lock makes check-and-insert atomic against concurrent `apply`s.
     """
-    run_id = new_run_id()
+    run_id = ids.new_run_id()
     with tx(conn):
         conn.execute(query("take_admission_lock"), {"k": ADMISSION_LOCK_KEY})
         holder = conn.execute(query("unfinished_run"), {"terminal": sorted(TERMINAL)}).first()

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Connection
 
 from jobs import states as st
-from jobs.backfill import slices as backfill_slices
 from jobs.config import Settings, Target
+from jobs.dispatch import Progress, SendSlice
 from jobs.errors import AwaitingBackfill, HookFailed, RunbookError
 from jobs.ledger import backfills as ledger_backfills
 from jobs.ledger import runs
@@ -25,7 +25,6 @@ from jobs.pg import db
 from jobs.pg.sqlstate import describe
 from jobs.run import lease
 from jobs.run.coordinator import Coordinator
-from jobs.run.steps import Progress
 
 # Named as before the delivery moved out of jobs/run/coordinator.py: the worker's log lines
 # stay as they were.
@@ -61,7 +60,7 @@ def execute(
     target_name: str,
     *,
     progress: Progress | None = None,
-    send_slice: backfill_slices.SendSlice | None = None,
+    send_slice: SendSlice | None = None,
     lock_wait_s: float = 5.0,
 ) -> Outcome:
     """Carry run ``run_id`` of ``target_name`` as far as it goes: one delivery of the task.
@@ -92,7 +91,7 @@ def _deliver(
     target: Target,
     run_id: str,
     progress: Progress | None,
-    send_slice: backfill_slices.SendSlice | None,
+    send_slice: SendSlice | None,
     lock_wait_s: float,
 ) -> Outcome:
     """One pass over the run under its run lock."""
@@ -119,7 +118,7 @@ def _carry(
     target: Target,
     run: Run,
     report: Progress,
-    send_slice: backfill_slices.SendSlice | None,
+    send_slice: SendSlice | None,
 ) -> Outcome:
     """The delivery that holds the run lock and the lease: count it, and carry the run."""
     runs.count_delivery(conn, run)

@@ -10,7 +10,6 @@ their run lock, and a slice it takes over gets a new generation that fences the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -19,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from jobs.backfill import slices
 from jobs.backups import leftovers
 from jobs.config import Settings, Target
+from jobs.dispatch import SendRun, SendSlice
 from jobs.errors import RunbookError
 from jobs.ledger import leases, schema
 from jobs.pg import db
@@ -29,8 +29,6 @@ log = logging.getLogger("runbook.reconcile")
 # One reconciler per target at a time. Not db.ADMISSION_LOCK_KEY ('runbook' + 2): sharing it
 # made every `apply` wait for a reconciler pass, and a pass skip while a run was admitted.
 RECONCILE_LOCK_KEY = 0x72756E626F6F6B03  # "runbook" + 3
-
-SendRun = Callable[[str, str], None]
 
 
 @dataclass
@@ -45,7 +43,7 @@ class Report:
 def reconcile(
     settings: Settings,
     send_run: SendRun,
-    send_slice: slices.SendSlice,
+    send_slice: SendSlice,
     *,
     lease_s: float = lease.LEASE_S,
 ) -> Report:
@@ -63,7 +61,7 @@ def reconcile(
 def _target(
     target: Target,
     send_run: SendRun,
-    send_slice: slices.SendSlice,
+    send_slice: SendSlice,
     lease_s: float,
     report: Report,
 ) -> None:

@@ -7,22 +7,19 @@ built on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection
 
 from jobs import states as st
-from jobs.backfill import slices as backfill_slices
 from jobs.config import Target
+from jobs.dispatch import Progress, SendSlice
 from jobs.errors import StepFailed
 from jobs.ledger import runs
 from jobs.ledger.records import Run, Step
 from jobs.pg.backoff import with_lock_retries
 from jobs.project.runtime import Project
 from jobs.run.verify import digest, schema_lines
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 class RunSteps:
@@ -34,7 +31,7 @@ class RunSteps:
         target: Target,
         run: Run,
         progress: Progress,
-        send_slice: backfill_slices.SendSlice | None = None,
+        send_slice: SendSlice | None = None,
     ) -> None:
         self.conn = conn
         self.target = target

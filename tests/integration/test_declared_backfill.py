@@ -19,6 +19,7 @@ import pytest
 from jobs import api
 from jobs.backfill import walk
 from jobs.config import load_settings
+from jobs.dispatch import SliceMessage
 from jobs.ledger import backfills, records, runs, schema
 from jobs.pg import db
 from jobs.run.deliver import execute
@@ -33,6 +34,7 @@ from tests.integration.conftest import (
     schema_dump,
     seeded_reference_db,
 )
+from worker.flower import slice_label
 
 pytestmark = pytest.mark.integration
 
@@ -122,10 +124,12 @@ def test_the_run_waits_for_its_backfill_and_a_later_delivery_carries_on(
     run_id = admit(name)
     sent: list[tuple[str, str, int, int]] = []
 
-    def send(backfill_id: str, target: str, slice_no: int, generation: int, label: str) -> None:
+    def send(message: SliceMessage) -> None:
+        backfill_id, target, slice_no = message.backfill_id, message.target, message.slice_no
+        label = slice_label(message)  # what Flower will show
         assert label.startswith(f"backfill {backfill_id} on {target}: UPDATE "), label
         assert f"; slice {slice_no} keys (" in label, label
-        sent.append((backfill_id, target, slice_no, generation))
+        sent.append((backfill_id, target, slice_no, message.generation))
 
     settings = load_settings()
     first = execute(settings, run_id, name, send_slice=send)
