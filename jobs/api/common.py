@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, text
-
 from jobs import dispatch, ids
 from jobs.config import Settings, Target, load_settings
 from jobs.errors import (
@@ -62,6 +60,8 @@ def send_run(settings: Settings, run_id: str, target: Target) -> None:
 
 def check_scratch(conn: Connection, target: Target) -> None:
     """A verified backup restores into a scratch database: the role must be able to make one."""
+    from sqlalchemy import text
+
     if not (target.backup and target.verify_restore):
         return
 

@@ -20,6 +20,7 @@ from jobs.backfill import control, create, slices
 from jobs.backfill import spec as backfill_spec
 from jobs.backfill.slices import run_slice_and_continue
 from jobs.config import load_settings, normalize_url
+from jobs.dispatch import SliceMessage
 from jobs.ledger import backfills, leases
 from jobs.run import lease
 from tests.integration.conftest import (
@@ -244,15 +245,15 @@ def test_a_continuation_lost_at_the_hand_off_is_queued_again_by_the_redelivered_
         [(number, generation)] = control.start(conn, backfill_id)
     monkeypatch.setattr(slices, "SLICE_SECONDS", 0)  # one batch, then hand the slice on
 
-    def die(*_args: object) -> None:
+    def die(_sent_slice: SliceMessage) -> None:
         raise _DiedBeforeSending
 
     with pytest.raises(_DiedBeforeSending):  # handed off, then killed before it queued
         run_slice_and_continue(load_settings(), name, backfill_id, number, generation, die)
     sent: list[tuple[int, int]] = []
 
-    def record(_bf: str, _target: str, slice_no: int, gen: int, _label: str) -> None:
-        sent.append((slice_no, gen))
+    def record(sent_slice: SliceMessage) -> None:
+        sent.append((sent_slice.slice_no, sent_slice.generation))
 
     # acks_late brings the same message back: it is fenced, and queues what was lost.
     again = run_slice_and_continue(load_settings(), name, backfill_id, number, generation, record)
