@@ -205,7 +205,12 @@ def _milliseconds(value: object, info: ValidationInfo) -> int:
 
 def _project_path(value: object, info: ValidationInfo) -> Path:
     """A path as written, relative ones taken from the directory of runbook.toml."""
-    path = Path(str(value)).expanduser()
+    try:
+        path = Path(str(value)).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        raise _refuse(
+            f"{info.field_name}: cannot expand {value!r} (unknown user); write the path out"
+        ) from None
     base: Path = info.context["base"] if info.context else Path.cwd()
     return path if path.is_absolute() else base / path
 
@@ -333,15 +338,19 @@ _TARGET_KEYS = set(_TargetTable.model_fields)
 _SECTIONS = set(_ConfigFile.model_fields)
 
 
+def _unknown_keys(error: ValidationError) -> list[str]:
+    """The keys a model refused as unknown (extra="forbid"), sorted."""
+    return sorted(str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden")
+
+
 def _one_line(error: ValidationError, raw: dict[str, object]) -> str:
     """The first thing wrong in target table ``raw``, as one line: an unknown key first, then
     the keys in the order _TargetTable declares them, then the URL."""
-    problems = error.errors(include_url=False)
-    unknown = sorted(str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden")
+    unknown = _unknown_keys(error)
     if unknown:
         known = ", ".join(sorted(_TARGET_KEYS))
         return f"unknown option {unknown[0]!r} (known: {known})"
-    first = problems[0]
+    first = error.errors(include_url=False)[0]
     if first["type"] == _OWN:
         return str(first["msg"])
     key = str(first["loc"][0])
@@ -393,8 +402,7 @@ def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str]]
     try:
         config = _ConfigFile.model_validate(data)
     except ValidationError as exc:
-        problems = exc.errors(include_url=False)
-        unknown = sorted(str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden")
+        unknown = _unknown_keys(exc)
         if unknown:  # a typo such as [target.prod] would otherwise configure nothing, silently
             raise ConfigError(
                 f"{config_path}: unknown section {unknown[0]!r} (known: "
