@@ -12,7 +12,20 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import quote, quote_plus
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from jobs.errors import ConfigError, UnknownTarget
 from jobs.pg.url import PgURL, parse
@@ -32,29 +45,6 @@ def redact(text: str) -> str:
         for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
             text = text.replace(form, "***")
     return text
-
-
-def _duration_ms(value: object, what: str) -> int:
-    """Parse 2000, "2s", "500ms" or "1min" into milliseconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a duration such as 2s or 500ms, got {value!r}")
-    if isinstance(value, int | float):
-        ms = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ConfigError(f"{what}: expected a duration such as 2s or 500ms, got {value!r}")
-        scale = {"ms": 1, "s": 1000, "min": 60000, None: 1}[match.group(2)]
-        ms = float(match.group(1)) * scale
-    if ms <= 0:
-        raise ConfigError(f"{what}: must be greater than zero, got {value!r}")
-    return int(ms)
-
-
-def _names(value: object, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{what}: expected a list of rule names, got {value!r}")
-    return tuple(value)
 
 
 def normalize_url(raw: str, what: str = "database URL") -> PgURL:
@@ -176,35 +166,197 @@ class Settings:
         return self.targets[name]
 
 
-# The top-level sections runbook.toml may hold.
-_SECTIONS = {"targets"}
+# runbook.toml as declarative models. Each key's wrong value gets one line that says what the
+# key must hold (_Refusal below, or the validator's own message); _one_line turns pydantic's
+# ValidationError, whose text spans several lines, into that line.
 
-_TARGET_KEYS = {
-    "url",
-    "url_env",
-    "alembic_ini",
-    "backup_dir",
-    "lock_timeout",
-    "lock_retries",
-    "lock_retry_backoff",
-    "statement_timeout",
-    "health_url",
-    "backup",
-    "pg_dump",
-    "pg_restore",
-    "version_table",
-    "verify_restore",
-    "verify_restore_max_bytes",
-    "backup_copy_to",
-    "keep_backups",
-    "before_run",
-    "after_run",
-    "hook_timeout",
-    "require_rehearsal",
-    "lint_allow",
-    "preflight_wait",
-    "long_running",
-}
+_OWN = "runbook"  # the error type of the lines this module words itself
+
+
+def _refuse(line: str) -> PydanticCustomError:
+    """A validation error whose message is ``line`` exactly."""
+    return PydanticCustomError(_OWN, "{line}", {"line": line})
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    """The one line for a value of the wrong type or range: ``template`` with {key} and {value}."""
+
+    template: str
+
+
+def _milliseconds(value: object, info: ValidationInfo) -> int:
+    """Parse 2000, "2s", "500ms" or "1min" into milliseconds."""
+    wrong = f"{info.field_name}: expected a duration such as 2s or 500ms, got {value!r}"
+    if isinstance(value, bool):
+        raise _refuse(wrong)
+    if isinstance(value, int | float):
+        ms = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise _refuse(wrong)
+        scale = {"ms": 1, "s": 1000, "min": 60000, None: 1}[match.group(2)]
+        ms = float(match.group(1)) * scale
+    if ms <= 0:
+        raise _refuse(f"{info.field_name}: must be greater than zero, got {value!r}")
+    return int(ms)
+
+
+def _project_path(value: object, info: ValidationInfo) -> Path:
+    """A path as written, relative ones taken from the directory of runbook.toml."""
+    try:
+        path = Path(str(value)).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        raise _refuse(
+            f"{info.field_name}: cannot expand {value!r} (unknown user); write the path out"
+        ) from None
+    base: Path = info.context["base"] if info.context else Path.cwd()
+    return path if path.is_absolute() else base / path
+
+
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+def _truthy_text(value: object) -> str | None:
+    return str(value) if value else None
+
+
+_Milliseconds = Annotated[int, BeforeValidator(_milliseconds)]
+_ProjectPath = Annotated[Path, BeforeValidator(_project_path)]
+# Program names and the like: whatever TOML value is given, as its text.
+_Text = Annotated[str, BeforeValidator(str)]
+_OptionalText = Annotated[
+    str | None, BeforeValidator(_blank_is_none), _Refusal("{key} must be a string, got {value!r}")
+]
+_Flag = Annotated[bool, _Refusal("{key} must be true or false, got {value!r}")]
+_Count = Annotated[int, Field(ge=0), _Refusal("{key} must be a whole number >= 0, got {value!r}")]
+_PositiveCount = Annotated[
+    int, Field(ge=1), _Refusal("{key} must be a whole number >= 1, got {value!r}")
+]
+
+
+class _TargetTable(BaseModel):
+    """One [targets.NAME] table, keyed as the user spells it; durations in milliseconds.
+
+    Validate with ``context={"base": <directory of runbook.toml>}``: relative paths start
+    there.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    url: _Text | None = None
+    url_env: _Text | None = None
+    alembic_ini: _ProjectPath | None = None
+    backup_dir: _ProjectPath | None = None
+    lock_timeout: _Milliseconds = 2000
+    lock_retries: _Count = 8
+    lock_retry_backoff: Annotated[
+        float, Field(ge=0), _Refusal("{key} must be seconds >= 0, got {value!r}")
+    ] = 0.5
+    statement_timeout: _Milliseconds | None = None
+    health_url: Annotated[str | None, BeforeValidator(_truthy_text)] = None
+    backup: _Flag = True
+    pg_dump: _Text = "pg_dump"
+    pg_restore: _Text = "pg_restore"
+    version_table: _Text = "alembic_version"
+    verify_restore: _Flag = True
+    verify_restore_max_bytes: _Count = 1 << 30
+    backup_copy_to: _OptionalText = None
+    keep_backups: _PositiveCount = 10
+    before_run: _OptionalText = None
+    after_run: _OptionalText = None
+    hook_timeout: _Milliseconds = 60_000
+    require_rehearsal: _Flag = False
+    lint_allow: Annotated[
+        list[str], _Refusal("{key}: expected a list of rule names, got {value!r}")
+    ] = []
+    preflight_wait: _Milliseconds = 30_000
+    long_running: _Milliseconds = 60_000
+
+    # Parsed by normalize_url once the keys above are valid; the password stays on this side.
+    _url: PgURL | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_database(self) -> _TargetTable:
+        if (self.url is None) == (self.url_env is None):
+            raise _refuse('give exactly one of url = "..." or url_env = "VAR"')
+        if self.url_env is not None:
+            raw = os.environ.get(self.url_env)
+            if not raw:
+                raise _refuse(f"environment variable {self.url_env} (url_env) is not set")
+            what = f"URL in ${self.url_env}"
+        else:
+            raw, what = self.url, "url"
+        try:
+            self._url = normalize_url(str(raw), what)
+        except ConfigError as exc:
+            raise _refuse(str(exc)) from None
+        return self
+
+    def target(self, name: str) -> Target:
+        assert self._url is not None  # set by _one_database
+        return Target(
+            name=name,
+            url=self._url,
+            alembic_ini=(self.alembic_ini or _repo_alembic_ini()).absolute(),
+            backup_dir=(self.backup_dir or _default_backup_dir()).absolute(),
+            lock_timeout_ms=self.lock_timeout,
+            lock_retries=self.lock_retries,
+            lock_retry_backoff_s=self.lock_retry_backoff,
+            statement_timeout_ms=self.statement_timeout,
+            health_url=self.health_url,
+            backup=self.backup,
+            pg_dump=self.pg_dump,
+            pg_restore=self.pg_restore,
+            version_table=self.version_table,
+            verify_restore=self.verify_restore,
+            verify_restore_max_bytes=self.verify_restore_max_bytes,
+            backup_copy_to=self.backup_copy_to,
+            keep_backups=self.keep_backups,
+            before_run=self.before_run,
+            after_run=self.after_run,
+            hook_timeout_s=self.hook_timeout / 1000,
+            require_rehearsal=self.require_rehearsal,
+            lint_allow=tuple(self.lint_allow),
+            preflight_wait_s=self.preflight_wait / 1000,
+            long_running_s=self.long_running / 1000,
+        )
+
+
+class _ConfigFile(BaseModel):
+    """runbook.toml's top level: [targets.NAME] tables, each validated on its own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    targets: dict[str, Any] = {}
+
+
+_TARGET_KEYS = set(_TargetTable.model_fields)
+# The top-level sections runbook.toml may hold.
+_SECTIONS = set(_ConfigFile.model_fields)
+
+
+def _unknown_keys(error: ValidationError) -> list[str]:
+    """The keys a model refused as unknown (extra="forbid"), sorted."""
+    return sorted(str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden")
+
+
+def _one_line(error: ValidationError, raw: dict[str, object]) -> str:
+    """The first thing wrong in target table ``raw``, as one line: an unknown key first, then
+    the keys in the order _TargetTable declares them, then the URL."""
+    unknown = _unknown_keys(error)
+    if unknown:
+        known = ", ".join(sorted(_TARGET_KEYS))
+        return f"unknown option {unknown[0]!r} (known: {known})"
+    first = error.errors(include_url=False)[0]
+    if first["type"] == _OWN:
+        return str(first["msg"])
+    key = str(first["loc"][0])
+    refusals = [m for m in _TargetTable.model_fields[key].metadata if isinstance(m, _Refusal)]
+    template = refusals[0].template if refusals else "{key} is not valid, got {value!r}"
+    return template.format(key=key, value=raw[key])
 
 
 def _repo_alembic_ini() -> Path:
@@ -221,88 +373,52 @@ def _build_target(name: str, raw: dict[str, object], base: Path) -> Target:
     where = f"target {name!r}"
     if not _NAME.match(name):
         raise ConfigError(f"{where}: names may hold letters, digits, '_', '.', '-' only")
-    unknown = sorted(set(raw) - _TARGET_KEYS)
-    if unknown:
+    try:
+        table = _TargetTable.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_one_line(exc, raw)}") from None
+    return table.target(name)
+
+
+_UNREADABLE = "; make it a readable file or point RUNBOOK_CONFIG at one"
+
+
+def _read_toml(config_path: Path) -> dict[str, object]:
+    try:
+        return tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path}: invalid TOML ({exc}); fix the file") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"{where}: unknown option {unknown[0]!r} (known: {', '.join(sorted(_TARGET_KEYS))})"
-        )
-    if ("url" in raw) == ("url_env" in raw):
-        raise ConfigError(f'{where}: give exactly one of url = "..." or url_env = "VAR"')
-    if "url_env" in raw:
-        var = str(raw["url_env"])
-        value = os.environ.get(var)
-        if not value:
-            raise ConfigError(f"{where}: environment variable {var} (url_env) is not set")
-        url = normalize_url(value, f"{where}: URL in ${var}")
-    else:
-        url = normalize_url(str(raw["url"]), f"{where}: url")
+            f"{config_path}: is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){_UNREADABLE}") from None
 
-    def path(key: str, default: Path) -> Path:
-        value = raw.get(key)
-        if value is None:
-            return default
-        p = Path(str(value)).expanduser()
-        return p if p.is_absolute() else (base / p)
 
-    def integer(key: str, default: int, minimum: int) -> int:
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: {key} must be a whole number >= {minimum}, got {value!r}")
-        return value
-
-    backoff = raw.get("lock_retry_backoff", 0.5)
-    if isinstance(backoff, bool) or not isinstance(backoff, int | float) or backoff < 0:
-        raise ConfigError(f"{where}: lock_retry_backoff must be seconds >= 0, got {backoff!r}")
-
-    def flag(key: str, default: bool) -> bool:
-        value = raw.get(key, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-        return value
-
-    def optional_text(key: str) -> str | None:
-        value = raw.get(key)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return value
-
-    backup = flag("backup", True)
-    statement_timeout = raw.get("statement_timeout")
-    return Target(
-        name=name,
-        url=url,
-        alembic_ini=path("alembic_ini", _repo_alembic_ini()).absolute(),
-        backup_dir=path("backup_dir", _default_backup_dir()).absolute(),
-        lock_timeout_ms=_duration_ms(raw.get("lock_timeout", "2s"), f"{where}: lock_timeout"),
-        lock_retries=integer("lock_retries", 8, 0),
-        lock_retry_backoff_s=float(backoff),
-        statement_timeout_ms=(
-            None
-            if statement_timeout is None
-            else _duration_ms(statement_timeout, f"{where}: statement_timeout")
-        ),
-        health_url=str(raw["health_url"]) if raw.get("health_url") else None,
-        backup=backup,
-        pg_dump=str(raw.get("pg_dump", "pg_dump")),
-        pg_restore=str(raw.get("pg_restore", "pg_restore")),
-        version_table=str(raw.get("version_table", "alembic_version")),
-        verify_restore=flag("verify_restore", True),
-        verify_restore_max_bytes=integer("verify_restore_max_bytes", 1 << 30, 0),
-        backup_copy_to=optional_text("backup_copy_to"),
-        keep_backups=integer("keep_backups", 10, 1),
-        before_run=optional_text("before_run"),
-        after_run=optional_text("after_run"),
-        hook_timeout_s=_duration_ms(raw.get("hook_timeout", "60s"), f"{where}: hook_timeout")
-        / 1000,
-        require_rehearsal=flag("require_rehearsal", False),
-        lint_allow=_names(raw.get("lint_allow", []), f"{where}: lint_allow"),
-        preflight_wait_s=_duration_ms(raw.get("preflight_wait", "30s"), f"{where}: preflight_wait")
-        / 1000,
-        long_running_s=_duration_ms(raw.get("long_running", "60s"), f"{where}: long_running")
-        / 1000,
-    )
+def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str]]:
+    """The targets of runbook.toml, and apart from them the broken ones with their line."""
+    data = _read_toml(config_path)
+    try:
+        config = _ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        unknown = _unknown_keys(exc)
+        if unknown:  # a typo such as [target.prod] would otherwise configure nothing, silently
+            raise ConfigError(
+                f"{config_path}: unknown section {unknown[0]!r} (known: "
+                f"{', '.join(sorted(_SECTIONS))}); targets go in [targets.NAME]"
+            ) from None
+        raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]") from None
+    targets: dict[str, Target] = {}
+    broken: dict[str, str] = {}
+    for name, raw in config.targets.items():
+        try:
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{config_path}: [targets.{name}] must be a table")
+            targets[name] = _build_target(name, raw, config_path.parent.absolute())
+        except ConfigError as exc:
+            broken[name] = str(exc)
+    return targets, broken
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -310,44 +426,14 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     explicit = path or os.environ.get("RUNBOOK_CONFIG")
     config_path = Path(explicit or "runbook.toml").expanduser()
     broker = os.environ.get("CELERY_BROKER_URL", DEFAULT_BROKER)
-    backend = os.environ.get("CELERY_RESULT_BACKEND", broker)
-    queue = os.environ.get("RUNBOOK_QUEUE", DEFAULT_QUEUE)
     targets: dict[str, Target] = {}
     broken: dict[str, str] = {}
-    unreadable = "; make it a readable file or point RUNBOOK_CONFIG at one"
     try:
         present = config_path.exists()
     except OSError as exc:  # a directory on the way that may not be searched
-        raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){unreadable}") from None
+        raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){_UNREADABLE}") from None
     if present:
-        try:
-            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_path}: invalid TOML ({exc}); fix the file") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"{config_path}: is not UTF-8 text (byte {exc.start}); save it as UTF-8"
-            ) from None
-        except OSError as exc:
-            raise ConfigError(
-                f"{config_path}: cannot be read ({exc.strerror}){unreadable}"
-            ) from None
-        unknown = sorted(set(data) - _SECTIONS)
-        if unknown:  # a typo such as [target.prod] would otherwise configure nothing, silently
-            raise ConfigError(
-                f"{config_path}: unknown section {unknown[0]!r} (known: "
-                f"{', '.join(sorted(_SECTIONS))}); targets go in [targets.NAME]"
-            )
-        raw_targets = data.get("targets", {})
-        if not isinstance(raw_targets, dict):
-            raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]")
-        for name, raw in raw_targets.items():
-            try:
-                if not isinstance(raw, dict):
-                    raise ConfigError(f"{config_path}: [targets.{name}] must be a table")
-                targets[name] = _build_target(name, raw, config_path.parent.absolute())
-            except ConfigError as exc:
-                broken[name] = str(exc)
+        targets, broken = _file_targets(config_path)
         source = str(config_path)
     elif explicit:
         raise ConfigError(f"configuration file {config_path} does not exist (RUNBOOK_CONFIG)")
@@ -363,8 +449,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return Settings(
         targets=targets,
         broker_url=broker,
-        result_backend=backend,
-        queue=queue,
+        result_backend=os.environ.get("CELERY_RESULT_BACKEND", broker),
+        queue=os.environ.get("RUNBOOK_QUEUE", DEFAULT_QUEUE),
         source=source,
         broken=broken,
     )

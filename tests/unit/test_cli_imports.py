@@ -6,8 +6,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
-# What jobs/cli.py and jobs/api.py load only on first use.
-HEAVY = ("alembic", "sqlalchemy", "psycopg2", "pglast", "boto3", "celery", "kombu", "rich")
+# What jobs/cli.py and jobs/api.py load only on first use (pydantic: through jobs/config.py).
+HEAVY = (
+    "alembic",
+    "sqlalchemy",
+    "psycopg2",
+    "pglast",
+    "boto3",
+    "celery",
+    "kombu",
+    "rich",
+    "pydantic",
+    "pydantic_core",
+)
 
 
 def imported_by(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
