@@ -52,7 +52,7 @@ def normalize_url(raw: str, what: str = "database URL") -> PgURL:
 
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which runbook does not ship;
     users paste bare URLs, so they must mean psycopg2. Parsed without SQLAlchemy, as it
-    parses (jobs/pgurl.py), so that reading the configuration stays quick.
+    parses (jobs/pg/url.py), so that reading the configuration stays quick.
     """
     hint = "expected postgresql://user:password@host:port/dbname"
     try:

@@ -7,7 +7,7 @@ second). Our Redis keeps nothing on disk: when it comes back after an outage, or
 restarted since the last pass (its run_id changed), every message queued before is presumed
 lost, and that pass sends again all work not renewed in the last few seconds instead of
 waiting out the whole lease. Duplicates are safe: a run's extra delivery finds the run lock
-held, a slice taken over gets a new generation that fences the old task (jobs/reconcile.py).
+held, a slice taken over gets a new generation that fences the old task (jobs/run/reconcile.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the user started one worker and expects one to keep running. So this process sta
 ``celery worker``, waits, and when it exits without having been asked to stop, starts it
 again after a backoff (1 s doubling to 30 s; back to 1 s once a worker ran for a minute),
 logging one line each time. The work the dead worker held is sent again by the ledger's
-leases (jobs/reconcile.py), not by this process.
+leases (jobs/run/reconcile.py), not by this process.
 
 Signals: SIGTERM, SIGUSR1 and SIGUSR2 are passed on to Celery. SIGINT, SIGQUIT and SIGHUP
 from the terminal reach Celery by themselves (same process group: Ctrl-C is a warm

@@ -18,7 +18,7 @@ from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL, BackfillState
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
-# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# psycopg2 (jobs/ledger/read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
 # (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
 # them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def backfill_status(
     settings = resolve_settings(settings)
     t = find_backfill(settings, backfill_id, target)
     settle_refused_backfill(settings, t, backfill_id)
-    with connect.reading(t) as conn:  # psycopg2 alone, as _locate (jobs/ledger_read.py)
+    with connect.reading(t) as conn:  # psycopg2 alone, as _locate (jobs/ledger/read.py)
         bf = read.get_backfill(conn, backfill_id)
         if bf is None:
             raise UnknownBackfill(

@@ -17,7 +17,7 @@ from jobs.pg import names
 from jobs.states import RunKind
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
-# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# psycopg2 (jobs/ledger/read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
 # (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
 # them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from jobs.run import refusals
 from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
-# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# psycopg2 (jobs/ledger/read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
 # (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
 # them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def _locate(
     settings: Settings, target: str | None, lookup: Callable[[Any], Any]
 ) -> tuple[Target | None, Any, list[str]]:
     """Search the named target's ledger, or every configured target's, with ``lookup``
-    (jobs/ledger_read.py on a plain psycopg2 connection; it returns what it found, or
+    (jobs/ledger/read.py on a plain psycopg2 connection; it returns what it found, or
     None): (target, found, targets unreachable)."""
     if not target:
         settings.require_any()  # "no targets are configured" rather than "unknown run"
@@ -180,7 +180,7 @@ def locate(
 
 
 def _refusal(settings: Settings, work_id: str) -> dict[str, Any] | None:
-    """Why a worker refused ``work_id``, if one did (jobs/refusals.py); None when Redis
+    """Why a worker refused ``work_id``, if one did (jobs/run/refusals.py); None when Redis
     cannot be asked: the ledger alone still answers."""
     try:
         return refusals.read(settings.result_backend, work_id)
@@ -204,7 +204,7 @@ def settle_refusal(settings: Settings, t: Target, run: Run) -> Run:
 
 def settle_refused_backfill(settings: Settings, t: Target, backfill_id: str) -> None:
     """The same for a backfill: the refused slice is stopped and the backfill errored, unless
-    it ended or a newer generation took the slice over since (jobs/backfill.py ``abandon``
+    it ended or a newer generation took the slice over since (jobs/backfill/ ``abandon``
     fences). Redis is asked first: without a refusal, nothing more is read."""
     found = _refusal(settings, backfill_id)
     if found is None:

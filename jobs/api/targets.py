@@ -13,7 +13,7 @@ from jobs.errors import (
 from jobs.lazy import lazy, lazy_callable
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
-# psycopg2 (jobs/ledger_read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
+# psycopg2 (jobs/ledger/read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
 # (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
 # them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
@@ -94,6 +94,6 @@ def targets(*, settings: Settings | None = None) -> list[dict[str, Any]]:
             except RunbookError as exc:
                 settings = dataclasses.replace(settings, broken={**settings.broken, name: str(exc)})
     # Each target is asked on its own connection at once: one slow host does not hold the
-    # others up beyond its connect timeout (jobs/db.py).
+    # others up beyond its connect timeout (jobs/pg/db.py).
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(lambda n: _health(settings, n, projects[n]), settings.names))

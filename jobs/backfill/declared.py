@@ -1,7 +1,7 @@
 """Backfills declared by revisions, at run time.
 
 A revision declares ``backfills`` (module-level data plain Alembic ignores; read and checked
-by jobs/migrate.py); the coordinator runs each right after that revision's upgrade and
+by jobs/project/); the coordinator runs each right after that revision's upgrade and
 checks it before the revision's verify passes. A later revision's ``requires_backfills``
 asks, before it goes up, that those backfills finished and that no row still matches their
 WHERE — GitLab's "ensure finished". The rehearsal runs them the same way on its scratch copy.

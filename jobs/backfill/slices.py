@@ -34,7 +34,7 @@ Updates = Iterator[dict[str, Any]]
 
 def progress(conn: Connection, bf: records.Backfill) -> dict[str, Any]:
     """Rows done, total, percent, rate, ETA, throttling and each slice's position
-    (jobs/records.py ``backfill_progress``, which `runbook status` builds the same way)."""
+    (jobs/ledger/records.py ``backfill_progress``, which `runbook status` builds the same way)."""
     return backfill_progress(
         bf,
         backfills.recent_rate(conn, bf.id),
@@ -52,7 +52,7 @@ def follow(
     """The backfill's progress now, then again at once when its state changes (the ledger's
     notification: `runbook backfill --wait` exits as soon as it stopped, not at the next
     poll) and at least every ``interval_s``, until it stops: the last one yielded.
-    ``before_each`` runs before each look (jobs/api.py settles a worker's refusal there)."""
+    ``before_each`` runs before each look (jobs/api/ settles a worker's refusal there)."""
     with db.connect(target, autocommit=True) as conn:
         notify.listen(conn)
         while True:

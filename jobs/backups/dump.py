@@ -134,7 +134,7 @@ def new_backup_file(
     target: Target, run_id: str, delivery: int | None = None
 ) -> tuple[Path, Path, str]:
     """Create the run's empty backup file, mode 0600, in backup_dir, under its partial name
-    (jobs/leftovers.py) until ``finish_backup_file``; (partial path, final path, time)."""
+    (jobs/backups/leftovers.py) until ``finish_backup_file``; (partial path, final path, time)."""
     _check_dir_writable(target)
     now = datetime.now(UTC)
     final = target.backup_dir / f"{target.name}-{now.strftime('%Y%m%dT%H%M%SZ')}-{run_id}.dump"

@@ -8,15 +8,15 @@ named for its owner and removed later by whoever can prove the owner dead:
   targets' databases may keep scratch databases of their own), ``<run>`` the run's id in that
   database's ledger and ``<delivery>`` the delivery (``runs.deliveries``) that made it;
 - a dump being written ``<backup name>.d<delivery>.partial`` in ``backup_dir``, renamed to
-  the backup's name only once the dump is complete and proven (jobs/vault.py).
+  the backup's name only once the dump is complete and proven (jobs/backups/vault.py).
 
-Every delivery that makes such things holds the target's run lock (jobs/db.py) for as long
+Every delivery that makes such things holds the target's run lock (jobs/pg/db.py) for as long
 as it uses them and drops them before it lets go. So a leftover is dead when its run has
 ended, when its run has had a later delivery (which could only start once this one had
 ended), or when no session holds the run lock after the leftover was seen. Anything else
 may be in use and is left alone, and so is whatever names a run this ledger does not know.
-The reconciler (jobs/reconcile.py) sweeps every pass; a delivery sweeps before it makes
-its own (jobs/vault.py, jobs/rehearse.py); ``runbook doctor`` lists what it finds.
+The reconciler (jobs/run/reconcile.py) sweeps every pass; a delivery sweeps before it makes
+its own (jobs/backups/vault.py, jobs/insight/rehearse.py); ``runbook doctor`` lists what it finds.
 """
 
 from __future__ import annotations

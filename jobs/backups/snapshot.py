@@ -354,7 +354,7 @@ def verify_by_restore(
 
     ``expected`` is the "tables" mapping of ``dump_with_stats`` (its whole result is
     accepted too). Raises RestoreMismatch naming the first differing table. ``owner``, the
-    run's delivery, goes into the scratch database's name (jobs/leftovers.py).
+    run's delivery, goes into the scratch database's name (jobs/backups/leftovers.py).
     """
     tables: Mapping[str, TableStats] = (
         expected["tables"] if "tables" in expected and "snapshot" in expected else expected

@@ -1,6 +1,6 @@
 """A target's backups: taken, proven restorable, copied, recorded, kept, and found again.
 
-``jobs.backup`` runs the PostgreSQL tools; this module decides what makes a backup one we
+``jobs.backups.dump`` runs the PostgreSQL tools; this module decides what makes a backup one we
 trust: a dump and per-table statistics from one snapshot, a trial restore into a scratch
 database that reproduces those statistics (below a size threshold), a second copy checked by
 sha256, and a record in the ledger. A restore is only ever done from a backup whose file
@@ -63,7 +63,8 @@ class BackupInfo:
 def take_backup(target: Target, run_id: str, *, delivery: int | None = None) -> BackupInfo:
     """Dump ``target``, prove the dump, copy it; BackupError with one line otherwise.
 
-    ``delivery``: the run's delivery taking it, which holds the run lock (jobs/leftovers.py):
+    ``delivery``: the run's delivery taking it, which holds the run lock
+    (jobs/backups/leftovers.py):
     what earlier deliveries left behind is removed first, and the scratch database and the
     partial file carry it.
     """

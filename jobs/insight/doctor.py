@@ -305,7 +305,7 @@ def _sql_findings(
     return found
 
 
-# -- what killed runs left behind (jobs/leftovers.py) ---------------------------------------------
+# -- what killed runs left behind (jobs/backups/leftovers.py) ------------------------------
 
 
 def leftover_findings(target: Target, conn: Connection) -> list[Finding]:

@@ -95,7 +95,7 @@ def take_stale_slices(conn: Connection, lease_s: float) -> list[tuple[str, str, 
     return [(r.backfill_id, r.target, int(r.slice), int(r.generation)) for r in rows]
 
 
-# -- leftovers (jobs/leftovers.py): whose scratch database or partial dump is dead --
+# -- leftovers (jobs/backups/leftovers.py): whose scratch database or partial dump is dead --
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 `runbook status` must start quickly; SQLAlchemy's import alone cost more than its whole
 start-up budget (bench/README.md). So status reads the ledger here, with psycopg2 and no
-SQLAlchemy, into the records of jobs/records.py. jobs/ledger.py, which owns every write,
+SQLAlchemy, into the records of jobs/ledger/records.py. jobs/ledger/, which owns every write,
 takes its column lists and the backfill aggregates from here, so both sides read the same
 columns. Parameters are psycopg2's ``%(name)s``.
 """

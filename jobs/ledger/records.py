@@ -1,7 +1,7 @@
 """The ledger's records as plain dataclasses, and a backfill's progress drawn from them.
 
-Kept apart from jobs/ledger.py (SQLAlchemy) so that `runbook status` builds them from plain
-psycopg2 rows (jobs/ledger_read.py) without importing SQLAlchemy.
+Kept apart from jobs/ledger/ (SQLAlchemy) so that `runbook status` builds them from plain
+psycopg2 rows (jobs/ledger/read.py) without importing SQLAlchemy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Plain psycopg2 connections to a target, and the one line that says why one failed.
 
-No SQLAlchemy here: `runbook status` reads the ledger through these (jobs/ledger_read.py)
-and must start quickly. jobs/db.py builds its engines with the same session settings.
+No SQLAlchemy here: `runbook status` reads the ledger through these (jobs/ledger/read.py)
+and must start quickly. jobs/pg/db.py builds its engines with the same session settings.
 """
 
 from __future__ import annotations

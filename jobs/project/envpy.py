@@ -13,7 +13,7 @@ many env.py files build an engine of their own: from ``sqlalchemy.url`` (Alembic
   than the target (an env.py reading ``$DATABASE_URL`` on a worker where that names a
   different database would otherwise migrate the wrong one).
 
-runbook's own engines (jobs/db.py) set their settings themselves and are left alone.
+runbook's own engines (jobs/pg/db.py) set their settings themselves and are left alone.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def on_connect(dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any])
     """SQLAlchemy's ``do_connect``: runbook's settings on a connection env.py opens."""
     rules = _ACTIVE.get()
     if rules is None or str(cparams.get("application_name", "")).startswith("runbook:"):
-        return  # not inside env.py, or one of runbook's own engines (jobs/db.py)
+        return  # not inside env.py, or one of runbook's own engines (jobs/pg/db.py)
     target = rules.target
     database = cparams.get("database", cparams.get("dbname"))
     host, port = cparams.get("host"), cparams.get("port")

@@ -44,7 +44,7 @@ BACKFILL_FIELDS = ("table", "set", "where", "key", "batch_size", "slices", "on_e
 @dataclass(frozen=True)
 class DeclaredBackfill:
     """One entry of a revision's module-level ``backfills``, checked like an operator's
-    ``runbook backfill`` (jobs/sqlguard.py): SET and WHERE deparsed, names quoted."""
+    ``runbook backfill`` (jobs/backfill/sqlguard.py): SET and WHERE deparsed, names quoted."""
 
     revision: str
     table: str  # quoted: "large_table" or "schema"."table"

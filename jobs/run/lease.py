@@ -1,7 +1,7 @@
 """Leases: a delivery of a run's task renews the run's lease while it works, and a run whose
 deliveries keep dying (a poison run: it kills its worker every time) is stopped.
 
-The reconciler (jobs/reconcile.py) sends again any run without a live lease; Celery's own
+The reconciler (jobs/run/reconcile.py) sends again any run without a live lease; Celery's own
 redelivery (acks_late, reject_on_worker_lost) covers a killed pool process, the lease covers
 a whole worker that died and messages Redis lost.
 """

@@ -2,7 +2,7 @@
 
 Every worker runs it in a thread of its main process (worker/reconciler.py) every
 RUNBOOK_RECONCILE_S seconds; a session advisory lock per target lets one reconciler at a time
-act on a target. It also removes what killed deliveries left behind (jobs/leftovers.py).
+act on a target. It also removes what killed deliveries left behind (jobs/backups/leftovers.py).
 What it sends is safe to receive twice: runs are idempotent by run id under
 their run lock, and a slice it takes over gets a new generation that fences the old task.
 """
@@ -99,7 +99,7 @@ def _target(
 
 
 def _leftovers(target: Target, report: Report) -> None:
-    """Remove the scratch databases and partial dumps of dead runs (jobs/leftovers.py), one
+    """Remove the scratch databases and partial dumps of dead runs (jobs/backups/leftovers.py), one
     log line each; a failure is logged and the pass goes on."""
     try:
         removed = leftovers.sweep(target)

@@ -3,7 +3,7 @@
 A worker whose configuration lacks a target (or holds a broken entry for it) cannot reach
 that target's ledger, so it cannot record there why it refused the work. It leaves the
 reason in the result backend's Redis instead; the CLI, which reaches the ledger, writes it
-down as the run's or backfill's failure (jobs/api.py, ``settle_refusal``). Plain redis-py,
+down as the run's or backfill's failure (jobs/api/, ``settle_refusal``). Plain redis-py,
 not Celery: ``runbook status`` reads it and must start quickly.
 """
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 SLICE_TASK = "runbook.backfill_slice"
 # At least 1 ms a row (pg_sleep), so the backfill takes longer than one slice (3 s) anywhere.
 ROWS = 4000
-# What every progress result carries (jobs/backfill_runner.py's progress()).
+# What every progress result carries (jobs/backfill/slices.py's progress()).
 PROGRESS_KEYS = {"backfill_id", "rows_done", "rows_total", "percent", "eta_s"}
 
 

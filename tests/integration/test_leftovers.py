@@ -220,7 +220,7 @@ def active_in(scratch_prefix: str, marker: str) -> list[str]:
 
 
 def run_lock_held(dbname: str) -> bool:
-    """Whether a session holds the database's run lock (jobs/db.py's RUN_LOCK_KEY)."""
+    """Whether a session holds the database's run lock (jobs/pg/db.py's RUN_LOCK_KEY)."""
     rows = query(
         "postgres",
         "SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database "

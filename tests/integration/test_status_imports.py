@@ -1,4 +1,4 @@
-"""`runbook status` reads the ledger with plain psycopg2 (jobs/ledger_read.py): not
+"""`runbook status` reads the ledger with plain psycopg2 (jobs/ledger/read.py): not
 SQLAlchemy, Alembic, pglast, boto3 or Celery (jobs/lazy.py), whose imports would make every
 status call slow to start. So for a run, for a backfill and for an id that is neither."""
 
@@ -55,7 +55,7 @@ def test_status_of_a_run_a_backfill_or_neither_reads_without_sqlalchemy(
             conn, target="st", kind="apply", from_revision=None, to_revision="r0001", options={}
         )
         # A worker has it. (For a run still enqueued, status also asks Redis whether a worker
-        # refused it: jobs/refusals.py, plain redis-py.)
+        # refused it: jobs/run/refusals.py, plain redis-py.)
         runs.transition(conn, runs.get_run(conn, run_id), RUNNING)
         backfill_id = backfills.create_backfill(
             conn,

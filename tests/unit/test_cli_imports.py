@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-# What jobs/cli.py and jobs/api.py load only on first use (pydantic: through jobs/config.py).
+# What jobs/cli/ and jobs/api/ load only on first use (pydantic: through jobs/config.py).
 HEAVY = (
     "alembic",
     "sqlalchemy",

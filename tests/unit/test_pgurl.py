@@ -1,4 +1,4 @@
-"""jobs/pgurl.py parses, renders and connects as SQLAlchemy's URL does (no services)."""
+"""jobs/pg/url.py parses, renders and connects as SQLAlchemy's URL does (no services)."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_outside_env_py_and_for_runbooks_own_engines_nothing_changes() -> None:
     envpy.on_connect(dialect, None, [], cparams)  # no env.py running
     with envpy.rules(target()):
         own = {**cparams, "application_name": "runbook:prod"}
-        envpy.on_connect(dialect, None, [], own)  # jobs/db.py's engine, to anywhere
+        envpy.on_connect(dialect, None, [], own)  # jobs/pg/db.py's engine, to anywhere
         assert own == {**before, "application_name": "runbook:prod"}
     assert cparams == before
 
