@@ -47,7 +47,7 @@ services: $(STAMP)
 	done
 
 test: $(STAMP) lint services
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -415,8 +415,8 @@ from sqlalchemy.pool import NullPool
 from jobs.backfill import walk
 from jobs.config import normalize_url
 url, backfill_id, generation = sys.argv[1], sys.argv[2], int(sys.argv[3])
-backfill.run_slice(create_engine(normalize_url(url).sqlalchemy_url(), poolclass=NullPool), backfill_id,
-                   generation, budget_s=120)
+walk.run_slice(create_engine(normalize_url(url).sqlalchemy_url(), poolclass=NullPool), backfill_id,
+               generation, budget_s=120)
 """
 
 
