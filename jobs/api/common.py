@@ -16,7 +16,7 @@ from jobs.errors import (
     UnknownBackfill,
     UnknownRun,
 )
-from jobs.lazy import lazy, lazy_callable
+from jobs.lazy import lazy
 from jobs.ledger import read
 from jobs.ledger.records import Run
 from jobs.pg import connect
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from jobs.ledger import backfills, runs, schema
     from jobs.pg import db
 else:
-    Connection = lazy_callable("sqlalchemy", "Connection")
     control = lazy("jobs.backfill.control")
     dump = lazy("jobs.backups.dump")
     backfills = lazy("jobs.ledger.backfills")
