@@ -46,8 +46,13 @@ services: $(STAMP)
 	    || echo "$$1 is not running on $$2:$$3; $(SERVICES_HINT) (integration tests skip without it, and fail under CI=true)"; \
 	done
 
+# Two test processes (pytest-xdist), a module to each: integration tests spend most of their
+# time waiting on workers and servers, and every test names its own databases, queue and
+# config (tests/integration/conftest.py SESSION), so two run side by side. TEST_WORKERS=0 runs
+# them in this process alone.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint services
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
