@@ -12,7 +12,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, quote_plus
 
 from pydantic import (
@@ -106,6 +106,16 @@ class Target:
     lint_allow: tuple[str, ...] = ()
     preflight_wait_s: float = 30.0
     long_running_s: float = 60.0
+    # Replication (jobs/pg/replication.py): the bounds a backfill waits on and a run checks.
+    replicas: str = "check"
+    max_replica_lag_ms: int = 2000
+    max_replica_lag_bytes: int = 64 << 20
+    max_retained_wal_bytes: int = 1 << 30
+    max_wal_rate_bytes: int | None = None  # bytes of WAL a second; None: no bound
+    throttle_check_ms: int = 250
+    max_throttle_ms: int = 30 * 60_000
+    replica_wait_ms: int = 5 * 60_000
+    replica_urls: tuple[PgURL, ...] = field(default=(), repr=False)
 
     @property
     def safe_url(self) -> str:
@@ -203,6 +213,39 @@ def _milliseconds(value: object, info: ValidationInfo) -> int:
     return int(ms)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?B|B)?\s*$")
+_SIZE_SCALE = {None: 1, "B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_SIZE_SCALE.update({"kiB": 1 << 10, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40})
+
+
+def _size_of(value: object, key: str, what: str) -> int:
+    wrong = f"{key}: expected {what} such as 64MB or 1GiB, got {value!r}"
+    if isinstance(value, bool):
+        raise _refuse(wrong)
+    if isinstance(value, int | float):
+        size = float(value)
+    else:
+        match = _SIZE.match(str(value).removesuffix("/s"))
+        if not match or match.group(2) not in _SIZE_SCALE:
+            raise _refuse(wrong)
+        size = float(match.group(1)) * _SIZE_SCALE[match.group(2)]
+    if size <= 0:
+        raise _refuse(f"{key}: must be greater than zero, got {value!r}")
+    return int(size)
+
+
+def _bytes(value: object, info: ValidationInfo) -> int:
+    """Parse 67108864, "64MB", "64MiB" or "1GiB" into bytes."""
+    return _size_of(value, str(info.field_name), "a size")
+
+
+def _rate(value: object, info: ValidationInfo) -> int:
+    """Parse a WAL rate: a number of MB a second (20), or "20MB/s", "512kB/s"; bytes/s."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = f"{value}MB"
+    return _size_of(value, str(info.field_name), "a rate")
+
+
 def _project_path(value: object, info: ValidationInfo) -> Path:
     """A path as written, relative ones taken from the directory of runbook.toml."""
     try:
@@ -224,6 +267,8 @@ def _truthy_text(value: object) -> str | None:
 
 
 _Milliseconds = Annotated[int, BeforeValidator(_milliseconds)]
+_Bytes = Annotated[int, BeforeValidator(_bytes)]
+_Rate = Annotated[int, BeforeValidator(_rate)]
 _ProjectPath = Annotated[Path, BeforeValidator(_project_path)]
 # Program names and the like: whatever TOML value is given, as its text.
 _Text = Annotated[str, BeforeValidator(str)]
@@ -274,9 +319,24 @@ class _TargetTable(BaseModel):
     ] = []
     preflight_wait: _Milliseconds = 30_000
     long_running: _Milliseconds = 60_000
+    replicas: Annotated[
+        Literal["check", "ignore", "require"],
+        _Refusal('{key} must be "check", "ignore" or "require", got {value!r}'),
+    ] = "check"
+    max_replica_lag: _Milliseconds = 2000
+    max_replica_lag_bytes: _Bytes = 64 << 20
+    max_retained_wal: _Bytes = 1 << 30
+    max_wal_rate: _Rate | None = None
+    throttle_check: _Milliseconds = 250
+    max_throttle: _Milliseconds = 30 * 60_000
+    replica_wait: _Milliseconds = 5 * 60_000
+    replica_urls: Annotated[
+        list[str], _Refusal("{key}: expected a list of PostgreSQL URLs, got {value!r}")
+    ] = []
 
     # Parsed by normalize_url once the keys above are valid; the password stays on this side.
     _url: PgURL | None = PrivateAttr(default=None)
+    _replica_urls: tuple[PgURL, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _one_database(self) -> _TargetTable:
@@ -291,6 +351,9 @@ class _TargetTable(BaseModel):
             raw, what = self.url, "url"
         try:
             self._url = normalize_url(str(raw), what)
+            self._replica_urls = tuple(
+                normalize_url(u, f"replica_urls[{i}]") for i, u in enumerate(self.replica_urls)
+            )
         except ConfigError as exc:
             raise _refuse(str(exc)) from None
         return self
@@ -322,6 +385,15 @@ class _TargetTable(BaseModel):
             lint_allow=tuple(self.lint_allow),
             preflight_wait_s=self.preflight_wait / 1000,
             long_running_s=self.long_running / 1000,
+            replicas=self.replicas,
+            max_replica_lag_ms=self.max_replica_lag,
+            max_replica_lag_bytes=self.max_replica_lag_bytes,
+            max_retained_wal_bytes=self.max_retained_wal,
+            max_wal_rate_bytes=self.max_wal_rate,
+            throttle_check_ms=self.throttle_check,
+            max_throttle_ms=self.max_throttle,
+            replica_wait_ms=self.replica_wait,
+            replica_urls=self._replica_urls,
         )
 
 
