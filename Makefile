@@ -5,7 +5,7 @@
 #   make test    lint, then the unit and integration tests (real Postgres, Redis, worker)
 #   make lint    ruff check, ruff format --check, mypy
 #   make bench   every benchmark (apply, backup/restore, backfill at 2M and 5M rows: about
-#                45 minutes)
+#                13 minutes)
 #   make bench-backfill   the backfill benchmark alone (2M and 5M rows, 3 repeats each;
 #                make bench-backfill ROWS=500000 REPEATS=1 for a quick look)
 #   make clean   remove the virtualenv and caches (backups/ is left alone)
