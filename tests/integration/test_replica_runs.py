@@ -216,9 +216,10 @@ def test_a_standby_lagging_beyond_the_bound_refuses_the_run_unless_replicas_igno
         caught_up(pair)
 
 
-def test_after_a_rewrite_the_run_waits_for_the_standby_renewing_its_lease_then_goes_on(
-    pair: ReplicatedPostgres, repl_worker: Worker, config: Config, tmp_path: Path
-) -> None:
+def at_w1(
+    pair: ReplicatedPostgres, config: Config, tmp_path: Path, **options: object
+) -> tuple[str, str]:
+    """A target of REWRITING at w1 (its rows replayed by standby1), bounded at 1 MB behind."""
     name, dbname = replica_target(
         pair,
         config,
@@ -228,11 +229,18 @@ def test_after_a_rewrite_the_run_waits_for_the_standby_renewing_its_lease_then_g
         max_replica_lag_bytes="1MB",
         max_replica_lag="1h",
         throttle_check="100ms",
+        **options,
     )
     first = apply_json(name, "--to", "w1")
     assert first["state"] == "succeeded", first["error"]
     caught_up(pair)
+    return name, dbname
 
+
+def test_after_a_rewrite_the_run_waits_for_the_standby_renewing_its_lease_then_goes_on(
+    pair: ReplicatedPostgres, repl_worker: Worker, config: Config, tmp_path: Path
+) -> None:
+    name, dbname = at_w1(pair, config, tmp_path)
     pair.pause_replay()
     try:
         done = cli("apply", "--target", name)
@@ -280,20 +288,7 @@ def test_after_a_rewrite_the_run_waits_for_the_standby_renewing_its_lease_then_g
 def test_a_standby_that_does_not_catch_up_in_replica_wait_is_given_up_on_and_said_so(
     pair: ReplicatedPostgres, repl_worker: Worker, config: Config, tmp_path: Path
 ) -> None:
-    name, dbname = replica_target(
-        pair,
-        config,
-        tmp_path,
-        REWRITING,
-        backup=False,
-        max_replica_lag_bytes="1MB",
-        max_replica_lag="1h",
-        replica_wait="1s",
-        throttle_check="100ms",
-    )
-    first = apply_json(name, "--to", "w1")
-    assert first["state"] == "succeeded", first["error"]
-    caught_up(pair)
+    name, dbname = at_w1(pair, config, tmp_path, replica_wait="1s")
     pair.pause_replay()
     try:
         run = apply_json(name)
