@@ -132,12 +132,11 @@ def step_notes(step: dict[str, Any]) -> list[str]:
     rev = f" {step['revision']}" if step.get("revision") else ""
     seen = detail.get("replication") or {}
     notes = list(seen.get("lines", [])) if seen.get("standbys") or seen.get("slots") else []
-    waited = detail.get("replica_wait")
-    if waited:
-        if waited.get("outcome") == "waiting":
-            notes.append(f"waiting for the standbys to replay: {waited.get('reason')}")
-        elif waited.get("line"):
-            notes.append(str(waited["line"]))
+    waited = detail.get("replica_wait") or {}
+    if waited.get("outcome") == "waiting":
+        notes.append(f"waiting for the standbys to replay: {waited.get('reason')}")
+    elif waited.get("outcome") in ("caught_up", "gave_up", "unreadable"):  # it waited, or tried
+        notes.append(str(waited.get("line")))
     return [f"{step['kind']}{rev}: {note}" for note in notes]
 
 

@@ -72,6 +72,7 @@ def read(conn: Connection, target: Target) -> Replication:
 CAUGHT_UP = "caught_up"
 GAVE_UP = "gave_up"
 WITHIN = "within_bounds"  # nothing to wait for
+NO_STANDBYS = "no_standbys"
 IGNORED = "ignored"
 UNREADABLE = "unreadable"  # the standbys could not be read: the run goes on
 
@@ -93,6 +94,8 @@ class ReplicaWait:
             return 'rewrote a table; did not wait for standbys (replicas = "ignore")'
         if self.outcome == WITHIN:
             return "rewrote a table; standbys within bounds, no wait"
+        if self.outcome == NO_STANDBYS:
+            return "rewrote a table; no standbys to wait for"
         if self.outcome == CAUGHT_UP:
             return f"waited {self.waited_s:.1f} s for {names} to replay"
         if self.outcome == UNREADABLE:
@@ -125,9 +128,10 @@ def wait_for_standbys(
     if bounds.mode == "ignore":
         return ReplicaWait(IGNORED)
     start = clock()
-    verdict = replication.over_bounds(standbys_only(look()), bounds)
+    seen = standbys_only(look())
+    verdict = replication.over_bounds(seen, bounds)
     if not verdict:
-        return ReplicaWait(WITHIN)
+        return ReplicaWait(WITHIN if seen.standbys else NO_STANDBYS)
     waiting = ReplicaWait(
         GAVE_UP,
         standbys=sorted({name for _kind, name in verdict.subjects}),

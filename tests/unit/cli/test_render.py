@@ -201,3 +201,5 @@ def test_step_notes_show_the_standbys_preflight_saw_and_the_wait_after_a_rewrite
         "upgrade r1: waited 3.2 s for standby1 to replay"
     ]
     assert render.step_notes(step()) == []
+    nothing = {"outcome": "no_standbys", "line": "rewrote a table; no standbys to wait for"}
+    assert render.step_notes(step(detail={"replica_wait": nothing})) == []  # in --json only

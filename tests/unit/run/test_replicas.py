@@ -121,6 +121,11 @@ def test_no_wait_within_bounds_ignoring_replicas_or_for_a_slot() -> None:
         look, never, wait_s=300, check_s=0.25, clock=clock, sleep=clock.sleep
     )
     assert within.outcome == replicas.WITHIN and clock.sleeps == []
+    alone = replicas.wait_for_standbys(
+        Replication, never, wait_s=300, check_s=0.25, clock=clock, sleep=clock.sleep
+    )
+    assert alone.outcome == replicas.NO_STANDBYS
+    assert alone.line() == "rewrote a table; no standbys to wait for"
     ignored = replicas.wait_for_standbys(
         lambda: lagging(100 * MB),
         Bounds(max_lag_bytes=1, mode="ignore"),
