@@ -193,7 +193,7 @@ def test_a_standby_lagging_beyond_the_bound_refuses_the_run_unless_replicas_igno
     pair: ReplicatedPostgres, repl_worker: Worker, config: Config, tmp_path: Path
 ) -> None:
     name, dbname = replica_target(
-        pair, config, tmp_path, SMALL, max_replica_lag_bytes="1MB", max_replica_lag="1h"
+        pair, config, tmp_path, SMALL, max_replica_lag_bytes="1MB", max_replica_lag="60min"
     )
     pair.pause_replay()
     try:
@@ -227,7 +227,7 @@ def at_w1(
         REWRITING,
         backup=False,
         max_replica_lag_bytes="1MB",
-        max_replica_lag="1h",
+        max_replica_lag="60min",
         throttle_check="100ms",
         **options,
     )
