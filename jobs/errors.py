@@ -79,6 +79,10 @@ class StepFailed(RunbookError):
 class PreflightFailed(StepFailed):
     """Raised when a precondition of the run does not hold; nothing was changed."""
 
+    def __init__(self, message: str, **detail: object) -> None:
+        super().__init__(message)
+        self.detail = detail  # what preflight had found by then, recorded on its step
+
 
 class HookFailed(StepFailed):
     """Raised when a before_run or after_run hook fails or times out."""

@@ -125,8 +125,24 @@ def step_line(step: dict[str, Any]) -> str:
     return step["error"] if step["error"].startswith(head) else f"{head}: {step['error']}"
 
 
+def step_notes(step: dict[str, Any]) -> list[str]:
+    """What a step's detail says beyond its state: the standbys and slots preflight saw, and
+    the wait for the standbys after a rewrite (jobs/run/replicas.py)."""
+    detail = step.get("detail") or {}
+    rev = f" {step['revision']}" if step.get("revision") else ""
+    seen = detail.get("replication") or {}
+    notes = list(seen.get("lines", [])) if seen.get("standbys") or seen.get("slots") else []
+    waited = detail.get("replica_wait") or {}
+    if waited.get("outcome") == "waiting":
+        notes.append(f"waiting for the standbys to replay: {waited.get('reason')}")
+    elif waited.get("outcome") in ("caught_up", "gave_up", "unreadable"):  # it waited, or tried
+        notes.append(str(waited.get("line")))
+    return [f"{step['kind']}{rev}: {note}" for note in notes]
+
+
 def progress_printer() -> Callable[[dict[str, Any]], None]:
     seen: dict[tuple[str, str | None], tuple[str, int]] = {}
+    noted: set[str] = set()
     last_state: list[str] = []
 
     def show(run: dict[str, Any]) -> None:
@@ -136,6 +152,10 @@ def progress_printer() -> Callable[[dict[str, Any]], None]:
             if seen.get(key) != mark:
                 seen[key] = mark
                 err.print(f"  {step_line(step)}")
+            for note in step_notes(step):
+                if note not in noted:
+                    noted.add(note)
+                    err.print(f"    {note}")
         if not last_state or last_state[-1] != run["state"]:
             err.print(f"run {run['id']} [{run['target']}]: {run['state']}")
             last_state.append(run["state"])

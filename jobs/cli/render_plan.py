@@ -68,6 +68,8 @@ def _finding_lines(plan: Mapping[str, Any]) -> list[Text]:
             lines.append(_backfill_line(entry["id"], item))
         if entry.get("render_error"):
             lines.append(Text(f"{entry['id']}  render-error  {entry['render_error']}"))
+        for stmt in entry.get("rewrites") or []:
+            lines.append(Text(f"{entry['id']}  rewrite  {stmt[:120]} (the run waits for standbys)"))
         for f in entry.get("lint", []):
             stmt = f["statement"][:80]
             line = f"{entry['id']}  {f['rule']}  {f['message']}  — {stmt}"
@@ -85,4 +87,17 @@ def format_plan(plan: Mapping[str, Any]) -> RenderableType:
     table = Table("revision", "message", "irreversible", "outside txn", "tables", "lint")
     for entry in plan["revisions"]:
         table.add_row(*_row(entry))
-    return Group(Text(head), table, *_finding_lines(plan))
+    return Group(Text(head), table, *_finding_lines(plan), *_replication_lines(plan))
+
+
+def _replication_lines(plan: Mapping[str, Any]) -> list[Text]:
+    """The standbys and slots preflight will check, and any over the target's bounds."""
+    found = plan.get("replication") or {}
+    if found.get("error"):
+        return [Text(f"replication: {found['error']}")]
+    lines = [Text(f"replication: {line}") for line in found.get("lines", [])]
+    mode = found.get("mode")
+    for reason in found.get("over_bounds") or []:
+        refuses = "" if mode == "ignore" else "; apply would refuse in preflight"
+        lines.append(Text(f"replication: over bounds: {reason}{refuses}", style="bold"))
+    return lines

@@ -18,6 +18,7 @@ from jobs.cli.render import (
     out,
     progress_printer,
     statement,
+    step_notes,
     summary,
 )
 from jobs.lazy import lazy, lazy_callable
@@ -163,14 +164,16 @@ def check(target: str | None, as_json: bool) -> None:
 def doctor(target: str | None, as_json: bool) -> None:
     """Diagnose the common migration errors; each finding with its fix."""
     findings = api.doctor(target)
+    problems = [f for f in findings if f.get("level") != "info"]  # facts: standbys, slots
     if as_json:
         click.echo(json.dumps(findings, indent=2))
     else:
         for f in findings:
-            out.print(f"{f['code']}: {f['message']} — fix: {f['fix']}")
-        if not findings:
+            fix = "" if f.get("level") == "info" else f" — fix: {f['fix']}"
+            out.print(f"{f['code']}: {f['message']}{fix}")
+        if not problems:
             out.print("no problems found")
-    sys.exit(1 if findings else 0)
+    sys.exit(1 if problems else 0)
 
 
 @click.command(cls=Command)
@@ -241,6 +244,9 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
             s["error"] or "",
         )
     out.print(table)
+    for s in run["steps"]:
+        for note in step_notes(s):
+            out.print(f"  {note}")
     if run["state"] in TERMINAL:
         _exit_for(run)
 

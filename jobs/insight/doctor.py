@@ -7,6 +7,10 @@ mode) and its SQL read for what would fail on the live database (jobs/insight/sq
 objects that already exist and NOT NULL on columns that hold NULLs. The messages keep the
 error numbers operators know them by ("error 1: Can't locate revision"). Scratch databases
 and partial dumps that killed runs left behind are listed too (jobs/backups/leftovers.py).
+
+The target's standbys and replication slots are listed as facts (``level: "info"``, one line
+each, as ``plan`` and preflight show them; they alone do not make the doctor exit 1), and
+one over the target's bounds is a finding with its fix (jobs/run/replicas.py).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from jobs.config import Target
 from jobs.errors import ProjectError, RevisionError
 from jobs.insight.sql_findings import Finding, Plan, finding, revision_findings
 from jobs.ledger import fingerprints
+from jobs.pg import replication
 from jobs.pg.sqlstate import describe
 from jobs.project.runtime import Project
 from jobs.project.scripts import Revision
-from jobs.run import verify
+from jobs.run import replicas, verify
 from jobs.states import StepKind
 
 
@@ -56,7 +61,39 @@ def diagnose(target: Target, conn: Connection) -> list[Finding]:
     finally:
         if not conn.closed and conn.in_transaction():
             conn.rollback()
-    return findings + leftover_findings(target, conn)
+    return findings + leftover_findings(target, conn) + replication_findings(target, conn)
+
+
+# -- standbys and slots (jobs/run/replicas.py) ---------------------------------------------------
+
+INFO = "info"
+
+
+def replication_findings(target: Target, conn: Connection) -> list[Finding]:
+    """One fact per standby and slot; a finding for each over the target's bounds."""
+    try:
+        rep = replicas.read(conn, target)
+    except DBAPIError as exc:
+        fix = 'grant the role pg_read_all_stats, or set replicas = "ignore"'
+        return [_unreadable("the standbys and replication slots", exc, fix)]
+    finally:
+        if not conn.closed and conn.in_transaction():
+            conn.rollback()
+    found: list[Finding] = []
+    if rep.standbys or rep.slots:
+        for line in replication.describe(rep):
+            found.append({**finding("replication", line, "none needed"), "level": INFO})
+    verdict = replication.over_bounds(rep, replication.Bounds.of_target(target))
+    for reason, (kind, name) in zip(verdict.reasons, verdict.subjects, strict=True):
+        code = "replication_slot" if kind == "slot" else "replica_lag"
+        found.append(
+            finding(
+                code,
+                f"{reason}: runbook apply would refuse in preflight",
+                replicas.fix(kind, name, target.name),
+            )
+        )
+    return found
 
 
 # -- the project and its history ---------------------------------------------------------------
@@ -315,13 +352,8 @@ def leftover_findings(target: Target, conn: Connection) -> list[Finding]:
         dead = leftovers.dead(conn, target)
         unknown = leftovers.unknown(conn, target)
     except DBAPIError as exc:
-        return [
-            finding(
-                "unreadable",
-                f"cannot look for leftovers of killed runs ({describe(exc)})",
-                "connect as the role that owns the database",
-            )
-        ]
+        fix = "connect as the role that owns the database"
+        return [_unreadable("leftovers of killed runs", exc, fix, verb="look for")]
     reconciler = "a running `runbook worker` removes it within RUNBOOK_RECONCILE_S (15 s)"
     found = []
     for item in dead:
@@ -354,6 +386,10 @@ def leftover_findings(target: Target, conn: Connection) -> list[Finding]:
             )
         )
     return found
+
+
+def _unreadable(what: str, exc: DBAPIError, fix: str, verb: str = "read") -> Finding:
+    return finding("unreadable", f"cannot {verb} {what} ({describe(exc)})", fix)
 
 
 def _server(target: Target) -> str:

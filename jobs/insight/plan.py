@@ -2,8 +2,10 @@
 
 ``build_plan`` renders every pending revision's upgrade offline (Alembic's ``--sql`` mode,
 one revision at a time), lints that SQL (jobs/insight/lint.py), finds the tables it touches
-(jobs/insight/parse.py) and looks their size and estimated rows up in the live database.
-Nothing is changed.
+(jobs/insight/parse.py) and looks their size and estimated rows up in the live database,
+with the statements that rewrite a table (jobs/insight/rewrites.py: a run waits for the
+standbys after those) and the target's standbys and replication slots as preflight will see
+them (jobs/run/replicas.py). Nothing is changed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from jobs.config import Target
 from jobs.errors import RevisionError
 from jobs.insight.lint import lint
 from jobs.insight.parse import outside_transaction, tables_in
+from jobs.insight.rewrites import rewrites
 from jobs.pg import db
-from jobs.pg.sqlstate import LOCK_NOT_AVAILABLE, sqlstate
+from jobs.pg.replication import Bounds
+from jobs.pg.sqlstate import LOCK_NOT_AVAILABLE, describe, sqlstate
 from jobs.project.runtime import Project
 from jobs.project.scripts import Revision
+from jobs.run import replicas
 
 
 class TableInfo(TypedDict):
@@ -103,6 +108,17 @@ def backfills(rev: Revision, tables: Callable[[str], TableInfo]) -> list[dict[st
     return out
 
 
+def replication_facts(target: Target, conn: Connection) -> dict[str, Any]:
+    """The target's standbys and slots as preflight records them, or why they cannot be read."""
+    try:
+        return replicas.facts(replicas.read(conn, target), Bounds.of_target(target))
+    except DBAPIError as exc:
+        return {"error": f"cannot read the standbys: {describe(exc)}", "lines": []}
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+
+
 # -- the plan ---------------------------------------------------------------------------------
 
 
@@ -135,6 +151,7 @@ def _pending(project: Project, rev: Revision, tables: _Tables) -> tuple[dict[str
         lint=[],
         irreversible=rev.irreversible,
         outside_transaction=outside_transaction(sql) if error is None else None,
+        rewrites=rewrites(sql) if error is None else None,
         tables=[tables(name) for name in touched],
         backfills=backfills(rev, tables),
         requires_backfills=rev.requires_backfills,
@@ -160,6 +177,7 @@ def build_plan(
             if entry["render_error"] is None:
                 scripts[rev.id] = sql
         version = pg_version(conn)
+        standbys = replication_facts(target, conn)
     finally:
         if conn.in_transaction():
             conn.rollback()
@@ -174,5 +192,6 @@ def build_plan(
         "to": destination,
         "revisions": revisions,
         "lint_errors": sum(f["level"] == "error" for fs in found.values() for f in fs),
+        "replication": standbys,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -185,6 +185,12 @@ class Verdict:
     """Why replication is over its bounds (the first reason, for a person), or not."""
 
     reasons: list[str] = field(default_factory=list)
+    # What each reason is about, in the same order: ("standby" | "slot", its name).
+    subjects: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, kind: str, name: str, reason: str) -> None:
+        self.reasons.append(reason)
+        self.subjects.append((kind, name))
 
     @property
     def reason(self) -> str | None:
@@ -203,22 +209,30 @@ def over_bounds(rep: Replication, bounds: Bounds) -> Verdict:
     for s in rep.standbys:
         if s.state == "unreachable" or s.state == "not a standby":
             if bounds.mode == "require":
-                verdict.reasons.append(f'standby {s.name} is {s.state} (replicas = "require")')
+                verdict.add(
+                    "standby", s.name, f'standby {s.name} is {s.state} (replicas = "require")'
+                )
             continue
         if s.lag_s is not None and s.lag_s > bounds.max_lag_s:
-            verdict.reasons.append(
-                f"replica lag {s.lag_s:.1f} s on {s.name} (max_replica_lag {bounds.max_lag_s:g} s)"
+            verdict.add(
+                "standby",
+                s.name,
+                f"replica lag {s.lag_s:.1f} s on {s.name} (max_replica_lag {bounds.max_lag_s:g} s)",
             )
         elif s.lag_bytes is not None and s.lag_bytes > bounds.max_lag_bytes:
-            verdict.reasons.append(
+            verdict.add(
+                "standby",
+                s.name,
                 f"replica lag {size(s.lag_bytes)} on {s.name} "
-                f"(max_replica_lag_bytes {size(bounds.max_lag_bytes)})"
+                f"(max_replica_lag_bytes {size(bounds.max_lag_bytes)})",
             )
     for slot in rep.slots:
         if slot.retained_bytes is not None and slot.retained_bytes > bounds.max_retained_bytes:
-            verdict.reasons.append(
+            verdict.add(
+                "slot",
+                slot.name,
                 f"slot {slot.name} retains {size(slot.retained_bytes)} of WAL "
-                f"(max_retained_wal {size(bounds.max_retained_bytes)})"
+                f"(max_retained_wal {size(bounds.max_retained_bytes)})",
             )
     return verdict
 

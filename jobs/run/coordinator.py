@@ -22,8 +22,15 @@ from jobs import states as st
 from jobs.backfill import control, declared
 from jobs.backfill import slices as backfill_slices
 from jobs.backups import leftovers, vault
-from jobs.errors import AwaitingBackfill, HookFailed, RunbookError, StepFailed, VerifyFailed
-from jobs.insight import parse
+from jobs.errors import (
+    AwaitingBackfill,
+    HookFailed,
+    PreflightFailed,
+    RunbookError,
+    StepFailed,
+    VerifyFailed,
+)
+from jobs.insight import parse, rewrites
 from jobs.insight import rehearse as insight_rehearse
 from jobs.ledger import backups, runs
 from jobs.ledger.records import Step
@@ -90,8 +97,13 @@ class Coordinator(Rollback):
         tables: list[str] = []
         for rev in path:
             tables += [str(item.declared["table"]) for item in rev.backfills]
+        rewriting: dict[str, list[str]] = {}  # what the run waits for standbys after
         for sql in self._render_offline(path):
             tables += [t for t in parse.tables_in(sql) if t != self.target.version_table]
+            for rev_id, own in rewrites.by_revision(sql).items():
+                found = rewrites.rewrites(own)
+                if found:
+                    rewriting[rev_id] = found
         try:
             checked = preflight.preflight(
                 self.conn,
@@ -102,11 +114,14 @@ class Coordinator(Rollback):
                 sorted(set(tables)),
                 backup=bool(self.run.options.get("backup", True)),
             )
+        except PreflightFailed as exc:
+            self._end(step, st.STEP_FAILED, str(exc), **exc.detail)
+            raise StepFailed(str(exc)) from None
         except Exception as exc:
             error = str(exc) if isinstance(exc, RunbookError) else f"preflight: {describe(exc)}"
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
-        self._end(step, st.STEP_SUCCEEDED, **checked)
+        self._end(step, st.STEP_SUCCEEDED, **checked, rewrites=rewriting)
 
     def _render_offline(self, path: list[Revision]) -> list[str]:
         """The SQL of the revisions of ``path`` that render offline, in as few runs of env.py
@@ -251,7 +266,8 @@ class Coordinator(Rollback):
         current = self.project.current(self.conn)
         if step.attempts > 1 and current == rev.id:
             # An earlier delivery committed this upgrade and died before recording it.
-            self._end(step, st.STEP_SUCCEEDED, recovered=True)
+            waited = self._after_rewrite(step, self._upgrade_rewrites(rev))
+            self._end(step, st.STEP_SUCCEEDED, recovered=True, **waited)
             return
         if current != rev.down:
             error = (
@@ -280,10 +296,27 @@ class Coordinator(Rollback):
             self._end(step, st.STEP_FAILED, error)
             raise StepFailed(error) from None
         self.run.current_revision = rev.id
+        waited = self._after_rewrite(step, self._upgrade_rewrites(rev))
         runs.finish_step(
-            self.conn, step, st.STEP_SUCCEEDED, current_revision=rev.id, file_sha256=rev.sha256
+            self.conn,
+            step,
+            st.STEP_SUCCEEDED,
+            current_revision=rev.id,
+            file_sha256=rev.sha256,
+            **waited,
         )
         self._report(step)
+
+    def _upgrade_rewrites(self, rev: Revision) -> list[str]:
+        """The statements of ``rev``'s upgrade that rewrite a table, as preflight found them
+        (a run without a preflight step renders the revision now)."""
+        checked = self.run.step(st.StepKind.PREFLIGHT)
+        if checked is not None and "rewrites" in checked.detail:
+            return list(checked.detail["rewrites"].get(rev.id, []))
+        try:
+            return rewrites.rewrites(self.project.upgrade_sql(rev, as_runbook_runs_it=True))
+        except RunbookError:
+            return []  # it cannot be rendered offline: what it rewrites is unknown
 
     def _unmet_requirement(self, rev: Revision) -> str | None:
         """Why ``rev`` may not go up yet: a backfill it requires has not finished."""

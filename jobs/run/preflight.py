@@ -4,7 +4,8 @@ No session may sit on the tables the run touches (idle in a transaction, or runn
 longer than ``long_running``): runbook waits up to ``preflight_wait`` for them to go, then
 fails before anything changed, naming them. No invalid index may already exist. The backup
 directory must have room for the database. The database must be at an ancestor of the
-target revision.
+target revision. Every standby and replication slot is recorded, and none may be over the
+target's bounds unless ``replicas = "ignore"`` (jobs/run/replicas.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from sqlalchemy import Connection, text
 
 from jobs.config import Target
 from jobs.errors import PreflightFailed
+from jobs.pg import replication
 from jobs.project.runtime import Project
+from jobs.run import replicas
 
 # Catalog only: no lock on the tables, so an application's lock cannot stall preflight.
 _INVALID_INDEXES = text(
@@ -63,6 +66,18 @@ def _describe(found: list[dict[str, Any]]) -> str:
     )
 
 
+def _replication(conn: Connection, target: Target, checked: dict[str, Any]) -> dict[str, Any]:
+    """Every standby and slot, recorded; PreflightFailed (with them) when one is over the
+    target's bounds."""
+    bounds = replication.Bounds.of_target(target)
+    rep = replicas.read(conn, target)
+    found = replicas.facts(rep, bounds)
+    refused = replicas.refusal(replication.over_bounds(rep, bounds), target.name)
+    if refused:
+        raise PreflightFailed(refused, **checked, replication=found)
+    return found
+
+
 def preflight(
     conn: Connection,
     target: Target,
@@ -90,6 +105,7 @@ def preflight(
             "(REINDEX INDEX CONCURRENTLY) before migrating"
         )
     checked: dict[str, Any] = {"revision": current, "invalid_indexes": 0}
+    checked["replication"] = _replication(conn, target, checked)
     if backup:
         size = int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
         if conn.in_transaction():

@@ -12,6 +12,7 @@ from jobs.backfill import control
 from jobs.backups import restore, restore_tables, vault
 from jobs.config import redact
 from jobs.errors import DowngradeImpossible, RunbookError, StepFailed
+from jobs.insight import rewrites
 from jobs.ledger import backfills as ledger_backfills
 from jobs.ledger import fingerprints, runs
 from jobs.pg.backoff import with_lock_retries
@@ -115,7 +116,15 @@ class Rollback(RunSteps):
             found = {**self.run.irreversible, rev.id: "its downgrade did not restore the schema"}
             runs.update_run(self.conn, self.run, irreversible=found)
             raise DowngradeImpossible(error)
-        self._end(step, st.STEP_SUCCEEDED, fingerprint=now)
+        waited = self._after_rewrite(step, self._downgrade_rewrites(rev))
+        self._end(step, st.STEP_SUCCEEDED, fingerprint=now, **waited)
+
+    def _downgrade_rewrites(self, rev: Revision) -> list[str]:
+        """The statements of ``rev``'s downgrade that rewrite a table (rendered offline)."""
+        try:
+            return rewrites.rewrites(self.project.downgrade_sql(rev))
+        except RunbookError:
+            return []  # it cannot be rendered offline: what it rewrites is unknown
 
     def _before(self, rev: Revision) -> str | None:
         """The fingerprint the schema had before ``rev`` went up in this run: what its

@@ -7,9 +7,11 @@ built on it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 
 from jobs import states as st
 from jobs.config import Target
@@ -18,8 +20,13 @@ from jobs.errors import StepFailed
 from jobs.ledger import runs
 from jobs.ledger.records import Run, Step
 from jobs.pg.backoff import with_lock_retries
+from jobs.pg.replication import Bounds
+from jobs.pg.sqlstate import describe
 from jobs.project.runtime import Project
+from jobs.run import replicas
 from jobs.run.verify import digest, schema_lines
+
+log = logging.getLogger("runbook.coordinator")
 
 
 class RunSteps:
@@ -85,6 +92,42 @@ class RunSteps:
     def _end(self, step: Step, state: str, error: str | None = None, **detail: Any) -> None:
         runs.finish_step(self.conn, step, state, error=error, **detail)
         self._report(step)
+
+    def _after_rewrite(self, step: Step, rewrote: list[str]) -> dict[str, Any]:
+        """After a step whose SQL rewrote a table: wait for the standbys to replay it
+        (jobs/run/replicas.py); the step's detail saying how that went ({} when nothing
+        was rewritten)."""
+        if not rewrote:
+            return {}
+        target = self.target
+
+        def on_wait(reason: str) -> None:
+            runs.note_step(self.conn, step, replica_wait={"outcome": "waiting", "reason": reason})
+            self._report(step)
+
+        try:
+            waited = replicas.wait_for_standbys(
+                lambda: replicas.read(self.conn, target),
+                Bounds.of_target(target),
+                wait_s=target.replica_wait_ms / 1000,
+                check_s=target.throttle_check_ms / 1000,
+                on_wait=on_wait,
+            )
+        except DBAPIError as exc:  # the step itself is done: a failed read must not undo it
+            if self.conn.in_transaction():
+                self.conn.rollback()
+            waited = replicas.ReplicaWait(replicas.UNREADABLE, reason=describe(exc))
+        waited.rewrites = rewrote
+        if waited.outcome in (replicas.GAVE_UP, replicas.UNREADABLE):
+            log.warning(
+                "run %s on %s: %s %s: %s",
+                self.run.id,
+                target.name,
+                step.kind,
+                step.revision,
+                waited.line(),
+            )
+        return {"replica_wait": waited.as_dict()}
 
     def _fail(self, step: Step, error: str) -> NoReturn:
         self._end(step, st.STEP_FAILED, error)

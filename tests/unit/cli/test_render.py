@@ -180,3 +180,26 @@ def test_the_summary_names_the_revisions_the_backup_and_the_error(
         "  backup /b/prod.dump (2048 bytes, sha256 0123456789ab…)",
         "  error: upgrade r2 failed: division by zero",
     ]
+
+
+def test_step_notes_show_the_standbys_preflight_saw_and_the_wait_after_a_rewrite() -> None:
+    seen = {
+        "standbys": [{"name": "standby1"}],
+        "slots": [],
+        "lines": ["standby standby1: streaming, lag 0.0 s, 0 B behind"],
+    }
+    preflight = step(kind="preflight", revision="", detail={"replication": seen})
+    assert render.step_notes(preflight) == [
+        "preflight: standby standby1: streaming, lag 0.0 s, 0 B behind"
+    ]
+    none = {"standbys": [], "slots": [], "lines": ["no standbys or replication slots"]}
+    assert render.step_notes(step(kind="preflight", detail={"replication": none})) == []
+    waiting = step(state="running", detail={"replica_wait": {"outcome": "waiting", "reason": "x"}})
+    assert render.step_notes(waiting) == ["upgrade r1: waiting for the standbys to replay: x"]
+    done = {"outcome": "caught_up", "line": "waited 3.2 s for standby1 to replay"}
+    assert render.step_notes(step(detail={"replica_wait": done})) == [
+        "upgrade r1: waited 3.2 s for standby1 to replay"
+    ]
+    assert render.step_notes(step()) == []
+    nothing = {"outcome": "no_standbys", "line": "rewrote a table; no standbys to wait for"}
+    assert render.step_notes(step(detail={"replica_wait": nothing})) == []  # in --json only

@@ -69,3 +69,42 @@ def test_format_plan_shows_revisions_then_findings() -> None:
         f"are blocked  — {long_stmt[:80]}\n"
     ) in out
     assert "c3  render-error  cannot render the upgrade of c3 offline" in out
+
+
+def test_format_plan_lists_rewrites_standbys_and_what_is_over_the_bounds() -> None:
+    doc = {
+        "target": "prod",
+        "current": None,
+        "to": "b2",
+        "lint_errors": 0,
+        "revisions": [
+            {
+                "id": "b2",
+                "message": "widen",
+                "status": "pending",
+                "render_error": None,
+                "lint": [],
+                "irreversible": None,
+                "outside_transaction": False,
+                "tables": [],
+                "rewrites": ["ALTER TABLE t ALTER COLUMN c TYPE bigint — changes a column's type"],
+            }
+        ],
+        "replication": {
+            "mode": "check",
+            "lines": ["standby standby1: streaming, lag 0.0 s, 0 B behind"],
+            "over_bounds": ["slot cdc retains 5.0 MB of WAL (max_retained_wal 1.0 MB)"],
+        },
+    }
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(render_plan.format_plan(doc))
+    out = console.export_text()
+    assert (
+        "b2  rewrite  ALTER TABLE t ALTER COLUMN c TYPE bigint — changes a column's type "
+        "(the run waits for standbys)"
+    ) in out
+    assert "replication: standby standby1: streaming, lag 0.0 s, 0 B behind" in out
+    assert (
+        "replication: over bounds: slot cdc retains 5.0 MB of WAL (max_retained_wal 1.0 MB); "
+        "apply would refuse in preflight"
+    ) in out
