@@ -23,9 +23,10 @@ own on Redis db 12; RUNBOOK_CONFIG naming a runbook.toml the bench writes, one t
 
 free     replicas = "ignore": no replica bound;
 bounded  max_replica_lag_bytes = "16MiB", max_replica_lag = "1s", throttle_check = "250ms".
-         16 MiB is a few batches' WAL here (far below the target default, 64 MiB, so that
-         the bound, not the 2 s pause, decides the shape); 1 s is half a pause, so the
-         time bound fires too wherever the standby reports it; 250 ms is the default check.
+         16 MiB, a quarter of the default (64 MiB), is crossed early in each 2 s pause
+         here, so the bound, not the pause, shapes the lag; 1 s, half a pause, so that a
+         paused replay crosses the time bound too wherever replay_lag reports it (it reads
+         NULL or stale while replay stands still); 250 ms is the default check.
 
 The slow replica: while a side runs, a thread pauses standby1's replay for 2 s of every 4 s
 (pg_wal_replay_pause() / pg_wal_replay_resume() on the standby, starting paused), and
