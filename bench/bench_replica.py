@@ -85,7 +85,7 @@ PERIOD_S = 4.0  # ... of every this long
 SAMPLE_S = 0.1
 BOUND_BYTES = 16 << 20
 SIDES = {
-    "free": ('replicas = "ignore"\n', "no replica bound (replicas = ignore)"),
+    "free": ('replicas = "ignore"\n', "no replica bound, replicas = ignore"),
     "bounded": (
         'max_replica_lag_bytes = "16MiB"\nmax_replica_lag = "1s"\nthrottle_check = "250ms"\n',
         "bound 16 MiB / 1 s, checked every 250 ms",
@@ -530,8 +530,8 @@ def report(sides: dict[str, Side]) -> int:
         peaks = ", ".join(f"{p / 2**20:.0f}" for p in cycle_peaks(side))
         print(f"  peak lag of each {PERIOD_S:g} s cycle (MB): {peaks or 'none'}")
         print(
-            f"  {len(side.paused)} pauses of {PAUSE_S:g} s; after the command exited the standby "
-            f"took {side.catch_up_s:.1f} s to catch up"
+            f"  replay paused {len(side.paused)} times for up to {PAUSE_S:g} s; after the command "
+            f"exited the standby took {side.catch_up_s:.1f} s to catch up"
         )
         if st["samples without the standby"]:
             print(f"  {st['samples without the standby']:.0f} samples found no standby1 row")
@@ -609,7 +609,13 @@ def plot(sides: dict[str, Side], path: Path, rows: int) -> None:
         )
         handles = ax.get_legend_handles_labels()
         more = secs.get_legend_handles_labels()
-        ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="upper left")
+        ax.legend(
+            handles[0] + more[0],
+            handles[1] + more[1],
+            fontsize=7,
+            loc="upper right",
+            framealpha=0.8,
+        )
     axes[-1].set_xlim(0, longest * 1.02)
     axes[-1].set_xlabel(
         f"seconds since the command started (grey: the standby's replay paused, {PAUSE_S:g} s "
