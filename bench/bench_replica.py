@@ -586,7 +586,7 @@ def plot(sides: dict[str, Side], path: Path, rows: int) -> None:
             )
         ax.axvline(side.seconds, color="0.3", lw=0.8)
         ax.set_ylabel("MB behind", fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.4)  # headroom above the lines for the legend
         ax.tick_params(labelsize=7.5)
         secs = ax.twinx()
         for attr, colour, label in (
@@ -597,7 +597,7 @@ def plot(sides: dict[str, Side], path: Path, rows: int) -> None:
             pts = [(t, v) for t, v in pts if v is not None]
             secs.plot([t for t, _ in pts], [v for _, v in pts], color=colour, lw=0.7, label=label)
         secs.set_ylabel("seconds behind", fontsize=8)
-        secs.set_ylim(bottom=0)
+        secs.set_ylim(0, max(secs.get_ylim()[1], 0.1) * 1.4)
         secs.tick_params(labelsize=7.5)
         st = side.stats
         ax.set_title(
@@ -613,8 +613,8 @@ def plot(sides: dict[str, Side], path: Path, rows: int) -> None:
             handles[0] + more[0],
             handles[1] + more[1],
             fontsize=7,
-            loc="upper right",
-            framealpha=0.8,
+            loc="upper left",
+            ncol=3,
         )
     axes[-1].set_xlim(0, longest * 1.02)
     axes[-1].set_xlabel(
