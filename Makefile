@@ -4,10 +4,12 @@
 #   make demo    the whole pipeline against a scratch database, with a real worker
 #   make test    lint, then the unit and integration tests (real Postgres, Redis, worker)
 #   make lint    ruff check, ruff format --check, mypy
-#   make bench   every benchmark (apply, backup/restore, backfill at 2M and 5M rows: about
-#                13 minutes)
+#   make bench   every benchmark (apply, backup/restore, backfill at 2M and 5M rows, the
+#                backfill beside a slow standby at 2M rows: about 16 minutes)
 #   make bench-backfill   the backfill benchmark alone (2M and 5M rows, 3 repeats each;
 #                make bench-backfill ROWS=500000 REPEATS=1 for a quick look)
+#   make bench-replica    a backfill with and without the replica bound, beside a standby
+#                whose replay is paused 2 s of every 4 s (2M rows; ROWS=200000 for a look)
 #   make clean   remove the virtualenv and caches (backups/ is left alone)
 
 PYTHON ?= python3
@@ -18,10 +20,10 @@ STAMP := $(VENV)/.installed
 SERVICES_HINT := start it with \`docker compose up -d postgres redis\`
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench bench-backfill clean services
+.PHONY: help install demo test lint bench bench-backfill bench-replica clean services
 
 help:
-	@echo "make demo | test | lint | bench | bench-backfill | clean"
+	@echo "make demo | test | lint | bench | bench-backfill | bench-replica | clean"
 
 # The install stamp: (re)created when pyproject.toml changes, or when there is no .venv.
 $(STAMP): pyproject.toml
@@ -72,15 +74,23 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_apply.py || status=$$?; \
 	$(BIN)/python bench/bench_backup.py || status=$$?; \
 	$(MAKE) --no-print-directory bench-backfill || status=$$?; \
+	$(MAKE) --no-print-directory bench-replica || status=$$?; \
 	exit $$status
 
-# One run of bench/bench_backfill.py per row count in ROWS (all of them run; the exit
-# status is the last failing one's).
-ROWS ?= 2000000 5000000
+# One run of bench/bench_backfill.py (bench/bench_replica.py) per row count in ROWS, all of
+# them run; the exit status is the last failing one's. Without ROWS each has its own default.
+ROWS ?=
+BACKFILL_ROWS := $(or $(ROWS),2000000 5000000)
+REPLICA_ROWS := $(or $(ROWS),2000000)
 REPEATS ?= 3
 bench-backfill: $(STAMP)
-	@status=0; for rows in $(ROWS); do \
+	@status=0; for rows in $(BACKFILL_ROWS); do \
 	  $(BIN)/python bench/bench_backfill.py --rows $$rows --repeats $(REPEATS) || status=$$?; \
+	done; exit $$status
+
+bench-replica: $(STAMP)
+	@status=0; for rows in $(REPLICA_ROWS); do \
+	  $(BIN)/python bench/bench_replica.py --rows $$rows || status=$$?; \
 	done; exit $$status
 
 clean:

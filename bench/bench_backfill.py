@@ -183,6 +183,17 @@ class Databases:
                 print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
 
 
+def large_table_sql(rows: int) -> str:
+    """large_table with ``rows`` rows, payloads like migrations/seed.py's, new_column NULL
+    (also bench/bench_replica.py's table)."""
+    return f"""
+        CREATE TABLE large_table (
+            id bigserial PRIMARY KEY, payload text NOT NULL, new_column text);
+        INSERT INTO large_table (payload)
+        SELECT 'payload-' || g || '-' || md5(g::text) FROM generate_series(1, {rows}) AS g;
+        """
+
+
 def build_template(dbs: Databases, rows: int) -> dict[str, int]:
     """large_table with ``rows`` rows, frozen and analysed, plus the runbook ledger."""
     from sqlalchemy import create_engine
@@ -191,15 +202,7 @@ def build_template(dbs: Databases, rows: int) -> dict[str, int]:
     from jobs.ledger import schema
 
     dbs.create(TEMPLATE_DB)
-    admin_exec(
-        f"""
-        CREATE TABLE large_table (
-            id bigserial PRIMARY KEY, payload text NOT NULL, new_column text);
-        INSERT INTO large_table (payload)
-        SELECT 'payload-' || g || '-' || md5(g::text) FROM generate_series(1, {rows}) AS g;
-        """,
-        TEMPLATE_DB,
-    )
+    admin_exec(large_table_sql(rows), TEMPLATE_DB)
     admin_exec("VACUUM (FREEZE, ANALYZE) large_table", TEMPLATE_DB)
     engine = create_engine(
         db_url(TEMPLATE_DB).replace("postgresql://", "postgresql+psycopg2://", 1),
@@ -258,9 +261,12 @@ class Worker:
     """``runbook worker`` as a user starts it (the console script), on a queue of this run's
     own (RUNBOOK_QUEUE in the environment)."""
 
-    def __init__(self, log: Path, concurrency: int) -> None:
+    def __init__(
+        self, log: Path, concurrency: int, name: str = f"bench-backfill-{SESSION}"
+    ) -> None:
         self.log_path = log
         self.concurrency = concurrency
+        self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -273,7 +279,7 @@ class Worker:
                     "-c",
                     str(self.concurrency),
                     "-n",
-                    f"bench-backfill-{SESSION}@%h",
+                    f"{self.name}@%h",
                 ],
                 cwd=REPO,
                 env=env,
@@ -985,15 +991,16 @@ def main(argv: list[str] | None = None) -> int:
             if worker is not None:
                 worker.stop()
             dbs.drop_all()
-            _delete_queue()
+            delete_queue()
 
 
-def _delete_queue() -> None:
+def delete_queue(queue: str = QUEUE) -> None:
+    """The run's queue and its bindings, gone from Redis."""
     import redis
 
     with contextlib.suppress(redis.RedisError):
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).delete(
-            QUEUE, f"_kombu.binding.{QUEUE}", f"_kombu.binding_permanent.{QUEUE}"
+            queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
         )
 
 

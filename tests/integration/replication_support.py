@@ -5,6 +5,9 @@ may create logical slots); the standby is ``pg_basebackup -R`` of it into a seco
 directory, started on its own port with ``application_name = standby1``. Lag is injected with
 ``pg_wal_replay_pause()`` on the standby and released with ``pg_wal_replay_resume()``.
 Both run as the postgres OS user (initdb refuses root) and are stopped, data removed, at the end.
+
+Importing this module does not import pytest (bench/bench_replica.py starts the same pair):
+only a test that cannot start one reaches conftest's ``missing``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from typing import Any
 
 import psycopg2
 
-from tests.integration.conftest import missing
-
 STANDBY_NAME = "standby1"
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot start a primary and a standby, or None."""
+    if not glob.glob("/usr/lib/postgresql/*/bin") or not shutil.which("runuser"):
+        return "no PostgreSQL server binaries to start a primary and a standby"
+    return None
 
 
 def _free_port() -> int:
@@ -104,10 +112,12 @@ class ReplicatedPostgres:
     """A private primary with one streaming standby (``standby1``)."""
 
     def __init__(self) -> None:
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-        if not bins or not shutil.which("runuser"):
-            missing("no PostgreSQL server binaries to start a primary and a standby")
-        bin_dir = Path(bins[-1])
+        problem = unavailable()
+        if problem:
+            from tests.integration.conftest import missing  # pytest's skip: tests only
+
+            missing(problem)
+        bin_dir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
         self.root = Path(tempfile.mkdtemp(prefix="rb-repl-", dir="/tmp"))
         self.root.chmod(0o755)
         shutil.chown(self.root, "postgres", "postgres")
