@@ -77,6 +77,11 @@ REPLICA_OPTIONS: tuple[tuple[str, str, ValueKind], ...] = (
 Bound = str | int | float | None
 
 
+def _given(*values: Bound) -> dict[str, Bound]:
+    """The replica options by name, from their values in REPLICA_OPTIONS' order."""
+    return {option: value for (option, _, _), value in zip(REPLICA_OPTIONS, values, strict=True)}
+
+
 def replica_bounds(t: Target, given: dict[str, Bound]) -> dict[str, Any]:
     """The backfill's replica bounds: each option ``given`` (not None) parsed as runbook.toml
     parses it, the target's for the others. One line naming the option for a bad value."""
@@ -164,13 +169,9 @@ def enqueue_backfill(
             batch_size=batch_size,
             slices=slices,
             on_error=on_error,
-            replicas={
-                "max_replica_lag": max_replica_lag,
-                "max_replica_lag_bytes": max_replica_lag_bytes,
-                "max_wal_rate": max_wal_rate,
-                "max_retained_wal": max_retained_wal,
-                "max_throttle": max_throttle,
-            },
+            replicas=_given(
+                max_replica_lag, max_replica_lag_bytes, max_wal_rate, max_retained_wal, max_throttle
+            ),
         )
         spec.check()
         check_broker(settings)
@@ -221,13 +222,9 @@ def dry_run_backfill(
             batch_size=batch_size,
             slices=slices,
             on_error=on_error,
-            replicas={
-                "max_replica_lag": max_replica_lag,
-                "max_replica_lag_bytes": max_replica_lag_bytes,
-                "max_wal_rate": max_wal_rate,
-                "max_retained_wal": max_retained_wal,
-                "max_throttle": max_throttle,
-            },
+            replicas=_given(
+                max_replica_lag, max_replica_lag_bytes, max_wal_rate, max_retained_wal, max_throttle
+            ),
         )
         return dryrun.dry_run(conn, spec, batches)
 

@@ -146,6 +146,9 @@ class Pacing:
                 self.note(connect, 0.0, reason, hold=True)
         # The wait goes on the batch that follows (which ends the throttle on the ledger).
         self.pending_ms += waited_ms
+        if self.wal is not None:
+            self.wal.restart(replication.wal_position(conn), time.monotonic())
+            conn.rollback()
         return True
 
     def pace_wal(self, connect: Connect, rows: int) -> None:

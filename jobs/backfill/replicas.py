@@ -119,6 +119,11 @@ class WalPacer:
         """The position before the first batch."""
         self.position, self.at, self.free_at = position, now, now
 
+    def restart(self, position: int | None, now: float) -> None:
+        """The position before a batch after a wait: the next batch's WAL is then measured
+        from here, not spread over the wait."""
+        self.position, self.at = position, now
+
     def after_batch(self, position: int | None, now: float, rows: int) -> float:
         """Seconds to sleep now that the WAL is at ``position`` after a batch of ``rows``."""
         if position is None:
@@ -126,8 +131,8 @@ class WalPacer:
         if self.position is None:
             self.start(position, now)
             return 0.0
-        written = max(position - self.position, 0)
-        self.last_rate = written / max(now - self.at, 1e-3)
+        written, since = max(position - self.position, 0), self.at
+        self.last_rate = written / max(now - since, 1e-3)
         self.position, self.at = position, now
         if rows > 0 and written > 0:
             per_row = written / rows
@@ -137,7 +142,8 @@ class WalPacer:
                 if old is None
                 else (BYTES_PER_ROW_WEIGHT * per_row + (1 - BYTES_PER_ROW_WEIGHT) * old)
             )
-        self.free_at = max(self.free_at, now - self.burst_s) + written / self.rate
+        # Written since the last measurement; credit left from before it is at most burst_s.
+        self.free_at = max(self.free_at, since - self.burst_s) + written / self.rate
         return max(self.free_at - now, 0.0)
 
     def max_rows(self, target_batch_ms: int) -> int | None:

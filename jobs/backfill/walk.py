@@ -161,20 +161,29 @@ class _Walk:
             return settle(conn, self.id) or STOPPED
         return stop or CONTINUE
 
+    def stop_own(self, conn: Connection) -> records.Backfill | None:
+        """Within the caller's transaction: this slice stopped, and the backfill's row locked
+        (in that order: the backfill's row first) for its state change; None when either is
+        gone or a newer generation owns the slice."""
+        bf = backfills.lock_backfill(conn, self.id)
+        piece = slices.lock_slice(conn, self.id, self.slice)
+        if bf is None or piece is None or piece.generation != self.generation:
+            return None
+        if piece.state == SliceState.ACTIVE:
+            slices.set_slice_state(conn, piece, SliceState.STOPPED)
+        return bf
+
     def pause_itself(self, reason: str) -> str:
         """Pause the backfill (pausing, paused once every slice stopped) with ``reason``."""
         log.warning("backfill %s slice %d: pausing: %s", self.id, self.slice, reason)
         conn = self.connection()
         with conn.begin():
-            bf = backfills.lock_backfill(conn, self.id)
-            piece = slices.lock_slice(conn, self.id, self.slice)
-            if bf is None or piece is None or piece.generation != self.generation:
+            bf = self.stop_own(conn)
+            if bf is None:
                 return FENCED
             if bf.state == RUNNING:
                 move_state(conn, bf, PAUSING)
                 backfills.set_pause_reason(conn, self.id, reason)
-            if piece.state == SliceState.ACTIVE:
-                slices.set_slice_state(conn, piece, SliceState.STOPPED)
         return settle(conn, self.id) or STOPPED
 
     def flush_throttle(self) -> None:
@@ -448,11 +457,9 @@ class _Walk:
         try:
             conn = self.connection()
             with conn.begin():
-                bf = backfills.lock_backfill(conn, self.id)
-                piece = slices.lock_slice(conn, self.id, self.slice)
-                if bf is None or piece is None or piece.generation != self.generation:
+                bf = self.stop_own(conn)
+                if bf is None:
                     return FENCED
-                slices.set_slice_state(conn, piece, SliceState.STOPPED)
                 if ERRORED not in TRANSITIONS[bf.state]:
                     return STOPPED
                 move_state(conn, bf, ERRORED, error=message, error_range=self.range.as_dict())
