@@ -99,12 +99,18 @@ def wal_lsn(pair: ReplicatedPostgres) -> int:
 def test_replay_paused_stops_the_backfill_within_a_check_and_it_resumes_by_itself(
     pair: ReplicatedPostgres, config: Config, worker: Worker
 ) -> None:
-    table = Table(pair, config, rows=40_000, pad=100)
+    table = Table(pair, config, rows=8_000, pad=1000)
     bound = 1 << 20
     backfill_id = table.backfill(
-        "counter = counter + slow_one()", "--max-replica-lag-bytes", "1MiB", "--batch-size", "200"
+        "counter = counter + slow_one()",
+        "--max-replica-lag-bytes",
+        "1MiB",
+        "--max-replica-lag",
+        "60s",  # the byte bound is the one crossed here
+        "--batch-size",
+        "200",
     )
-    until("the first rows", lambda: table.rows_done(backfill_id) >= 2000, 30)
+    until("the first rows", lambda: table.rows_done(backfill_id) >= 1000, 30)
     pair.pause_replay()
     try:
         until("the lag to cross the bound", lambda: (pair.lag_bytes() or 0) > bound, 30)
@@ -135,7 +141,6 @@ def test_the_wal_the_backfill_writes_stays_within_max_wal_rate(
 ) -> None:
     rate = 6_000_000  # bytes a second: about 16 s for this table
     table = Table(pair, config, rows=200_000, pad=300)
-    pair.primary.sql("CHECKPOINT")
     backfill_id = table.backfill("counter = counter + 1", "--max-wal-rate", "6")
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + 90
@@ -227,7 +232,7 @@ def test_a_throttle_longer_than_max_throttle_pauses_and_resume_finishes(
 def test_a_stopped_standby_is_noted_not_waited_for(
     pair: ReplicatedPostgres, config: Config, worker: Worker
 ) -> None:
-    table = Table(pair, config, rows=20_000, pad=100)
+    table = Table(pair, config, rows=5_000, pad=100)
     backfill_id = table.backfill("counter = counter + slow_one()", "--batch-size", "200")
     until("the first rows", lambda: table.rows_done(backfill_id) >= 1000, 30)
     seen = table.sql(f"SELECT standbys_seen FROM runbook.backfills WHERE id = '{backfill_id}'")
