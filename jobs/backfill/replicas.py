@@ -11,9 +11,11 @@ reads them (the URLs are secrets: never in the ledger or a message).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,6 +71,22 @@ def gone_note(seen: list[str], streaming: list[str]) -> tuple[list[str], str | N
     return sorted({*seen, *streaming}), note
 
 
+@contextlib.contextmanager
+def _driver_autocommit(conn: Connection) -> Iterator[None]:
+    """The driver in autocommit meanwhile: a read sends no BEGIN and ROLLBACK of its own (two
+    round trips, every throttle_check), as jobs/backfill/walk.py's batches do."""
+    if conn.in_transaction():
+        conn.rollback()  # a read left open (SQLAlchemy's autobegin): nothing to lose
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            driver.autocommit = False
+
+
 class Replicas:
     """One slice's replication checks."""
 
@@ -84,7 +102,8 @@ class Replicas:
     def check(self, conn: Connection, bf: records.Backfill) -> str | None:
         """Why the slice must wait for its replicas now, or None."""
         self.checked = time.monotonic()
-        rep = replication.read(conn, self.watch.urls)
+        with _driver_autocommit(conn):
+            rep = replication.read(conn, self.watch.urls)
         self.note_standbys(conn, bf, [s.name for s in rep.standbys if s.source == "primary"])
         return replication.over_bounds(rep, bounds(bf, self.watch.mode)).reason
 
