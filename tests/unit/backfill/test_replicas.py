@@ -95,3 +95,22 @@ def test_a_backfill_takes_the_target_s_bounds_unless_given_its_own(tmp_path: Pat
         "max_wal_rate_bytes": 20 * MB,
         "max_throttle_ms": 30 * 60_000,
     }
+
+
+def test_how_long_a_throttle_held_reads_in_seconds_then_minutes() -> None:
+    from jobs.backfill.pacing import held_for
+
+    assert held_for(3.4) == "3 s"
+    assert held_for(119) == "119 s"
+    assert held_for(1800) == "30 min"
+
+
+def test_a_throttle_holding_says_for_how_long_and_one_over_says_nothing() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from jobs.ledger.records import Throttle
+
+    now = datetime.now(UTC)
+    holding = Throttle("replica lag 3.4 s on standby1", now, now - timedelta(seconds=12))
+    assert holding.holding_s() == pytest.approx(12, abs=1)
+    assert Throttle("autovacuum is working on items", now).holding_s() is None
