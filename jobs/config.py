@@ -195,9 +195,8 @@ class _Refusal:
     template: str
 
 
-def _milliseconds(value: object, info: ValidationInfo) -> int:
-    """Parse 2000, "2s", "500ms" or "1min" into milliseconds."""
-    wrong = f"{info.field_name}: expected a duration such as 2s or 500ms, got {value!r}"
+def _duration_of(value: object, key: str) -> int:
+    wrong = f"{key}: expected a duration such as 2s or 500ms, got {value!r}"
     if isinstance(value, bool):
         raise _refuse(wrong)
     if isinstance(value, int | float):
@@ -209,8 +208,13 @@ def _milliseconds(value: object, info: ValidationInfo) -> int:
         scale = {"ms": 1, "s": 1000, "min": 60000, None: 1}[match.group(2)]
         ms = float(match.group(1)) * scale
     if ms <= 0:
-        raise _refuse(f"{info.field_name}: must be greater than zero, got {value!r}")
+        raise _refuse(f"{key}: must be greater than zero, got {value!r}")
     return int(ms)
+
+
+def _milliseconds(value: object, info: ValidationInfo) -> int:
+    """Parse 2000, "2s", "500ms" or "1min" into milliseconds."""
+    return _duration_of(value, str(info.field_name))
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?B|B)?\s*$")
@@ -218,8 +222,8 @@ _SIZE_SCALE = {None: 1, "B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 
 _SIZE_SCALE.update({"kiB": 1 << 10, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40})
 
 
-def _size_of(value: object, key: str, what: str) -> int:
-    wrong = f"{key}: expected {what} such as 64MB or 1GiB, got {value!r}"
+def _size_of(value: object, key: str, what: str, examples: str = "64MB or 1GiB") -> int:
+    wrong = f"{key}: expected {what} such as {examples}, got {value!r}"
     if isinstance(value, bool):
         raise _refuse(wrong)
     if isinstance(value, int | float):
@@ -239,11 +243,38 @@ def _bytes(value: object, info: ValidationInfo) -> int:
     return _size_of(value, str(info.field_name), "a size")
 
 
-def _rate(value: object, info: ValidationInfo) -> int:
-    """Parse a WAL rate: a number of MB a second (20), or "20MB/s", "512kB/s"; bytes/s."""
+def _rate_of(value: object, key: str) -> int:
+    # A bare number, written as one or as text (a command line's), is MB a second.
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = f"{value}MB"
-    return _size_of(value, str(info.field_name), "a rate")
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
+        value = f"{value.strip()}MB"
+    return _size_of(value, key, "a rate", "20 (MB/s) or 512kB/s")
+
+
+def _rate(value: object, info: ValidationInfo) -> int:
+    """Parse a WAL rate: a number of MB a second (20), or "20MB/s", "512kB/s"; bytes/s."""
+    return _rate_of(value, str(info.field_name))
+
+
+_PARSERS = {
+    "duration": _duration_of,
+    "size": lambda value, key: _size_of(value, key, "a size"),
+    "rate": _rate_of,
+}
+
+
+ValueKind = Literal["duration", "size", "rate"]
+
+
+def parse_value(kind: ValueKind, value: object, key: str) -> int:
+    """A value given outside runbook.toml (a command-line option, an API argument), parsed as
+    runbook.toml parses its keys: a duration in ms, a size in bytes, a rate in bytes/s.
+    ConfigError naming ``key`` when it is not one."""
+    try:
+        return int(_PARSERS[kind](value, key))
+    except PydanticCustomError as exc:
+        raise ConfigError(exc.message()) from None
 
 
 def _project_path(value: object, info: ValidationInfo) -> Path:

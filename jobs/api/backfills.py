@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from jobs.config import Settings, Target
+from jobs.config import Settings, Target, ValueKind, parse_value
 from jobs.errors import (
     BrokerUnavailable,
     RunbookError,
@@ -65,6 +65,34 @@ def list_backfills(
         ]
 
 
+# A backfill's replica bounds as the API and `runbook backfill` take them: option, the Spec
+# field it sets, and how it is written (as runbook.toml's key of the same name).
+REPLICA_OPTIONS: tuple[tuple[str, str, ValueKind], ...] = (
+    ("max_replica_lag", "max_replica_lag_ms", "duration"),
+    ("max_replica_lag_bytes", "max_replica_lag_bytes", "size"),
+    ("max_wal_rate", "max_wal_rate_bytes", "rate"),
+    ("max_retained_wal", "max_retained_wal_bytes", "size"),
+    ("max_throttle", "max_throttle_ms", "duration"),
+)
+Bound = str | int | float | None
+
+
+def _given(*values: Bound) -> dict[str, Bound]:
+    """The replica options by name, from their values in REPLICA_OPTIONS' order."""
+    return {option: value for (option, _, _), value in zip(REPLICA_OPTIONS, values, strict=True)}
+
+
+def replica_bounds(t: Target, given: dict[str, Bound]) -> dict[str, Any]:
+    """The backfill's replica bounds: each option ``given`` (not None) parsed as runbook.toml
+    parses it, the target's for the others. One line naming the option for a bad value."""
+    parsed = {
+        field: parse_value(kind, given[option], "--" + option.replace("_", "-"))
+        for option, field, kind in REPLICA_OPTIONS
+        if given.get(option) is not None
+    }
+    return backfill_spec.replica_bounds(t, **parsed)
+
+
 def _backfill_spec(
     conn: Connection,
     t: Target,
@@ -76,11 +104,13 @@ def _backfill_spec(
     batch_size: int,
     slices: int,
     on_error: str,
+    replicas: dict[str, Bound],
 ) -> backfill_spec.Spec:
     """The operator's fragments validated (jobs/sqlguard) and made a Spec; the key defaults
     to the table's primary key."""
     if batch_size <= 0:
         raise RunbookError(f"--batch-size must be a positive number of rows, got {batch_size}")
+    bounds = replica_bounds(t, replicas)
     table_sql = sqlguard.table(table)
     set_text = sqlguard.render(sqlguard.assignments_of(set_sql))
     where_text = sqlguard.predicate(where) if where else None
@@ -101,6 +131,7 @@ def _backfill_spec(
         lock_timeout_ms=t.lock_timeout_ms,
         slices=slices,
         on_error=on_error,
+        **bounds,
     )
 
 
@@ -114,9 +145,17 @@ def enqueue_backfill(
     batch_size: int = 1000,
     slices: int = 1,
     on_error: str = "stop",
+    max_replica_lag: Bound = None,
+    max_replica_lag_bytes: Bound = None,
+    max_wal_rate: Bound = None,
+    max_retained_wal: Bound = None,
+    max_throttle: Bound = None,
     settings: Settings | None = None,
 ) -> str:
-    """Validate and record a batched, resumable UPDATE and queue its slices; its id."""
+    """Validate and record a batched, resumable UPDATE and queue its slices; its id.
+
+    The replica bounds (README "Replicas") are written as runbook.toml writes them ("2s",
+    "64MB", 20 for MB/s); None takes the target's."""
     settings = resolve_settings(settings)
     t = settings.target(target)
     with db.connect(t) as conn:
@@ -130,6 +169,9 @@ def enqueue_backfill(
             batch_size=batch_size,
             slices=slices,
             on_error=on_error,
+            replicas=_given(
+                max_replica_lag, max_replica_lag_bytes, max_wal_rate, max_retained_wal, max_throttle
+            ),
         )
         spec.check()
         check_broker(settings)
@@ -159,6 +201,11 @@ def dry_run_backfill(
     slices: int = 1,
     on_error: str = "stop",
     batches: int = 3,
+    max_replica_lag: Bound = None,
+    max_replica_lag_bytes: Bound = None,
+    max_wal_rate: Bound = None,
+    max_retained_wal: Bound = None,
+    max_throttle: Bound = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
     """A few sample batches in a transaction that is rolled back: rows and time per batch
@@ -175,6 +222,9 @@ def dry_run_backfill(
             batch_size=batch_size,
             slices=slices,
             on_error=on_error,
+            replicas=_given(
+                max_replica_lag, max_replica_lag_bytes, max_wal_rate, max_retained_wal, max_throttle
+            ),
         )
         return dryrun.dry_run(conn, spec, batches)
 

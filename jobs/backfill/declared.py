@@ -9,11 +9,15 @@ WHERE — GitLab's "ensure finished". The rehearsal runs them the same way on it
 
 from __future__ import annotations
 
+import dataclasses
+
 from sqlalchemy import Connection, text
 
 from jobs.backfill import control, walk
 from jobs.backfill import create as backfill_create
 from jobs.backfill import keys as backfill_keys
+from jobs.backfill.replicas import ReplicaWatch
+from jobs.backfill.spec import replica_bounds
 from jobs.config import Target
 from jobs.errors import BadSpec
 from jobs.ledger import backfills, records, schema
@@ -54,7 +58,8 @@ def create(conn: Connection, target: Target, declared: DeclaredBackfill, run_id:
                 "usable key (a unique NOT NULL column); declare one with 'key'"
             )
         key = keys[0]
-    spec = declared.spec(key, target.lock_timeout_ms)
+    # A revision declares no replica bounds: its target's apply.
+    spec = dataclasses.replace(declared.spec(key, target.lock_timeout_ms), **replica_bounds(target))
     return backfill_create.create(
         conn, target.name, spec, run_id=run_id, revision=declared.revision
     )
@@ -66,7 +71,12 @@ def run_here(target: Target, backfill_id: str, slices: list[tuple[int, int]]) ->
     for slice_no, generation in slices:
         while (
             walk.run_slice(
-                engine, backfill_id, generation, slice_no=slice_no, budget_s=IN_PROCESS_BUDGET_S
+                engine,
+                backfill_id,
+                generation,
+                slice_no=slice_no,
+                budget_s=IN_PROCESS_BUDGET_S,
+                watch=ReplicaWatch.of_target(target),
             )
             == walk.CONTINUE
         ):

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from jobs.backfill import control, walk
+from jobs.backfill.replicas import ReplicaWatch
 from jobs.config import Settings, Target
 from jobs.dispatch import Progress, SendRun, SendSlice, SliceMessage
 from jobs.ledger import backfills, leases, notify, records
@@ -135,8 +136,9 @@ def run_slice_and_continue(
                 info = progress(watch, control.get(watch, backfill_id))
                 on_progress({**info, "slice": slice_no})
 
-        # The first progress report comes after the first batch (on_batch): before it, it
-        # would only delay that batch (five ledger reads and two Redis writes a task).
+        # The first progress report comes after the first batch (on_batch) or while a
+        # throttle holds: before it, it would only delay that batch (five ledger reads and
+        # two Redis writes a task).
         outcome = walk.run_slice(
             db.engine(target),
             backfill_id,
@@ -144,6 +146,7 @@ def run_slice_and_continue(
             slice_no=slice_no,
             budget_s=SLICE_SECONDS,
             on_batch=report,
+            watch=ReplicaWatch.of_target(target),
         )
         leases.end_slice_delivery(watch, backfill_id, slice_no)
         if outcome == walk.CONTINUE:

@@ -7,8 +7,12 @@ operator's input with ``jobs.backfill.sqlguard`` before it reaches a Spec.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from jobs.errors import BadSpec
+
+if TYPE_CHECKING:
+    from jobs.config import Target
 
 # format_type() of a usable key -> the type its cursor is cast to.
 KEY_TYPES = {
@@ -52,6 +56,12 @@ class Spec:
     slices: int = 1
     on_error: str = "stop"  # or "isolate": bisect a failing batch, skip the offending rows
     max_xact_age_s: int = 600  # wait while a transaction this old holds back vacuum; 0: never
+    # Replica-aware throttling (jobs/backfill/replicas.py); replica_bounds() gives a target's.
+    max_replica_lag_ms: int = 2000
+    max_replica_lag_bytes: int = 64 << 20
+    max_retained_wal_bytes: int = 1 << 30
+    max_wal_rate_bytes: int | None = None  # bytes of WAL a second; None: no bound
+    max_throttle_ms: int = 30 * 60_000  # one throttle held longer pauses the backfill
 
     def check(self) -> None:
         """Raise BadSpec for settings that cannot work."""
@@ -73,8 +83,12 @@ class Spec:
             raise BadSpec(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.max_xact_age_s < 0:
             raise BadSpec(f"max_xact_age_s must be 0 (off) or more, got {self.max_xact_age_s}")
+        for name in REPLICA_BOUNDS:
+            value = getattr(self, name)
+            if (value is not None or name != "max_wal_rate_bytes") and (value or 0) < 1:
+                raise BadSpec(f"{name} must be at least 1, got {value}")
 
-    def settings(self) -> dict[str, int]:
+    def settings(self) -> dict[str, int | None]:
         """The batch sizes, pacing and timeouts, as the ledger stores them."""
         return {
             "batch_size": self.batch_size,
@@ -85,7 +99,27 @@ class Spec:
             "lock_timeout_ms": self.lock_timeout_ms,
             "statement_timeout_ms": self.statement_timeout_ms,
             "max_xact_age_s": self.max_xact_age_s,
+            **{name: getattr(self, name) for name in REPLICA_BOUNDS},
         }
+
+
+# The Spec's replica bounds, each named as the Target field it defaults to (jobs/config.py).
+REPLICA_BOUNDS = (
+    "max_replica_lag_ms",
+    "max_replica_lag_bytes",
+    "max_retained_wal_bytes",
+    "max_wal_rate_bytes",
+    "max_throttle_ms",
+)
+
+
+def replica_bounds(target: Target, **given: int | None) -> dict[str, Any]:
+    """A backfill's replica bounds: those ``given`` (not None), the target's for the rest
+    (Spec's keyword arguments)."""
+    return {
+        name: given[name] if given.get(name) is not None else getattr(target, name)
+        for name in REPLICA_BOUNDS
+    }
 
 
 # -- creating a backfill ----------------------------------------------------------------------

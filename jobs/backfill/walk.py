@@ -44,7 +44,8 @@ from jobs.backfill.batch_sql import (
 )
 from jobs.backfill.control import FENCED, Range, get, move_state, settle
 from jobs.backfill.keys import UNKNOWN, quote
-from jobs.backfill.pacing import Pacing
+from jobs.backfill.pacing import OnWait, Pacing
+from jobs.backfill.replicas import ReplicaWatch
 from jobs.backfill.sizing import next_batch_size
 from jobs.backfill.spec import KEY_TYPES
 from jobs.errors import (
@@ -59,6 +60,7 @@ from jobs.pg.sqlstate import QUERY_CANCELED, describe, is_transient, sqlstate
 from jobs.states import BACKFILL_TRANSITIONS as TRANSITIONS
 from jobs.states import (
     ERRORED,
+    PAUSING,
     RUNNING,
     SliceState,
 )
@@ -89,6 +91,8 @@ class _Walk:
         slice_no: int,
         generation: int,
         max_attempts: int,
+        watch: ReplicaWatch | None = None,
+        on_wait: OnWait | None = None,
     ) -> None:
         self.connector = connector
         self.id = backfill_id
@@ -102,7 +106,8 @@ class _Walk:
         self.sleep_ms = 0
         self.range = Range(slice_no)
         self.isolating = False  # the next attempt bisects the batch (on_error = isolate)
-        self.pacing = Pacing(backfill_id, slice_no)
+        self.pacing = Pacing(backfill_id, slice_no, watch, on_wait)
+        self.last_rows = 0  # of the last batch, for the WAL pacer's bytes per row
         # After a batch of ours: where the next one starts and the slice's last key, so that
         # its bound is taken in the statement that opens it (UNKNOWN: take it on its own).
         self.next_lo: str | None | object = UNKNOWN
@@ -134,9 +139,52 @@ class _Walk:
 
     def sleep(self) -> None:
         self.pacing.sleep(self.sleep_ms)
+        self.pacing.pace_wal(self.connection, self.last_rows)
 
     def throttle(self, deadline: float) -> bool:
         return self.pacing.throttle(deadline, self.connection, self.settings_of)
+
+    def after_throttle(self) -> str:
+        """The slice's time ran out waiting, or the throttle held past max_throttle: pause
+        for it, or stop if a pause or cancel came meanwhile (no batch shows it), else
+        CONTINUE."""
+        if self.pacing.held_too_long is not None:
+            return self.pause_itself(self.pacing.held_too_long)
+        conn = self.connection()
+        with conn.begin():
+            piece = slices.lock_slice(conn, self.id, self.slice)
+            bf = backfills.read_backfill(conn, self.id)
+            if piece is None or bf is None:
+                raise UnknownBackfill(f"unknown backfill {self.id!r} or slice {self.slice}")
+            stop = self.verdict(conn, bf, piece)
+        if stop == STOPPED:
+            return settle(conn, self.id) or STOPPED
+        return stop or CONTINUE
+
+    def stop_own(self, conn: Connection) -> records.Backfill | None:
+        """Within the caller's transaction: this slice stopped, and the backfill's row locked
+        (in that order: the backfill's row first) for its state change; None when either is
+        gone or a newer generation owns the slice."""
+        bf = backfills.lock_backfill(conn, self.id)
+        piece = slices.lock_slice(conn, self.id, self.slice)
+        if bf is None or piece is None or piece.generation != self.generation:
+            return None
+        if piece.state == SliceState.ACTIVE:
+            slices.set_slice_state(conn, piece, SliceState.STOPPED)
+        return bf
+
+    def pause_itself(self, reason: str) -> str:
+        """Pause the backfill (pausing, paused once every slice stopped) with ``reason``."""
+        log.warning("backfill %s slice %d: pausing: %s", self.id, self.slice, reason)
+        conn = self.connection()
+        with conn.begin():
+            bf = self.stop_own(conn)
+            if bf is None:
+                return FENCED
+            if bf.state == RUNNING:
+                move_state(conn, bf, PAUSING)
+                backfills.set_pause_reason(conn, self.id, reason)
+        return settle(conn, self.id) or STOPPED
 
     def flush_throttle(self) -> None:
         self.pacing.flush(self.connection)
@@ -288,12 +336,14 @@ class _Walk:
         else:
             rows, skipped = self.update(conn, bf, lo, hi), []
         ms = (time.monotonic() - started) * 1000
+        self.last_rows = rows
         grown = next_batch_size(
             size,
             ms,
             target_ms=bf.target_batch_ms,
             min_batch=bf.min_batch,
             max_batch=bf.max_batch,
+            wal_cap=self.pacing.wal_cap(bf.target_batch_ms),
         )
         # Our locks held others up: smaller batches, and let them go first. Whether they
         # did is counted in the same statement that records the batch (and commits).
@@ -407,11 +457,9 @@ class _Walk:
         try:
             conn = self.connection()
             with conn.begin():
-                bf = backfills.lock_backfill(conn, self.id)
-                piece = slices.lock_slice(conn, self.id, self.slice)
-                if bf is None or piece is None or piece.generation != self.generation:
+                bf = self.stop_own(conn)
+                if bf is None:
                     return FENCED
-                slices.set_slice_state(conn, piece, SliceState.STOPPED)
                 if ERRORED not in TRANSITIONS[bf.state]:
                     return STOPPED
                 move_state(conn, bf, ERRORED, error=message, error_range=self.range.as_dict())
@@ -434,20 +482,23 @@ def run_slice(
     max_attempts: int = MAX_ATTEMPTS,
     backoff_s: float = BACKOFF_S,
     on_batch: OnBatch | None = None,
+    watch: ReplicaWatch | None = None,
 ) -> str:
-    """Do one slice's batches for about ``budget_s`` seconds as ``generation``.
+    """Do one slice's batches for about ``budget_s`` seconds as ``generation``. ``watch``:
+    the target's replicas (jobs/backfill/replicas.py; default: check, no replica_urls);
+    ``on_batch`` also runs while a throttle holds, so that progress shows it.
 
     Returns CONTINUE (work is left: enqueue the next task), FENCED (a newer generation owns
     the slice), the state this slice moved the backfill to (succeeded, paused, cancelled,
     errored), or STOPPED (the slice stopped or is done and the backfill's state is not its to
     settle yet: other slices are still active, or it was not running).
     """
-    walk = _Walk(connector, backfill_id, slice_no, generation, max_attempts)
+    walk = _Walk(connector, backfill_id, slice_no, generation, max_attempts, watch, on_batch)
     deadline = time.monotonic() + budget_s
     try:
         while True:
             if not walk.throttle(deadline):
-                return CONTINUE
+                return walk.after_throttle()
             outcome = walk.batch(backoff_s)
             if outcome != CONTINUE:
                 return outcome

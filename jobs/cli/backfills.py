@@ -129,6 +129,16 @@ def backfills(target: str | None, limit: int, as_json: bool) -> None:
     help="On a failing row: stop (errored, resumable) or isolate (skip the rows, go on).",
 )
 @click.option(
+    "--max-replica-lag",
+    help="Wait while a standby replays this far behind (default: the target's, 2s).",
+)
+@click.option(
+    "--max-replica-lag-bytes", help="Wait while a standby is this many bytes behind (64MiB)."
+)
+@click.option("--max-wal-rate", help="MB of WAL a second it may write (20, or 512kB/s; no bound).")
+@click.option("--max-retained-wal", help="Wait while a replication slot holds back more (1GiB).")
+@click.option("--max-throttle", help="Pause when one throttle holds longer than this (30min).")
+@click.option(
     "--dry-run", is_flag=True, help="Run 3 sample batches, roll them back, project the time."
 )
 @click.option("--wait", is_flag=True, help="Follow the backfill until it stops.")
@@ -143,6 +153,11 @@ def backfill(
     batch_size: int,
     slices: int,
     on_error: str,
+    max_replica_lag: str | None,
+    max_replica_lag_bytes: str | None,
+    max_wal_rate: str | None,
+    max_retained_wal: str | None,
+    max_throttle: str | None,
     dry_run: bool,
     wait: bool,
     as_json: bool,
@@ -155,6 +170,11 @@ def backfill(
         batch_size=batch_size,
         slices=slices,
         on_error=on_error,
+        max_replica_lag=max_replica_lag,
+        max_replica_lag_bytes=max_replica_lag_bytes,
+        max_wal_rate=max_wal_rate,
+        max_retained_wal=max_retained_wal,
+        max_throttle=max_throttle,
     )
     if dry_run:
         report = api.dry_run_backfill(table, list(set_sql), **options)  # type: ignore[arg-type]

@@ -32,7 +32,8 @@ def duration(seconds: float) -> str:
 
 
 def backfill_line(now: dict[str, Any]) -> str:
-    """One line of a backfill's progress: rows, percent, rate, ETA, throttling, skips."""
+    """One line of a backfill's progress: rows, percent, rate, ETA, why it paused itself,
+    the throttle holding it now, throttling so far, a standby gone, skips."""
     parts = [
         f"backfill {now['backfill_id']} {now['state']}: {now['rows_done']} of "
         f"~{now['rows_total']} rows ({now['estimate']})"
@@ -43,8 +44,14 @@ def backfill_line(now: dict[str, Any]) -> str:
         parts.append(f"{now['rate_rows_s']} rows/s")
     if now["eta_s"] is not None:
         parts.append(f"ETA {duration(now['eta_s'])}")
+    if now.get("pause_reason"):
+        parts.append(f"paused: {now['pause_reason']}")
+    if now.get("throttling"):
+        parts.append(f"waiting: {now['throttling']} ({duration(now['throttling_s'] or 0)})")
     if now["throttled_s"]:
         parts.append(f"throttled {duration(now['throttled_s'])} (last: {now['throttle']})")
+    if now.get("replica_note"):
+        parts.append(now["replica_note"])
     if now["skipped"]:
         parts.append(f"{now['skipped']} rows skipped")
     if len(now["slices"]) > 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
@@ -12,7 +11,7 @@ from sqlalchemy import Connection
 from jobs import ids
 from jobs.errors import IllegalTransition
 from jobs.ledger.notify import notify
-from jobs.ledger.records import Backfill, BackfillBatch, Slice
+from jobs.ledger.records import Backfill, BackfillBatch, Slice, Throttle
 from jobs.ledger.sql import clean, query, tx
 
 # -- backfills ----------------------------------------------------------------------------------
@@ -34,6 +33,11 @@ BACKFILL_SETTINGS = (
     "lock_timeout_ms",
     "statement_timeout_ms",
     "max_xact_age_s",
+    "max_replica_lag_ms",
+    "max_replica_lag_bytes",
+    "max_retained_wal_bytes",
+    "max_wal_rate_bytes",
+    "max_throttle_ms",
 )
 
 # The backfill's own row: its columns, without the counters summed over its slices. Enough
@@ -66,7 +70,7 @@ def create_backfill(
     on_error: str,
     rows_total_estimate: int | None,
     estimate_kind: str | None,
-    settings: dict[str, int],
+    settings: dict[str, int | None],
     finished: bool = False,
 ) -> str:
     """Record a new backfill and its slices; its id. Commits.
@@ -101,7 +105,7 @@ def create_backfill(
                 **settings,
             },
         )
-        _insert_slices(conn, backfill_id, bounds, settings["batch_size"])
+        _insert_slices(conn, backfill_id, bounds, int(settings["batch_size"] or 0))
     return backfill_id
 
 
@@ -219,12 +223,27 @@ def read_backfill(conn: Connection, backfill_id: str) -> Backfill | None:
     return _backfill(row) if row else None
 
 
-def last_throttle(conn: Connection, backfill_id: str) -> tuple[str, datetime] | None:
-    """The latest database signal any slice waited on, and when."""
+def last_throttle(conn: Connection, backfill_id: str) -> Throttle | None:
+    """The latest reason any slice waited for, when, and since when if it still holds."""
     row = conn.execute(query("last_throttle"), {"id": backfill_id}).first()
     if conn.in_transaction():
         conn.rollback()
-    return None if row is None else (str(row.throttle_reason), row.throttled_at)
+    return None if row is None else Throttle(**row._mapping)
+
+
+def note_standbys(conn: Connection, backfill_id: str, seen: list[str], note: str | None) -> bool:
+    """Record the standbys the backfill has seen and the note on those gone; whether that
+    changed what was recorded (another slice may have recorded it first). Commits."""
+    with tx(conn):
+        row = conn.execute(
+            query("note_standbys"), {"id": backfill_id, "seen": seen, "note": note}
+        ).first()
+    return row is not None
+
+
+def set_pause_reason(conn: Connection, backfill_id: str, reason: str) -> None:
+    """Within the caller's transaction: why the backfill paused itself."""
+    conn.execute(query("set_pause_reason"), {"id": backfill_id, "reason": clean(reason)})
 
 
 def mark_backfill(

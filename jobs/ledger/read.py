@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.ledger.records import Backfill, Run, Slice, Step
+from jobs.ledger.records import Backfill, Run, Slice, Step, Throttle
 
 SCHEMA = "runbook"
 
@@ -26,7 +26,9 @@ BACKFILL_ROW = (
     "b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type, b.set_sql, "
     "b.where_sql, b.state, b.upper_key, b.batch_size, b.min_batch, b.max_batch, "
     "b.target_batch_ms, b.sleep_ms, b.lock_timeout_ms, b.statement_timeout_ms, b.slices, "
-    "b.on_error, b.max_xact_age_s, b.rows_total_estimate, b.estimate_kind, b.error, "
+    "b.on_error, b.max_xact_age_s, b.max_replica_lag_ms, b.max_replica_lag_bytes, "
+    "b.max_retained_wal_bytes, b.max_wal_rate_bytes, b.max_throttle_ms, b.pause_reason, "
+    "b.standbys_seen, b.replica_note, b.rows_total_estimate, b.estimate_kind, b.error, "
     "b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at"
 )
 BACKFILL_COLUMNS = (
@@ -55,7 +57,7 @@ SELECT_SLICES = (
 RECENT_RATE = (
     "SELECT coalesce(sum(rows), 0) AS rows, "
     "coalesce(extract(epoch FROM max(committed_at) - min(committed_at - "
-    "  make_interval(secs => duration_ms / 1000.0))), 0) AS span_s, "
+    "  make_interval(secs => (duration_ms + throttled_ms) / 1000.0))), 0) AS span_s, "
     # Slices wait side by side: their waits overlap in wall time.
     "coalesce(sum(throttled_ms), 0) / 1000.0 / greatest(count(DISTINCT slice), 1) "
     "AS throttled_s "
@@ -63,11 +65,12 @@ RECENT_RATE = (
     "AND committed_at > (SELECT max(committed_at) FROM "
     f"  {SCHEMA}.backfill_batches WHERE backfill_id = %(id)s) - make_interval(secs => %(w)s)"
 )
-# The latest database signal any slice waited on, and when.
+# The latest reason any slice waited for, when, and since when if the throttle still holds
+# (a slice holding one first).
 LAST_THROTTLE = (
-    f"SELECT throttle_reason, throttled_at FROM {SCHEMA}.backfill_slices "
+    f"SELECT throttle_reason, throttled_at, throttle_since FROM {SCHEMA}.backfill_slices "
     "WHERE backfill_id = %(id)s AND throttled_at IS NOT NULL "
-    "ORDER BY throttled_at DESC LIMIT 1"
+    "ORDER BY throttle_since IS NULL, throttled_at DESC LIMIT 1"
 )
 
 
@@ -111,7 +114,7 @@ def recent_rate(conn: Any, backfill_id: str, window_s: int = 60) -> tuple[int, f
     return int(row["rows"]), max(busy, 0.0)
 
 
-def last_throttle(conn: Any, backfill_id: str) -> tuple[str, Any] | None:
-    """The latest database signal any slice waited on, and when (LAST_THROTTLE)."""
+def last_throttle(conn: Any, backfill_id: str) -> Throttle | None:
+    """The latest reason any slice waited for (LAST_THROTTLE)."""
     found = _rows(conn, LAST_THROTTLE, {"id": backfill_id})
-    return None if not found else (str(found[0]["throttle_reason"]), found[0]["throttled_at"])
+    return None if not found else Throttle(**found[0])

@@ -7,12 +7,15 @@ psycopg2 rows (jobs/ledger/read.py) without importing SQLAlchemy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from jobs.states import BACKFILL_ACTIVE, TERMINAL
+from jobs.states import BACKFILL_ACTIVE, PAUSED, PAUSING, TERMINAL
 
 # A backfill's states while work on it may still go on: an ETA is shown only in these.
+
+# The states in which a pause's reason is shown.
+BACKFILL_PAUSED_STATES = frozenset({PAUSING, PAUSED})
 
 
 @dataclass
@@ -119,6 +122,15 @@ class Backfill:
     slices: int
     on_error: str
     max_xact_age_s: int
+    # Replica-aware throttling (jobs/backfill/replicas.py): the backfill's own bounds.
+    max_replica_lag_ms: int
+    max_replica_lag_bytes: int
+    max_retained_wal_bytes: int
+    max_wal_rate_bytes: int | None
+    max_throttle_ms: int
+    pause_reason: str | None  # why it paused itself (a throttle held past max_throttle)
+    standbys_seen: list[str]  # standbys it has seen streaming (one gone is noted)
+    replica_note: str | None
     rows_total_estimate: int | None
     estimate_kind: str | None
     error: str | None
@@ -182,10 +194,25 @@ class BackfillBatch:
         return {**self.__dict__, "committed_at": iso(self.committed_at)}
 
 
+@dataclass
+class Throttle:
+    """The latest reason a slice waited for, when, and since when while it still holds."""
+
+    throttle_reason: str
+    throttled_at: datetime
+    throttle_since: datetime | None = None
+
+    def holding_s(self) -> float | None:
+        """How long the throttle has held so far; None when it no longer does."""
+        if self.throttle_since is None:
+            return None
+        return max((datetime.now(UTC) - self.throttle_since).total_seconds(), 0.0)
+
+
 def backfill_progress(
     bf: Backfill,
     recent: tuple[int, float],
-    throttle: tuple[str, datetime] | None,
+    throttle: Throttle | None,
     slices: list[Slice],
 ) -> dict[str, Any]:
     """Rows done, total (and how it was estimated), percent, rate, ETA (throttled time left
@@ -197,6 +224,7 @@ def backfill_progress(
     rate = rows / busy_s if busy_s > 0 and rows else None
     remaining = max(total - bf.rows_done, 0)
     eta = round(remaining / rate) if rate and bf.state in BACKFILL_ACTIVE else None
+    holding = None if throttle is None else throttle.holding_s()
     return {
         "backfill_id": bf.id,
         "target": bf.target,
@@ -212,7 +240,12 @@ def backfill_progress(
         "rate_rows_s": round(rate) if rate else None,
         "eta_s": eta,
         "throttled_s": round(bf.throttled_ms / 1000, 1),
-        "throttle": None if throttle is None else throttle[0],
+        "throttle": None if throttle is None else throttle.throttle_reason,
+        # Held now (a slice is waiting for it), and for how long: the progress bar shows it.
+        "throttling": throttle.throttle_reason if throttle and holding is not None else None,
+        "throttling_s": None if holding is None else round(holding, 1),
+        "pause_reason": bf.pause_reason if bf.state in BACKFILL_PAUSED_STATES else None,
+        "replica_note": bf.replica_note,
         "skipped": bf.skipped,
         "slices": [
             {

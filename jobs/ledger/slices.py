@@ -197,12 +197,21 @@ def _record_batch_statement(blocked_sql: str | None, commit: bool) -> TextClause
 
 
 def add_throttled(
-    conn: Connection, backfill_id: str, slice_no: int, ms: int, reason: str | None = None
-) -> None:
-    """Count time a slice waited between batches (not yet in a batch row) and, when a
-    database signal made it wait, why. Commits."""
+    conn: Connection,
+    backfill_id: str,
+    slice_no: int,
+    ms: int,
+    reason: str | None = None,
+    *,
+    hold: bool | None = None,
+) -> float | None:
+    """Count time a slice waited between batches (not in a batch row: its next batch row
+    carries it for the rate) and, given a ``reason``, why. ``hold``: True when a throttle
+    holds now, False once it is over, None leaves it as it was. How many seconds the
+    throttle has held (None when none does). Commits."""
     with tx(conn):
-        conn.execute(
+        held = conn.execute(
             query("add_throttled"),
-            {"ms": ms, "reason": reason, "id": backfill_id, "n": slice_no},
-        )
+            {"ms": ms, "reason": reason, "hold": hold, "id": backfill_id, "n": slice_no},
+        ).scalar()
+    return None if held is None else float(held)

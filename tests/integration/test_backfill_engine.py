@@ -839,7 +839,7 @@ def test_an_old_transaction_throttles_the_backfill_until_it_ends(
     assert bf.throttled_ms >= 1000 and counters(dbname) == {1: 2000}
     with engine.connect() as conn:
         reason = backfills.last_throttle(conn, bf_id)
-    assert reason is not None and "holds back vacuum" in reason[0]
+    assert reason is not None and "holds back vacuum" in reason.throttle_reason
 
 
 def test_a_batch_that_makes_the_application_wait_shrinks_the_next(

@@ -387,6 +387,16 @@ CASES = [
         "--batch-size must be a positive number of rows, got -5",
     ),
     Case(
+        "backfill replica lag that is not a duration",
+        ["backfill", "--table", "items", "--set", "v = 1", "--max-replica-lag", "soon"],
+        "--max-replica-lag: expected a duration such as 2s or 500ms, got 'soon'",
+    ),
+    Case(
+        "backfill WAL rate that is not a rate",
+        ["backfill", "--table", "items", "--set", "v = 1", "--max-wal-rate", "fast", "--dry-run"],
+        "--max-wal-rate: expected a rate such as 20 (MB/s) or 512kB/s, got 'fast'",
+    ),
+    Case(
         "table name with a semicolon",
         ["backfill", "--table", "x;drop", "--set", "v = 1"],
         "--table 'x;drop' is not a plain name",

@@ -297,6 +297,9 @@ def test_apply_runs_the_declared_backfill_between_expand_and_contract(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
     name, dbname, _ = reference_target(config, databases, tmp_path)
+    # A declared backfill takes its target's replica bounds (a revision declares none).
+    config.targets[name].update(max_replica_lag="7s", max_throttle="45min")
+    config.write()
     result = runbook_cli("apply", "--target", name, "--wait", "--json")
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)
@@ -314,6 +317,7 @@ def test_apply_runs_the_declared_backfill_between_expand_and_contract(
         "succeeded",
         ROWS,
     )
+    assert (bf.max_replica_lag_ms, bf.max_throttle_ms) == (7000, 45 * 60_000)
     step = next(s for s in run["steps"] if s["kind"] == "backfill")
     assert step["detail"]["backfills"] == [bf.id]
     # The slices ran as their own tasks; the last one sent the run on (a second delivery).

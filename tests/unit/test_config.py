@@ -372,3 +372,29 @@ def test_a_bad_database_url_alone_is_a_broken_default(
     monkeypatch.delenv("DATABASE_URL")
     with pytest.raises(ConfigError, match="no targets are configured"):
         load_settings().require_any()
+
+
+def test_a_value_given_outside_the_file_is_parsed_as_the_file_parses_it() -> None:
+    from jobs.config import parse_value
+
+    assert parse_value("duration", "2s", "--max-replica-lag") == 2000
+    assert parse_value("duration", "30min", "--max-throttle") == 1_800_000
+    assert parse_value("size", "1MB", "--max-retained-wal") == 1_000_000
+    assert parse_value("size", "64MiB", "--max-replica-lag-bytes") == 64 << 20
+    assert parse_value("rate", "20", "--max-wal-rate") == 20_000_000  # MB/s, as in the file
+    assert parse_value("rate", 2.5, "max_wal_rate") == 2_500_000
+    assert parse_value("rate", "512kB/s", "--max-wal-rate") == 512_000
+    for kind, value, line in [
+        ("duration", "soon", "--max-throttle: expected a duration such as 2s or 500ms, got 'soon'"),
+        ("size", "lots", "--max-retained-wal: expected a size such as 64MB or 1GiB, got 'lots'"),
+        (
+            "rate",
+            "fast",
+            "--max-wal-rate: expected a rate such as 20 (MB/s) or 512kB/s, got 'fast'",
+        ),
+        ("duration", "0", "--max-throttle: must be greater than zero, got '0'"),
+    ]:
+        key = line.split(":")[0]
+        with pytest.raises(ConfigError) as refused:
+            parse_value(kind, value, key)  # type: ignore[arg-type]
+        assert str(refused.value) == line

@@ -2,18 +2,21 @@
 -- fence (jobs/ledger/slices.py).
 
 -- claim_backfill --
--- Move a claimed backfill to :state, forgetting an error it stopped on.
+-- Move a claimed backfill to :state, forgetting an error it stopped on, and why it paused
+-- itself once it runs again.
 UPDATE runbook.backfills SET state = :state,
     error = CASE WHEN state = 'errored' THEN NULL ELSE error END,
     error_range = CASE WHEN state = 'errored' THEN NULL ELSE error_range END,
+    pause_reason = CASE WHEN :state = 'running' THEN NULL ELSE pause_reason END,
     started_at = coalesce(started_at, now()), updated_at = now()
 WHERE id = :id
 
 -- claim_slices --
 -- Give every slice not done a new generation and make it active; with :fresh, forget its
--- deliveries that died.
+-- deliveries that died and how long its throttle has held (max_throttle starts again).
 UPDATE runbook.backfill_slices SET generation = generation + 1, state = 'active',
-    updated_at = now(), unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END
+    updated_at = now(), unfinished = CASE WHEN :fresh THEN 0 ELSE unfinished END,
+    throttle_since = CASE WHEN :fresh THEN NULL ELSE throttle_since END
 WHERE backfill_id = :id AND state <> 'done'
 RETURNING slice, generation
 
@@ -33,7 +36,9 @@ SELECT {columns}s.backfill_id AS s_backfill_id, s.slice AS s_slice,
     b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type,
     b.set_sql, b.where_sql, b.state, b.upper_key, b.batch_size, b.min_batch, b.max_batch,
     b.target_batch_ms, b.sleep_ms, b.lock_timeout_ms, b.statement_timeout_ms, b.slices,
-    b.on_error, b.max_xact_age_s, b.rows_total_estimate, b.estimate_kind, b.error,
+    b.on_error, b.max_xact_age_s, b.max_replica_lag_ms, b.max_replica_lag_bytes,
+    b.max_retained_wal_bytes, b.max_wal_rate_bytes, b.max_throttle_ms, b.pause_reason,
+    b.standbys_seen, b.replica_note, b.rows_total_estimate, b.estimate_kind, b.error,
     b.error_range, b.created_at, b.started_at, b.finished_at, b.updated_at
 FROM runbook.backfill_slices s JOIN runbook.backfills b ON b.id = s.backfill_id
 WHERE s.backfill_id = :bf_id AND s.slice = :bf_slice FOR UPDATE OF s
@@ -60,14 +65,19 @@ VALUES (:b, :n, :key, :error)
 
 -- record_batch --
 -- The batch row and the slice's cursor, counters and next batch size (:shrunk when
--- {blocked}, a scalar query, counts sessions waiting on this transaction); that count.
+-- {blocked}, a scalar query, counts sessions waiting on this transaction); that count. The
+-- batch row carries the waits recorded on the slice since its last batch (for the rate),
+-- and the slice's throttle, if one held, is over.
 WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n),
 batch AS (INSERT INTO runbook.backfill_batches (backfill_id, slice, lo, hi, batch_size, rows,
     skipped, duration_ms, throttled_ms, attempt, generation)
-    VALUES (:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)),
+    VALUES (:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled + (SELECT
+        throttle_carried_ms FROM runbook.backfill_slices WHERE backfill_id = :b AND slice = :n),
+        :attempt, :g)),
 moved AS (UPDATE runbook.backfill_slices SET cursor = :hi, rows_done = rows_done + :rows,
     batch_size = CASE WHEN (SELECT n FROM blocked) > 0 THEN :shrunk ELSE :next END,
-    throttled_ms = throttled_ms + :throttled, updated_at = now()
+    throttled_ms = throttled_ms + :throttled, throttle_carried_ms = 0, throttle_since = NULL,
+    updated_at = now()
     WHERE backfill_id = :b AND slice = :n)
 SELECT n FROM blocked
 
@@ -77,17 +87,26 @@ SELECT n FROM blocked
 WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n),
 batch AS (INSERT INTO runbook.backfill_batches (backfill_id, slice, lo, hi, batch_size, rows,
     skipped, duration_ms, throttled_ms, attempt, generation)
-    VALUES (:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled, :attempt, :g)),
+    VALUES (:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled + (SELECT
+        throttle_carried_ms FROM runbook.backfill_slices WHERE backfill_id = :b AND slice = :n),
+        :attempt, :g)),
 moved AS (UPDATE runbook.backfill_slices SET cursor = :hi, rows_done = rows_done + :rows,
     batch_size = CASE WHEN (SELECT n FROM blocked) > 0 THEN :shrunk ELSE :next END,
-    throttled_ms = throttled_ms + :throttled, updated_at = now()
+    throttled_ms = throttled_ms + :throttled, throttle_carried_ms = 0, throttle_since = NULL,
+    updated_at = now()
     WHERE backfill_id = :b AND slice = :n)
 SELECT set_config('runbook.blocked', CAST(n AS text), false) FROM blocked; COMMIT;
 SELECT CAST(current_setting('runbook.blocked') AS bigint)
 
 -- add_throttled --
--- Count time a slice waited between batches and, given a database signal, why and when.
+-- Count time a slice waited between batches (carried by its next batch row too) and, given a
+-- reason, why and when; :hold true: a throttle holds (since now, unless it held already),
+-- false: it is over, NULL: as it was. How many seconds the throttle has held.
 UPDATE runbook.backfill_slices SET throttled_ms = throttled_ms + :ms,
+    throttle_carried_ms = throttle_carried_ms + :ms,
     throttle_reason = coalesce(:reason, throttle_reason),
-    throttled_at = CASE WHEN :reason IS NULL THEN throttled_at ELSE now() END
+    throttled_at = CASE WHEN :reason IS NULL THEN throttled_at ELSE now() END,
+    throttle_since = CASE CAST(:hold AS boolean) WHEN true THEN coalesce(throttle_since, now())
+        WHEN false THEN NULL ELSE throttle_since END
 WHERE backfill_id = :id AND slice = :n
+RETURNING extract(epoch FROM now() - throttle_since)

@@ -41,3 +41,15 @@ def test_the_bounds_win_over_the_target() -> None:
     # A size outside the bounds (settings changed on resume) comes back inside them.
     assert sizing.next_batch_size(500, 50, target_ms=50, min_batch=10, max_batch=100) == 100
     assert sizing.next_batch_size(1, 50, target_ms=50, min_batch=10, max_batch=100) == 10
+
+
+def test_a_batch_whose_wal_would_overshoot_max_wal_rate_does_not_grow() -> None:
+    size = sizing.next_batch_size
+    # A fast batch would grow to 1200, but only 1000 rows' WAL fits the rate's share.
+    assert size(1000, 10, target_ms=50, min_batch=100, max_batch=50000, wal_cap=1000) == 1000
+    # Already over the cap: back down to it, however fast the batch.
+    assert size(5000, 10, target_ms=50, min_batch=100, max_batch=50000, wal_cap=800) == 800
+    # A cap above what the duration allows changes nothing.
+    assert size(1000, 10, target_ms=50, min_batch=100, max_batch=50000, wal_cap=10**6) == 1200
+    # The cap never goes under min_batch.
+    assert size(1000, 10, target_ms=50, min_batch=100, max_batch=50000, wal_cap=3) == 100

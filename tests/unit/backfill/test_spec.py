@@ -25,6 +25,11 @@ def test_the_defaults_work_and_are_what_the_ledger_stores() -> None:
         "lock_timeout_ms": 2000,
         "statement_timeout_ms": 30000,
         "max_xact_age_s": 600,
+        "max_replica_lag_ms": 2000,
+        "max_replica_lag_bytes": 64 << 20,
+        "max_retained_wal_bytes": 1 << 30,
+        "max_wal_rate_bytes": None,
+        "max_throttle_ms": 30 * 60_000,
     }
     spec(min_batch=1, batch_size=1, max_batch=1, slices=MAX_SLICES, on_error="isolate").check()
     spec(sleep_ms=0, max_xact_age_s=0).check()
@@ -48,6 +53,9 @@ def test_the_defaults_work_and_are_what_the_ledger_stores() -> None:
         ({"slices": MAX_SLICES + 1}, f"--slices must be between 1 and {MAX_SLICES}"),
         ({"on_error": "skip"}, "--on-error must be one of stop, isolate, got 'skip'"),
         ({"max_xact_age_s": -1}, "max_xact_age_s must be 0 (off) or more, got -1"),
+        ({"max_replica_lag_bytes": 0}, "max_replica_lag_bytes must be at least 1, got 0"),
+        ({"max_wal_rate_bytes": 0}, "max_wal_rate_bytes must be at least 1, got 0"),
+        ({"max_throttle_ms": -1}, "max_throttle_ms must be at least 1, got -1"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_in_one_line(

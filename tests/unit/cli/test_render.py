@@ -52,6 +52,10 @@ def progress(**fields: object) -> dict[str, object]:
         "eta_s": None,
         "throttled_s": 0.0,
         "throttle": None,
+        "throttling": None,
+        "throttling_s": None,
+        "pause_reason": None,
+        "replica_note": None,
         "skipped": 0,
         "slices": [{"slice": 0, "state": "active"}],
     }
@@ -80,6 +84,33 @@ def test_a_backfill_line_with_everything() -> None:
         "backfill bf1 running: 1500 of ~6000 rows (counted), 25.0%, 812 rows/s, ETA 0m06s, "
         "throttled 1m02s (last: a transaction 30 s old holds back vacuum), 3 rows skipped, "
         "slices 2/3 done"
+    )
+
+
+def test_a_backfill_line_says_what_holds_it_now_and_why_it_paused() -> None:
+    waiting = render.backfill_line(
+        progress(
+            throttling="replica lag 3.4 s on standby1 (max_replica_lag 2 s)",
+            throttling_s=12.0,
+            throttled_s=12.0,
+            throttle="replica lag 3.4 s on standby1 (max_replica_lag 2 s)",
+            replica_note="standby standby2 gone from pg_stat_replication: not waited for",
+        )
+    )
+    assert waiting == (
+        "backfill bf1 running: 1500 of ~6000 rows (counted), waiting: replica lag 3.4 s on "
+        "standby1 (max_replica_lag 2 s) (0m12s), throttled 0m12s (last: replica lag 3.4 s on "
+        "standby1 (max_replica_lag 2 s)), standby standby2 gone from pg_stat_replication: "
+        "not waited for"
+    )
+    paused = render.backfill_line(
+        progress(
+            state="paused", pause_reason="replica lag 3.4 s on standby1 for 30 min (max_throttle)"
+        )
+    )
+    assert paused == (
+        "backfill bf1 paused: 1500 of ~6000 rows (counted), paused: replica lag 3.4 s on "
+        "standby1 for 30 min (max_throttle)"
     )
 
 
