@@ -206,10 +206,15 @@ class Verdict:
         return bool(self.reasons)
 
 
-def over_bounds(rep: Replication, bounds: Bounds) -> Verdict:
+def over_bounds(rep: Replication, bounds: Bounds, ahead_bytes: int = 0) -> Verdict:
     """Every standby lagging past the bounds and every slot retaining too much WAL, each as
-    one line (``replica lag 3.4 s on standby1``); empty when all is within them."""
+    one line (``replica lag 3.4 s on standby1``); empty when all is within them.
+
+    ``ahead_bytes``: the WAL the caller is about to write (a backfill's next batch). A standby
+    whose lag would pass max_replica_lag_bytes with it counts as over now, so that the lag
+    stays under the bound rather than under the bound plus a batch."""
     verdict = Verdict()
+    ahead = max(ahead_bytes, 0)
     if bounds.mode == "ignore":
         return verdict
     for s in rep.standbys:
@@ -225,12 +230,17 @@ def over_bounds(rep: Replication, bounds: Bounds) -> Verdict:
                 s.name,
                 f"replica lag {s.lag_s:.1f} s on {s.name} (max_replica_lag {bounds.max_lag_s:g} s)",
             )
-        elif s.lag_bytes is not None and s.lag_bytes > bounds.max_lag_bytes:
+        elif s.lag_bytes is not None and s.lag_bytes + ahead > bounds.max_lag_bytes:
+            coming = (
+                f", with the next {size(ahead)}"
+                if ahead and s.lag_bytes <= bounds.max_lag_bytes
+                else ""
+            )
             verdict.add(
                 "standby",
                 s.name,
                 f"replica lag {size(s.lag_bytes)} on {s.name} "
-                f"(max_replica_lag_bytes {size(bounds.max_lag_bytes)})",
+                f"(max_replica_lag_bytes {size(bounds.max_lag_bytes)}{coming})",
             )
     for slot in rep.slots:
         if slot.retained_bytes is not None and slot.retained_bytes > bounds.max_retained_bytes:
