@@ -57,12 +57,18 @@ def summary(plan: Mapping[str, Any]) -> str:
         f"**{_plural(len(pending), 'pending revision')}**",
         f"{sum(bool(e.get('irreversible')) for e in pending)} irreversible",
         f"lint: {_plural(errors, 'error')}, {_plural(len(levels) - errors, 'warning')}",
-        f"{sum(bool(e.get('rewrites')) for e in pending)} rewrite a table",
+        _rewrites(sum(bool(e.get("rewrites")) for e in pending)),
     ]
     unrendered = sum(bool(e.get("render_error")) for e in pending)
     if unrendered:
         parts.append(f"{unrendered} cannot be rendered offline")
     return " · ".join(parts)
+
+
+def _rewrites(n: int) -> str:
+    if not n:
+        return "no table rewrites"
+    return f"{n} rewrite{'s' if n == 1 else ''} a table"
 
 
 def _yes_no(value: object, yes: str = "yes") -> str:

@@ -122,7 +122,7 @@ def test_irreversible_rewrites_and_render_errors_are_flagged() -> None:
     summary = md.splitlines()[2]
     assert summary == (
         "**3 pending revisions** · 1 irreversible · lint: 0 errors, 0 warnings · "
-        "1 rewrite a table · 1 cannot be rendered offline"
+        "1 rewrites a table · 1 cannot be rendered offline"
     )
 
 
