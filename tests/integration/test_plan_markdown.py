@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import REPO, Config, Databases, db_url, runbook_cli
+from tests.integration.replication_support import STANDBY_NAME, ReplicatedPostgres
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +126,46 @@ def test_formats_that_disagree_or_do_not_exist_are_one_line_exit_2(
     assert agree.returncode == 0 and json.loads(agree.stdout)["to"] == "w5x6y7z8a9b0"
     text = runbook_cli("plan", "--target", name, "--format", "text", "--to", "w5x6y7z8a9b0")
     assert text.returncode == 0 and text.stdout.startswith(f"target {name}: base -> w5x6y7z8a9b0")
+
+
+@pytest.fixture(scope="module")
+def pair(services: None) -> Iterator[ReplicatedPostgres]:
+    pg = ReplicatedPostgres()
+    yield pg
+    pg.stop()
+
+
+def test_the_standbys_and_slots_are_in_the_comment_with_what_preflight_would_refuse(
+    pair: ReplicatedPostgres, config: Config, tmp_path: Path
+) -> None:
+    dbname = f"md_{uuid.uuid4().hex[:8]}"
+    pair.primary.sql(f"CREATE DATABASE {dbname}")
+    pair.primary.sql("SELECT pg_create_logical_replication_slot('cdc_md', 'test_decoding')")
+    try:
+        pair.primary.sql(
+            "CREATE TABLE filler_md AS SELECT g, repeat('x', 500) AS pad "
+            "FROM generate_series(1, 20000) g"
+        )
+        url = pair.primary.url(dbname).replace("postgres@", f"postgres:{PASSWORD}@", 1)
+        assert PASSWORD in url
+        name = config.add(
+            f"md_repl_{dbname}",
+            url=url,
+            alembic_ini=str(REPO / "alembic.ini"),
+            backup_dir=str(tmp_path / "b"),
+            max_retained_wal="1MB",
+        )
+        done = runbook_cli("plan", "--target", name, "--format", "markdown", "--to", "w5x6y7z8a9b0")
+    finally:
+        pair.primary.sql("SELECT pg_drop_replication_slot('cdc_md')")
+    assert done.returncode == 0, done.stderr
+    facts = section(done.stdout, "Standbys and replication slots")
+    assert f"- standby {STANDBY_NAME}: streaming, lag " in facts
+    assert "- slot cdc_md (logical, inactive): retains " in facts
+    assert re.search(
+        r"^- \*\*over bounds\*\*: slot cdc_md retains .* WAL \(max_retained_wal 1\.0 MB\).*; "
+        r"apply would refuse in preflight$",
+        facts,
+        re.M,
+    ), facts
+    assert PASSWORD not in done.stdout + done.stderr
