@@ -13,9 +13,11 @@ from jobs.cli.render_plan import table_cell
 
 def cell(value: object) -> str:
     """Text safe inside a table cell: a pipe would end the cell, a backtick open a code span,
-    ``<`` start HTML and a newline end the row."""
+    ``<`` start HTML, ``*``, ``~`` and a word-edge ``_`` emphasise or strike out (GitHub
+    strikes out ``~a~``: two tables' ``~3,000 rows`` in one cell), a newline end the row."""
     text = "" if value is None else str(value)
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    text = re.sub(r"([\\|`*~])", r"\\\1", text)
+    text = re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", text)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return "<br>".join(line for line in text.splitlines() if line.strip()) or " "
 

@@ -65,6 +65,9 @@ def test_pipes_backticks_html_and_newlines_cannot_break_a_cell() -> None:
     assert cell("<script>") == "&lt;script&gt;"
     assert cell("one\n\ntwo") == "one<br>two"
     assert cell("E'\\|'") == "E'\\\\\\|'"  # a backslash before a pipe cannot escape it away
+    assert cell("SELECT * FROM t WHERE a * 2 > 1") == "SELECT \\* FROM t WHERE a \\* 2 &gt; 1"
+    assert cell("~3,000 rows, ~20 rows") == "\\~3,000 rows, \\~20 rows"
+    assert cell("_tmp_ next_plan_start_date") == "\\_tmp\\_ next_plan_start_date"
     assert cell(None) == " " and cell("") == " "
 
 
@@ -146,7 +149,7 @@ def test_tables_backfills_and_replication_facts() -> None:
         },
     )
     md = format_markdown(doc)
-    assert "| orders 3.0 MiB, ~3,000 rows<br>fresh (new) |" in md
+    assert "| orders 3.0 MiB, \\~3,000 rows<br>fresh (new) |" in md
     assert "- `b2`: orders SET a = 1 WHERE a IS NULL (~3,000 rows in the table)" in md
     assert "- standby standby1: streaming, lag 4.0 s, 2.0 MB behind" in md
     assert (
