@@ -110,15 +110,21 @@ def revisions_table(plan: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def sql_blocks(plan: Mapping[str, Any]) -> list[str]:
-    """Each revision's SQL, folded: a reviewer opens the ones the table made interesting."""
+# GitHub refuses a comment body over 65,536 characters; the rest of the comment keeps room.
+COMMENT_LIMIT = 65_536
+SQL_OMITTED = "SQL not shown: the comment would pass GitHub's size limit; `runbook plan` shows it"
+
+
+def sql_blocks(plan: Mapping[str, Any], budget: int = COMMENT_LIMIT) -> list[str]:
+    """Each revision's SQL, folded: a reviewer opens the ones the table made interesting.
+    Within ``budget`` characters: a block that would not fit is one line saying so."""
     lines: list[str] = []
     for e in _pending(plan):
         title = f"<code>{html.escape(e['id'])}</code> {html.escape(e['message'] or '')}"
         if e.get("render_error"):
             lines += [f"- {title}: SQL not shown, {cell(e['render_error'])}"]
             continue
-        lines += [
+        block = [
             "<details>",
             f"<summary>{title}</summary>",
             "",
@@ -126,6 +132,11 @@ def sql_blocks(plan: Mapping[str, Any]) -> list[str]:
             "",
             "</details>",
         ]
+        size = sum(len(line) + 1 for line in block)
+        if size > budget:
+            block, size = [f"- {title}: {SQL_OMITTED}"], 0
+        budget -= size
+        lines += block
     return lines
 
 
@@ -178,15 +189,20 @@ def rehearsal_line(plan: Mapping[str, Any]) -> str:
 
 def format_markdown(plan: Mapping[str, Any]) -> str:
     """The whole comment: heading, summary, revisions, SQL, findings, backfills, replicas."""
-    parts = [heading(plan), "", summary(plan)]
+    head = [heading(plan), "", summary(plan)]
+    rest: list[str] = []
     if _pending(plan):
-        parts += ["", *revisions_table(plan), "", "#### SQL", "", *sql_blocks(plan)]
-        parts += ["", "#### Lint findings", "", *findings_table(plan)]
+        head += ["", *revisions_table(plan), "", "#### SQL", ""]
+        rest += ["", "#### Lint findings", "", *findings_table(plan)]
         backfills = backfill_lines(plan)
         if backfills:
-            parts += ["", "#### Declared backfills", "", *backfills]
+            rest += ["", "#### Declared backfills", "", *backfills]
     replication = replication_lines(plan)
     if replication:
-        parts += ["", "#### Standbys and replication slots", "", *replication]
-    parts += ["", rehearsal_line(plan), "", f"<sub>generated {plan.get('generated_at', '')}</sub>"]
-    return "\n".join(parts) + "\n"
+        rest += ["", "#### Standbys and replication slots", "", *replication]
+    rest += ["", rehearsal_line(plan), "", f"<sub>generated {plan.get('generated_at', '')}</sub>"]
+    # The SQL gets what the rest leaves of the limit, with room for the omission lines.
+    used = sum(len(line) + 1 for line in (*head, *rest))
+    omitted = len(_pending(plan)) * (len(SQL_OMITTED) + 200)
+    sql = sql_blocks(plan, COMMENT_LIMIT - used - omitted) if _pending(plan) else []
+    return "\n".join([*head, *sql, *rest]) + "\n"

@@ -171,3 +171,18 @@ def test_replication_that_cannot_be_read_is_one_line() -> None:
     assert render_markdown.replication_lines(doc) == [
         "- cannot read the standbys: permission denied"
     ]
+
+
+def test_sql_that_would_pass_githubs_comment_limit_is_left_out_by_revision() -> None:
+    huge = "INSERT INTO t VALUES " + ", ".join(f"({i})" for i in range(12_000)) + ";"
+    doc = plan(
+        revision("b2", "small"),
+        revision("c3", "huge seed", sql=huge),
+        revision("d4", "small again"),
+    )
+    assert len(huge) > render_markdown.COMMENT_LIMIT
+    md = format_markdown(doc)
+    assert len(md) <= render_markdown.COMMENT_LIMIT
+    assert f"- <code>c3</code> huge seed: {render_markdown.SQL_OMITTED}" in md
+    assert md.count("```sql") == 2  # b2 and d4 still shown
+    assert "| `c3` | huge seed |" in md and "#### Lint findings" in md
