@@ -28,6 +28,7 @@ from jobs.api.runs import (
     plan,
     resume,
     status,
+    strict_refusal,
     wait,
 )
 from jobs.api.targets import targets
@@ -57,6 +58,7 @@ __all__ = [
     "resume",
     "settle_refusal",
     "status",
+    "strict_refusal",
     "targets",
     "wait",
 ]

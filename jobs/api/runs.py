@@ -86,21 +86,37 @@ def doctor(target: str | None = None, *, settings: Settings | None = None) -> li
         return [dict(f) for f in insight_doctor.diagnose(t, conn)]
 
 
-def _check_lint(t: Target, found: dict[str, Any]) -> None:
-    """apply --strict: no lint error the target has not allowed (lint_allow)."""
+def _refusal(t: Target, found: dict[str, Any]) -> str | None:
+    """Why apply --strict refuses this plan (a lint error the target has not allowed in
+    lint_allow), or None."""
     errors = [
         (rev["id"], f)
         for rev in found["revisions"]
         for f in rev.get("lint") or []
         if f["level"] == "error" and f["rule"] not in t.lint_allow
     ]
-    if errors:
-        rev, first = errors[0]
-        more = f" (and {len(errors) - 1} more; see runbook plan)" if len(errors) > 1 else ""
-        raise RunbookError(
-            f"--strict: {rev}: {first['rule']}: {first['message']}{more}; fix the revision "
-            f"or add the rule to lint_allow for target {t.name!r}"
-        )
+    if not errors:
+        return None
+    rev, first = errors[0]
+    more = f" (and {len(errors) - 1} more; see runbook plan)" if len(errors) > 1 else ""
+    return (
+        f"--strict: {rev}: {first['rule']}: {first['message']}{more}; fix the revision "
+        f"or add the rule to lint_allow for target {t.name!r}"
+    )
+
+
+def _check_lint(t: Target, found: dict[str, Any]) -> None:
+    """apply --strict: no lint error the target has not allowed (lint_allow)."""
+    refusal = _refusal(t, found)
+    if refusal:
+        raise RunbookError(refusal)
+
+
+def strict_refusal(
+    target: str | None, found: dict[str, Any], *, settings: Settings | None = None
+) -> str | None:
+    """plan --strict: the line apply --strict would refuse ``found`` (a plan) with, or None."""
+    return _refusal(resolve_settings(settings).target(target), found)
 
 
 def enqueue(

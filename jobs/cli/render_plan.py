@@ -23,7 +23,8 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
-def _table_cell(info: Mapping[str, Any]) -> str:
+def table_cell(info: Mapping[str, Any]) -> str:
+    """A touched table as one phrase: its size and estimated rows, or that it is new."""
     if not info["exists"]:
         return f"{info['name']} (new)"
     rows = info["estimated_rows"]
@@ -49,7 +50,7 @@ def _row(entry: Mapping[str, Any]) -> list[str]:
         entry["message"],
         "yes" if entry["irreversible"] else "",
         _yes(entry["outside_transaction"]),
-        "\n".join(_table_cell(t) for t in entry["tables"]),
+        "\n".join(table_cell(t) for t in entry["tables"]),
         lint_cell,
     ]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from functools import wraps
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -105,19 +107,57 @@ def rollback(
     follow_run(run_id, target, wait, as_json, f"the target is already at {to}")
 
 
+def _one_format(fn: Callable[..., None]) -> Callable[..., None]:
+    """``--json`` is ``--format json``; with another --format it is bad input (exit 2, from
+    outside ``friendly`` so that click's usage line says it)."""
+
+    @wraps(fn)
+    def wrapper(*, as_json: bool, fmt: str | None, **kwargs: Any) -> None:
+        if as_json and fmt not in (None, "json"):
+            raise click.UsageError(f"--json and --format {fmt} disagree; give one of them")
+        fn(fmt="json" if as_json else (fmt or "text"), **kwargs)
+
+    return wrapper
+
+
 @click.command(cls=Command)
 @click.option("--target", "-t", help="Target name (default: the only one).")
 @click.option("--to", "to", default="head", show_default=True, help="Revision to plan up to.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (= --format json).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json"]),
+    default=None,
+    help="text (default), markdown (for a pull-request comment) or json.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 when the plan has lint errors apply --strict would refuse (after printing it).",
+)
+@_one_format
 @friendly
-def plan(target: str | None, to: str, as_json: bool) -> None:
+def plan(target: str | None, to: str, fmt: str, strict: bool) -> None:
     """Show what an apply would do: SQL, lint findings, irreversible revisions, tables."""
+    found = api.plan(target, to)
+    if fmt == "json":
+        click.echo(json.dumps(found, indent=2))
+    elif fmt == "markdown":
+        from jobs.cli.render_markdown import format_markdown
+
+        click.echo(format_markdown(found), nl=False)
+    else:
+        _print_plan(found)
+    refusal = api.strict_refusal(target, found) if strict else None
+    if refusal:  # the same line apply --strict refuses with; exit 1 (2 is bad input)
+        click.echo(f"runbook: {refusal}", err=True)
+        sys.exit(1)
+
+
+def _print_plan(found: dict[str, Any]) -> None:
     from jobs.cli.render_plan import format_plan
 
-    found = api.plan(target, to)
-    if as_json:
-        click.echo(json.dumps(found, indent=2))
-        return
     out.print(format_plan(found))
     rehearsal = found.get("rehearsal")
     if rehearsal:

@@ -13,7 +13,8 @@ How squawk is run (the choices, and why):
 * Alembic's bookkeeping (``CREATE TABLE alembic_version``, its ``INSERT``/``UPDATE``) is
   blanked out before linting; blanking keeps squawk's line numbers valid for the rendered SQL.
 * ``require-lock-timeout`` is excluded: runbook sets ``lock_timeout`` on every migration
-  session. ``require-statement-timeout`` is excluded when the target sets ``statement_timeout``.
+  session. ``require-statement-timeout`` is excluded when the target sets ``statement_timeout``
+  (jobs/insight/plan.py excluded_rules says why only then).
 * ``ban-add-enum-value`` (opt-in in squawk) is included: an added ENUM value cannot be
   removed, the reason a rollback becomes a restore.
 * ``--pg-version`` is the live server's, so version-dependent rules judge the real server.

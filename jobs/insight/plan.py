@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from jobs.config import Target
 from jobs.errors import RevisionError
-from jobs.insight.lint import lint
+from jobs.insight.lint import Finding, lint
 from jobs.insight.parse import outside_transaction, tables_in
 from jobs.insight.rewrites import rewrites
 from jobs.pg import db
@@ -119,6 +119,36 @@ def replication_facts(target: Target, conn: Connection) -> dict[str, Any]:
             conn.rollback()
 
 
+# -- findings that matter under runbook -------------------------------------------------------
+
+STATEMENT_TIMEOUT_RULE = "require-statement-timeout"
+
+
+def excluded_rules(target: Target) -> tuple[str, ...]:
+    """squawk rules runbook makes moot on this target, beyond ``require-lock-timeout``
+    (jobs/insight/lint.py: every session of ours sets ``lock_timeout``).
+
+    ``require-statement-timeout`` is dropped only when the target sets ``statement_timeout``:
+    then every session of ours, the migrations' included, runs with it (jobs/pg/connect.py
+    connect_args, jobs/project/envpy.py). Without it nothing bounds a statement, and there is
+    no default: one short enough to protect traffic would kill a long CREATE INDEX
+    CONCURRENTLY and the backups' table checksums, which run on the same sessions.
+    """
+    return (STATEMENT_TIMEOUT_RULE,) if target.statement_timeout_ms else ()
+
+
+def _under_runbook(target: Target, finding: Finding) -> Finding:
+    """squawk's finding with the fix a runbook user applies: squawk's ``SET statement_timeout``
+    in the migration is the target's ``statement_timeout`` in runbook.toml."""
+    if finding["rule"] != STATEMENT_TIMEOUT_RULE:
+        return finding
+    fix = (
+        f'set statement_timeout (e.g. "15min") on target {target.name} in runbook.toml; '
+        "runbook then sets it on every session and drops this rule"
+    )
+    return {**finding, "help": fix}
+
+
 # -- the plan ---------------------------------------------------------------------------------
 
 
@@ -181,11 +211,15 @@ def build_plan(
     finally:
         if conn.in_transaction():
             conn.rollback()
-    exclude = ("require-statement-timeout",) if target.statement_timeout_ms else ()
-    found = lint(scripts, version_table=target.version_table, pg_version=version, exclude=exclude)
+    found = lint(
+        scripts,
+        version_table=target.version_table,
+        pg_version=version,
+        exclude=excluded_rules(target),
+    )
     for entry in revisions:
         if entry["id"] in found:
-            entry["lint"] = found[entry["id"]]
+            entry["lint"] = [_under_runbook(target, f) for f in found[entry["id"]]]
     return {
         "target": target.name,
         "current": current,
