@@ -31,7 +31,9 @@ def test_a_lag_already_over_says_so_without_the_next_batch() -> None:
 
 def test_time_lag_comes_first_and_ignore_checks_nothing() -> None:
     rep = _standby(20 * MB, lag_s=3.4)
-    assert over_bounds(rep, Bounds()).reason == "replica lag 3.4 s on standby1 (max_replica_lag 2 s)"
+    assert (
+        over_bounds(rep, Bounds()).reason == "replica lag 3.4 s on standby1 (max_replica_lag 2 s)"
+    )
     assert not over_bounds(rep, Bounds(mode="ignore"), ahead_bytes=10**9)
 
 
