@@ -13,7 +13,6 @@ from jobs.errors import (
 )
 from jobs.lazy import lazy
 from jobs.ledger import read
-from jobs.ledger.records import backfill_progress
 from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL, BackfillState
 
@@ -192,12 +191,7 @@ def backfill_status(
             raise UnknownBackfill(
                 f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
             )
-        return backfill_progress(
-            bf,
-            read.recent_rate(conn, backfill_id),
-            read.last_throttle(conn, backfill_id),
-            read.list_slices(conn, backfill_id),
-        )
+        return read.progress(conn, bf)
 
 
 def follow_backfill(
