@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     Databases,
     PrivatePostgres,
     Worker,
+    db_url,
     gated_target,
     open_gate,
     runbook_cli,
@@ -133,6 +134,9 @@ def test_exporter_during_a_backfill(
         "down", url=f"postgresql://rb:{quote(password, safe='')}@127.0.0.1:{down_port}/gone"
     )
 
+    # And one whose database has no ledger yet (runbook never ran there).
+    exporter_config.add("bare", url=db_url(databases.create()))
+
     started = runbook_cli("apply", "--target", gated)
     assert started.returncode == 0, started.stderr[-2000:]
     run_id = started.stdout.split()[-1]
@@ -194,6 +198,7 @@ def test_exporter_during_a_backfill(
         assert value(second, "runbook_target_up", target=name) == 1
         assert value(second, "runbook_target_up", target=gated) == 1
         assert value(second, "runbook_target_up", target="down") == 0
+        assert value(second, "runbook_target_up", target="bare") == 0
         assert value(second, "runbook_runs", target="down", state="running") is None
         assert number(second, "runbook_target_scrape_duration_seconds", target="down") >= 0
 
@@ -202,7 +207,8 @@ def test_exporter_during_a_backfill(
             for form in (password, quote(password, safe=""), quote(password)):
                 assert form not in text
         log = exporter.log_path.read_text()
-        assert "target down is not scraped" in log
+        assert "target down is not scraped: target 'down': database at 127.0.0.1" in log
+        assert "target bare is not scraped: target 'bare' has no ledger yet" in log
         assert password not in log and quote(password, safe="") not in log
 
         # A second exporter on the same port: one line, exit 2.
