@@ -12,7 +12,7 @@ from jobs.errors import (
     UnknownBackfill,
 )
 from jobs.lazy import lazy
-from jobs.ledger import read
+from jobs.ledger import overview, read
 from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL, BackfillState
 
@@ -191,7 +191,7 @@ def backfill_status(
             raise UnknownBackfill(
                 f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
             )
-        return read.progress(conn, bf)
+        return overview.progress(conn, bf)
 
 
 def follow_backfill(

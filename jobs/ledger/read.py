@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.ledger.records import Backfill, Run, Slice, Step, backfill_progress
+from jobs.ledger.records import Backfill, Run, Slice, Step
 
 SCHEMA = "runbook"
 
@@ -115,71 +115,3 @@ def last_throttle(conn: Any, backfill_id: str) -> tuple[str, Any] | None:
     """The latest database signal any slice waited on, and when (LAST_THROTTLE)."""
     found = _rows(conn, LAST_THROTTLE, {"id": backfill_id})
     return None if not found else (str(found[0]["throttle_reason"]), found[0]["throttled_at"])
-
-
-# -- what `runbook exporter` reads at each scrape (jobs/metrics/facts.py) ------------------------
-
-RUNS_BY_STATE = (
-    f"SELECT state, count(*) AS n FROM {SCHEMA}.runs WHERE target = %(target)s GROUP BY state"
-)
-# The target's unfinished run (one at most: admission refuses a second), newest first.
-CURRENT_RUN = (
-    f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs WHERE target = %(target)s "
-    "AND finished_at IS NULL ORDER BY created_at DESC LIMIT 1"
-)
-LAST_FINISHED_RUN = (
-    f"SELECT {RUN_COLUMNS} FROM {SCHEMA}.runs WHERE target = %(target)s "
-    "AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1"
-)
-# Backfills not finished, and those finished within the last %(hours)s hours; newest first.
-RECENT_BACKFILLS = (
-    f"SELECT {BACKFILL_COLUMNS} FROM {SCHEMA}.backfills b WHERE b.target = %(target)s "
-    "AND (b.finished_at IS NULL OR b.finished_at > now() - make_interval(hours => %(hours)s)) "
-    "ORDER BY b.finished_at IS NOT NULL, b.created_at DESC LIMIT %(n)s"
-)
-# Each slice's throttled time and the latest reason it waited for (the ledger keeps no time
-# per reason).
-SLICE_THROTTLES = (
-    f"SELECT slice, throttled_ms, throttle_reason FROM {SCHEMA}.backfill_slices "
-    "WHERE backfill_id = %(id)s ORDER BY slice"
-)
-
-
-def runs_by_state(conn: Any, target: str) -> dict[str, int]:
-    """How many of the target's runs are in each state (states with none are absent)."""
-    return {r["state"]: int(r["n"]) for r in _rows(conn, RUNS_BY_STATE, {"target": target})}
-
-
-def _run_with_steps(conn: Any, sql: str, target: str) -> Run | None:
-    found = _rows(conn, sql, {"target": target})
-    return None if not found else get_run(conn, found[0]["id"])
-
-
-def current_run(conn: Any, target: str) -> Run | None:
-    """The target's unfinished run with its steps, or None."""
-    return _run_with_steps(conn, CURRENT_RUN, target)
-
-
-def last_finished_run(conn: Any, target: str) -> Run | None:
-    """The target's most recently finished run with its steps, or None."""
-    return _run_with_steps(conn, LAST_FINISHED_RUN, target)
-
-
-def recent_backfills(conn: Any, target: str, hours: int = 24, limit: int = 50) -> list[Backfill]:
-    """The target's unfinished backfills and those finished in the last ``hours`` (at most
-    ``limit``, unfinished first), their counters summed over their slices."""
-    found = _rows(conn, RECENT_BACKFILLS, {"target": target, "hours": hours, "n": limit})
-    return [Backfill(**r) for r in found]
-
-
-def progress(conn: Any, bf: Backfill) -> dict[str, Any]:
-    """The backfill's progress as status shows it (records.backfill_progress)."""
-    return backfill_progress(
-        bf, recent_rate(conn, bf.id), last_throttle(conn, bf.id), list_slices(conn, bf.id)
-    )
-
-
-def slice_throttles(conn: Any, backfill_id: str) -> list[tuple[int, int, str | None]]:
-    """(slice, throttled milliseconds, latest reason or None) of each slice, in key order."""
-    found = _rows(conn, SLICE_THROTTLES, {"id": backfill_id})
-    return [(int(r["slice"]), int(r["throttled_ms"]), r["throttle_reason"]) for r in found]

@@ -1,10 +1,10 @@
 """What `runbook exporter` reads from one target's ledger at each scrape, as plain records.
 
-Read with plain psycopg2 on a read-only session (jobs/pg/connect.py ``reading``, the reads of
-jobs/ledger/read.py), as `runbook status` reads: no SQLAlchemy, so the exporter stays light
-and a scrape costs a handful of indexed queries per target. A target that cannot be read
-(broken entry, database down, no ledger yet) gives facts with ``up`` false and the one line
-saying why; nothing is raised to the scrape.
+Read with plain psycopg2 on a read-only session (jobs/pg/connect.py ``reading``; the reads of
+jobs/ledger/read.py and jobs/ledger/overview.py), as `runbook status` reads: no SQLAlchemy, so
+the exporter stays light and a scrape costs a handful of indexed queries per target. A target
+that cannot be read (broken entry, database down, no ledger yet) gives facts with ``up``
+false and the one line saying why; nothing is raised to the scrape.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.config import Settings, Target, redact
-from jobs.ledger import read
+from jobs.ledger import overview, read
 from jobs.ledger.records import Run
 from jobs.pg import connect
 
@@ -53,19 +53,19 @@ def _read_ledger(t: Target) -> TargetFacts:
     with connect.reading(t) as conn:
         if not read.exists(conn):
             return TargetFacts(t.name, up=False, error=f"target {t.name!r} has no ledger yet")
-        found = read.recent_backfills(conn, t.name, RECENT_HOURS, MAX_BACKFILLS)
+        found = overview.recent_backfills(conn, t.name, RECENT_HOURS, MAX_BACKFILLS)
         return TargetFacts(
             t.name,
             up=True,
-            runs_by_state=read.runs_by_state(conn, t.name),
-            current=read.current_run(conn, t.name),
-            last=read.last_finished_run(conn, t.name),
+            runs_by_state=overview.runs_by_state(conn, t.name),
+            current=overview.current_run(conn, t.name),
+            last=overview.last_finished_run(conn, t.name),
             backfills=[
                 BackfillFacts(
-                    read.progress(conn, bf),
+                    overview.progress(conn, bf),
                     [
                         SliceThrottle(n, ms / 1000, reason)
-                        for n, ms, reason in read.slice_throttles(conn, bf.id)
+                        for n, ms, reason in overview.slice_throttles(conn, bf.id)
                     ],
                 )
                 for bf in found
