@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.config import Settings, Target, redact
+from jobs.errors import RunbookError
 from jobs.ledger import overview, read
 from jobs.ledger.records import Run
 from jobs.pg import connect
@@ -81,9 +82,11 @@ def read_target(settings: Settings, name: str) -> TargetFacts:
     else:
         try:
             facts = _read_ledger(settings.targets[name])
-        except Exception as exc:  # down, or gone mid-read: the other targets still scrape
-            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            facts = TargetFacts(name, up=False, error=redact(line))
+        except RunbookError as exc:  # unreachable, login refused: its one line
+            facts = TargetFacts(name, up=False, error=str(exc))
+        except Exception as exc:  # gone mid-read, a timeout: the other targets still scrape
+            first = (str(exc).strip().splitlines() or [""])[0]
+            facts = TargetFacts(name, up=False, error=redact(f"{type(exc).__name__}: {first}"))
     facts.read_s = time.monotonic() - started
     return facts
 
