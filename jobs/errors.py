@@ -185,6 +185,13 @@ class RehearsalRefused(RunbookError):
     """Raised when a rehearsal refuses an upgrade before running it, as an apply would."""
 
 
+# -- the exporter ----------------------------------------------------------------------------
+
+
+class ExporterUnavailable(RunbookError):
+    """Raised when `runbook exporter` cannot listen on the host and port it was given."""
+
+
 # -- the demo --------------------------------------------------------------------------------
 
 

@@ -12,8 +12,7 @@ from jobs.errors import (
     UnknownBackfill,
 )
 from jobs.lazy import lazy
-from jobs.ledger import read
-from jobs.ledger.records import backfill_progress
+from jobs.ledger import overview, read
 from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL, BackfillState
 
@@ -242,12 +241,7 @@ def backfill_status(
             raise UnknownBackfill(
                 f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
             )
-        return backfill_progress(
-            bf,
-            read.recent_rate(conn, backfill_id),
-            read.last_throttle(conn, backfill_id),
-            read.list_slices(conn, backfill_id),
-        )
+        return overview.progress(conn, bf)
 
 
 def follow_backfill(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobs.cli import backfills, backups, runs, targets
+from jobs.cli import backfills, backups, exporter, runs, targets
 from jobs.cli.options import Command, Group
 from jobs.cli.render import err, friendly
 from jobs.lazy import lazy_callable
@@ -79,6 +79,7 @@ for command in (
     backfills.backfills,
     backfills.pause,
     targets.targets,
+    exporter.exporter,
     worker,
     demo,
 ):

@@ -235,6 +235,7 @@ def backfill_progress(
         "state": bf.state,
         "rows_done": bf.rows_done,
         "rows_total": total,
+        "rows_left": remaining,
         "estimate": bf.estimate_kind,
         "percent": percent,
         "rate_rows_s": round(rate) if rate else None,

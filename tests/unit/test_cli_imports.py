@@ -18,6 +18,7 @@ HEAVY = (
     "rich",
     "pydantic",
     "pydantic_core",
+    "prometheus_client",
 )
 
 
@@ -44,7 +45,7 @@ def test_help_imports_no_heavy_module() -> None:
 
 
 def test_command_help_imports_no_heavy_module() -> None:
-    for command in ("apply", "status", "backfill"):
+    for command in ("apply", "status", "backfill", "exporter"):
         proc, names = imported_by(command, "--help")
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"Usage: runbook {command}" in proc.stdout

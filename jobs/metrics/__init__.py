@@ -1,0 +1,1 @@
+"""`runbook exporter`: Prometheus metrics read from the targets' ledgers at each scrape."""

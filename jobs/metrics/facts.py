@@ -1,0 +1,101 @@
+"""What `runbook exporter` reads from one target's ledger at each scrape, as plain records.
+
+Read with plain psycopg2 on a read-only session (jobs/pg/connect.py ``reading``; the reads of
+jobs/ledger/read.py and jobs/ledger/overview.py), as `runbook status` reads: no SQLAlchemy, so
+the exporter stays light and a scrape costs a handful of indexed queries per target. A target
+that cannot be read (broken entry, database down, no ledger yet) gives facts with ``up``
+false and the one line saying why; nothing is raised to the scrape.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.config import Settings, Target, redact
+from jobs.errors import RunbookError
+from jobs.ledger import overview, read
+from jobs.ledger.records import Run
+from jobs.pg import connect
+
+# Finished backfills stay on the board this long, and at most this many per target.
+RECENT_HOURS = 24
+MAX_BACKFILLS = 50
+
+
+@dataclass
+class SliceThrottle:
+    slice: int
+    throttled_s: float
+    reason: str | None  # the latest reason the slice waited for, as the ledger words it
+
+
+@dataclass
+class BackfillFacts:
+    progress: dict[str, Any]  # records.backfill_progress, as `runbook status` shows it
+    throttles: list[SliceThrottle] = field(default_factory=list)
+
+
+@dataclass
+class TargetFacts:
+    target: str
+    up: bool
+    read_s: float = 0.0
+    error: str | None = None  # why it is not up: one line, password redacted
+    runs_by_state: dict[str, int] = field(default_factory=dict)
+    current: Run | None = None
+    last: Run | None = None
+    backfills: list[BackfillFacts] = field(default_factory=list)
+
+
+def _read_ledger(t: Target) -> TargetFacts:
+    with connect.reading(t) as conn:
+        if not read.exists(conn):
+            return TargetFacts(t.name, up=False, error=f"target {t.name!r} has no ledger yet")
+        found = overview.recent_backfills(conn, t.name, RECENT_HOURS, MAX_BACKFILLS)
+        return TargetFacts(
+            t.name,
+            up=True,
+            runs_by_state=overview.runs_by_state(conn, t.name),
+            current=overview.current_run(conn, t.name),
+            last=overview.last_finished_run(conn, t.name),
+            backfills=[
+                BackfillFacts(
+                    overview.progress(conn, bf),
+                    [
+                        SliceThrottle(n, ms / 1000, reason)
+                        for n, ms, reason in overview.slice_throttles(conn, bf.id)
+                    ],
+                )
+                for bf in found
+            ],
+        )
+
+
+def read_target(settings: Settings, name: str) -> TargetFacts:
+    """One target's facts; ``up`` false with the reason when its ledger cannot be read."""
+    started = time.monotonic()
+    if name in settings.broken:
+        facts = TargetFacts(name, up=False, error=settings.broken[name])
+    else:
+        try:
+            facts = _read_ledger(settings.targets[name])
+        except RunbookError as exc:  # unreachable, login refused: its one line
+            facts = TargetFacts(name, up=False, error=str(exc))
+        except Exception as exc:  # gone mid-read, a timeout: the other targets still scrape
+            first = (str(exc).strip().splitlines() or [""])[0]
+            facts = TargetFacts(name, up=False, error=redact(f"{type(exc).__name__}: {first}"))
+    facts.read_s = time.monotonic() - started
+    return facts
+
+
+def read_all(settings: Settings) -> list[TargetFacts]:
+    """Every configured target's facts, read side by side: a slow host holds the scrape up by
+    its connect timeout at most (jobs/pg/connect.py), not by the sum of them."""
+    names = settings.names
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        return list(pool.map(lambda n: read_target(settings, n), names))
