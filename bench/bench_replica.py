@@ -88,7 +88,7 @@ SIDES = {
     "free": ('replicas = "ignore"\n', "no replica bound, replicas = ignore"),
     "bounded": (
         'max_replica_lag_bytes = "16MiB"\nmax_replica_lag = "1s"\nthrottle_check = "250ms"\n',
-        "bound 16 MiB / 1 s, checked every 250 ms",
+        "bound 16 MiB / 1 s, checked before each batch (throttle_check 250 ms while waiting)",
     ),
 }
 
