@@ -25,15 +25,21 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from jobs.config_values import (
+    OWN_ERROR,
+    Refusal,
+    milliseconds,
+    rate,
+    refuse,
+    size_bytes,
+)
 from jobs.errors import ConfigError, UnknownTarget
 from jobs.pg.url import PgURL, parse
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "runbook"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min)?\s*$")
 
 # Passwords seen by this process; redact() removes them from any text leaving it.
 _SECRETS: set[str] = set()
@@ -177,104 +183,8 @@ class Settings:
 
 
 # runbook.toml as declarative models. Each key's wrong value gets one line that says what the
-# key must hold (_Refusal below, or the validator's own message); _one_line turns pydantic's
-# ValidationError, whose text spans several lines, into that line.
-
-_OWN = "runbook"  # the error type of the lines this module words itself
-
-
-def _refuse(line: str) -> PydanticCustomError:
-    """A validation error whose message is ``line`` exactly."""
-    return PydanticCustomError(_OWN, "{line}", {"line": line})
-
-
-@dataclass(frozen=True)
-class _Refusal:
-    """The one line for a value of the wrong type or range: ``template`` with {key} and {value}."""
-
-    template: str
-
-
-def _duration_of(value: object, key: str) -> int:
-    wrong = f"{key}: expected a duration such as 2s or 500ms, got {value!r}"
-    if isinstance(value, bool):
-        raise _refuse(wrong)
-    if isinstance(value, int | float):
-        ms = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise _refuse(wrong)
-        scale = {"ms": 1, "s": 1000, "min": 60000, None: 1}[match.group(2)]
-        ms = float(match.group(1)) * scale
-    if ms <= 0:
-        raise _refuse(f"{key}: must be greater than zero, got {value!r}")
-    return int(ms)
-
-
-def _milliseconds(value: object, info: ValidationInfo) -> int:
-    """Parse 2000, "2s", "500ms" or "1min" into milliseconds."""
-    return _duration_of(value, str(info.field_name))
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?B|B)?\s*$")
-_SIZE_SCALE = {None: 1, "B": 1, "kB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
-_SIZE_SCALE.update({"kiB": 1 << 10, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40})
-
-
-def _size_of(value: object, key: str, what: str, examples: str = "64MB or 1GiB") -> int:
-    wrong = f"{key}: expected {what} such as {examples}, got {value!r}"
-    if isinstance(value, bool):
-        raise _refuse(wrong)
-    if isinstance(value, int | float):
-        size = float(value)
-    else:
-        match = _SIZE.match(str(value).removesuffix("/s"))
-        if not match or match.group(2) not in _SIZE_SCALE:
-            raise _refuse(wrong)
-        size = float(match.group(1)) * _SIZE_SCALE[match.group(2)]
-    if size <= 0:
-        raise _refuse(f"{key}: must be greater than zero, got {value!r}")
-    return int(size)
-
-
-def _bytes(value: object, info: ValidationInfo) -> int:
-    """Parse 67108864, "64MB", "64MiB" or "1GiB" into bytes."""
-    return _size_of(value, str(info.field_name), "a size")
-
-
-def _rate_of(value: object, key: str) -> int:
-    # A bare number, written as one or as text (a command line's), is MB a second.
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        value = f"{value}MB"
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
-        value = f"{value.strip()}MB"
-    return _size_of(value, key, "a rate", "20 (MB/s) or 512kB/s")
-
-
-def _rate(value: object, info: ValidationInfo) -> int:
-    """Parse a WAL rate: a number of MB a second (20), or "20MB/s", "512kB/s"; bytes/s."""
-    return _rate_of(value, str(info.field_name))
-
-
-_PARSERS = {
-    "duration": _duration_of,
-    "size": lambda value, key: _size_of(value, key, "a size"),
-    "rate": _rate_of,
-}
-
-
-ValueKind = Literal["duration", "size", "rate"]
-
-
-def parse_value(kind: ValueKind, value: object, key: str) -> int:
-    """A value given outside runbook.toml (a command-line option, an API argument), parsed as
-    runbook.toml parses its keys: a duration in ms, a size in bytes, a rate in bytes/s.
-    ConfigError naming ``key`` when it is not one."""
-    try:
-        return int(_PARSERS[kind](value, key))
-    except PydanticCustomError as exc:
-        raise ConfigError(exc.message()) from None
+# key must hold (a Refusal, jobs/config_values.py, or the validator's own message); _one_line
+# turns pydantic's ValidationError, whose text spans several lines, into that line.
 
 
 def _project_path(value: object, info: ValidationInfo) -> Path:
@@ -282,7 +192,7 @@ def _project_path(value: object, info: ValidationInfo) -> Path:
     try:
         path = Path(str(value)).expanduser()
     except RuntimeError:  # ~name of a user this machine does not know
-        raise _refuse(
+        raise refuse(
             f"{info.field_name}: cannot expand {value!r} (unknown user); write the path out"
         ) from None
     base: Path = info.context["base"] if info.context else Path.cwd()
@@ -297,19 +207,19 @@ def _truthy_text(value: object) -> str | None:
     return str(value) if value else None
 
 
-_Milliseconds = Annotated[int, BeforeValidator(_milliseconds)]
-_Bytes = Annotated[int, BeforeValidator(_bytes)]
-_Rate = Annotated[int, BeforeValidator(_rate)]
+_Milliseconds = Annotated[int, BeforeValidator(milliseconds)]
+_Bytes = Annotated[int, BeforeValidator(size_bytes)]
+_Rate = Annotated[int, BeforeValidator(rate)]
 _ProjectPath = Annotated[Path, BeforeValidator(_project_path)]
 # Program names and the like: whatever TOML value is given, as its text.
 _Text = Annotated[str, BeforeValidator(str)]
 _OptionalText = Annotated[
-    str | None, BeforeValidator(_blank_is_none), _Refusal("{key} must be a string, got {value!r}")
+    str | None, BeforeValidator(_blank_is_none), Refusal("{key} must be a string, got {value!r}")
 ]
-_Flag = Annotated[bool, _Refusal("{key} must be true or false, got {value!r}")]
-_Count = Annotated[int, Field(ge=0), _Refusal("{key} must be a whole number >= 0, got {value!r}")]
+_Flag = Annotated[bool, Refusal("{key} must be true or false, got {value!r}")]
+_Count = Annotated[int, Field(ge=0), Refusal("{key} must be a whole number >= 0, got {value!r}")]
 _PositiveCount = Annotated[
-    int, Field(ge=1), _Refusal("{key} must be a whole number >= 1, got {value!r}")
+    int, Field(ge=1), Refusal("{key} must be a whole number >= 1, got {value!r}")
 ]
 
 
@@ -329,7 +239,7 @@ class _TargetTable(BaseModel):
     lock_timeout: _Milliseconds = 2000
     lock_retries: _Count = 8
     lock_retry_backoff: Annotated[
-        float, Field(ge=0), _Refusal("{key} must be seconds >= 0, got {value!r}")
+        float, Field(ge=0), Refusal("{key} must be seconds >= 0, got {value!r}")
     ] = 0.5
     statement_timeout: _Milliseconds | None = None
     health_url: Annotated[str | None, BeforeValidator(_truthy_text)] = None
@@ -346,13 +256,13 @@ class _TargetTable(BaseModel):
     hook_timeout: _Milliseconds = 60_000
     require_rehearsal: _Flag = False
     lint_allow: Annotated[
-        list[str], _Refusal("{key}: expected a list of rule names, got {value!r}")
+        list[str], Refusal("{key}: expected a list of rule names, got {value!r}")
     ] = []
     preflight_wait: _Milliseconds = 30_000
     long_running: _Milliseconds = 60_000
     replicas: Annotated[
         Literal["check", "ignore", "require"],
-        _Refusal('{key} must be "check", "ignore" or "require", got {value!r}'),
+        Refusal('{key} must be "check", "ignore" or "require", got {value!r}'),
     ] = "check"
     max_replica_lag: _Milliseconds = 2000
     max_replica_lag_bytes: _Bytes = 64 << 20
@@ -362,7 +272,7 @@ class _TargetTable(BaseModel):
     max_throttle: _Milliseconds = 30 * 60_000
     replica_wait: _Milliseconds = 5 * 60_000
     replica_urls: Annotated[
-        list[str], _Refusal("{key}: expected a list of PostgreSQL URLs, got {value!r}")
+        list[str], Refusal("{key}: expected a list of PostgreSQL URLs, got {value!r}")
     ] = []
 
     # Parsed by normalize_url once the keys above are valid; the password stays on this side.
@@ -372,11 +282,11 @@ class _TargetTable(BaseModel):
     @model_validator(mode="after")
     def _one_database(self) -> _TargetTable:
         if (self.url is None) == (self.url_env is None):
-            raise _refuse('give exactly one of url = "..." or url_env = "VAR"')
+            raise refuse('give exactly one of url = "..." or url_env = "VAR"')
         if self.url_env is not None:
             raw = os.environ.get(self.url_env)
             if not raw:
-                raise _refuse(f"environment variable {self.url_env} (url_env) is not set")
+                raise refuse(f"environment variable {self.url_env} (url_env) is not set")
             what = f"URL in ${self.url_env}"
         else:
             raw, what = self.url, "url"
@@ -386,7 +296,7 @@ class _TargetTable(BaseModel):
                 normalize_url(u, f"replica_urls[{i}]") for i, u in enumerate(self.replica_urls)
             )
         except ConfigError as exc:
-            raise _refuse(str(exc)) from None
+            raise refuse(str(exc)) from None
         return self
 
     def target(self, name: str) -> Target:
@@ -454,10 +364,10 @@ def _one_line(error: ValidationError, raw: dict[str, object]) -> str:
         known = ", ".join(sorted(_TARGET_KEYS))
         return f"unknown option {unknown[0]!r} (known: {known})"
     first = error.errors(include_url=False)[0]
-    if first["type"] == _OWN:
+    if first["type"] == OWN_ERROR:
         return str(first["msg"])
     key = str(first["loc"][0])
-    refusals = [m for m in _TargetTable.model_fields[key].metadata if isinstance(m, _Refusal)]
+    refusals = [m for m in _TargetTable.model_fields[key].metadata if isinstance(m, Refusal)]
     template = refusals[0].template if refusals else "{key} is not valid, got {value!r}"
     return template.format(key=key, value=raw[key])
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from jobs.config import Settings, Target, ValueKind, parse_value
+from jobs.config import Settings, Target
+from jobs.config_values import ValueKind, parse_value
 from jobs.errors import (
     BrokerUnavailable,
     RunbookError,

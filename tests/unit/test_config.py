@@ -375,7 +375,7 @@ def test_a_bad_database_url_alone_is_a_broken_default(
 
 
 def test_a_value_given_outside_the_file_is_parsed_as_the_file_parses_it() -> None:
-    from jobs.config import parse_value
+    from jobs.config_values import parse_value
 
     assert parse_value("duration", "2s", "--max-replica-lag") == 2000
     assert parse_value("duration", "30min", "--max-throttle") == 1_800_000
