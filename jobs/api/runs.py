@@ -344,7 +344,7 @@ def wait(
 
 # While notifications come (each batch of a run's backfill announces the run), the run is
 # read at most this often; without any, every ``interval_s`` of ``follow_run``.
-FOLLOW_REREAD_S = 0.25
+FOLLOW_REREAD_S = 0.1
 
 
 def follow_run(
