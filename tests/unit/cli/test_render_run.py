@@ -11,6 +11,7 @@ from rich.console import Console
 
 from jobs.cli import render_run
 from jobs.cli.render import backfill_line
+from tests.unit.cli.test_render import progress as render_progress
 
 T0 = datetime(2026, 1, 5, 9, 0, 0, tzinfo=UTC)
 
@@ -37,30 +38,9 @@ def step(
 
 
 def progress(**fields: Any) -> dict[str, Any]:
-    """A backfill's progress as jobs/ledger/records.py ``backfill_progress`` gives it."""
-    now: dict[str, Any] = {
-        "backfill_id": "bf01",
-        "table": "items",
-        "set": "v = 1",
-        "where": None,
-        "state": "running",
-        "rows_done": 1500,
-        "rows_total": 3000,
-        "estimate": "counted",
-        "percent": 50.0,
-        "rate_rows_s": 900,
-        "eta_s": 2,
-        "throttled_s": 0.0,
-        "throttle": None,
-        "throttling": None,
-        "throttling_s": None,
-        "pause_reason": None,
-        "replica_note": None,
-        "skipped": 0,
-        "slices": [{"slice": 0, "state": "active"}],
-        "error": None,
-    }
-    return {**now, **fields}
+    """A backfill half done (tests/unit/cli/test_render.py's, as the run's watch reads it)."""
+    half = {"backfill_id": "bf01", "rows_total": 3000, "percent": 50.0, "rate_rows_s": 900}
+    return {**render_progress(**half), "error": None, **fields}
 
 
 def watch(
