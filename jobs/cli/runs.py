@@ -69,7 +69,8 @@ def _watch(run_id: str, target: str | None, as_json: bool) -> None:
     nothing but the final record with --json); exit by its outcome, as `status` does."""
     updates = api.follow_run(run_id, target)
     if as_json:
-        final = list(updates)[-1]
+        for final in updates:
+            pass
         click.echo(json.dumps(final["run"], indent=2))
     elif err.is_terminal:
         final = _draw(updates)
