@@ -9,6 +9,7 @@ progress}, "clock_offset_s": …}``. rich is imported here only, and only by the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,8 +69,33 @@ def _backfill_cell(progress: dict[str, Any]) -> Table:
     return grid
 
 
-def run_view(watch: dict[str, Any], now: datetime) -> Group:
-    """The run at ``now`` (the database's clock): a header line and a table of its steps."""
+def _step_row(step: dict[str, Any], watch: dict[str, Any], now: datetime) -> list[Any]:
+    """A step's cells: kind, revision, state, time, and what its detail adds (notes, the
+    error of a failed step, the bars of a backfill step)."""
+    state = step["state"]
+    if step.get("attempts", 1) > 1:
+        state += f" (attempt {step['attempts']})"
+    seconds = elapsed(step.get("started_at"), step.get("finished_at"), now)
+    named = f"{step['kind']}{' ' + step['revision'] if step.get('revision') else ''}: "
+    detail: list[Any] = [Text(note.removeprefix(named)) for note in step_notes(step)]
+    if step.get("error") and step["state"] == StepState.FAILED:
+        detail.insert(0, Text(step["error"]))
+    if step["kind"] == StepKind.BACKFILL:
+        found = watch["backfills"]
+        detail += [_backfill_cell(found[i]) for i in backfill_ids(step) if i in found]
+    return [
+        step["kind"],
+        step.get("revision") or "",
+        state,
+        "" if seconds is None else took(seconds),
+        Group(*detail) if detail else "",
+    ]
+
+
+def run_view(watch: dict[str, Any], now: datetime, max_rows: int | None = None) -> Group:
+    """The run at ``now`` (the database's clock): a header line and a table of its steps;
+    past ``max_rows`` steps the earliest are folded into one row (a terminal's Live cannot
+    redraw what scrolled off the screen)."""
     run = watch["run"]
     spent = elapsed(run.get("started_at") or run.get("created_at"), run.get("finished_at"), now)
     head = (
@@ -79,31 +105,22 @@ def run_view(watch: dict[str, Any], now: datetime) -> Group:
     if spent is not None:
         head += f", {took(spent)}"
     table = Table("step", "revision", "state", "time", "", expand=False)
-    for step in run["steps"]:
-        state = step["state"]
-        if step.get("attempts", 1) > 1:
-            state += f" (attempt {step['attempts']})"
-        seconds = elapsed(step.get("started_at"), step.get("finished_at"), now)
-        named = f"{step['kind']}{' ' + step['revision'] if step.get('revision') else ''}: "
-        detail: list[Any] = [Text(note.removeprefix(named)) for note in step_notes(step)]
-        if step.get("error") and step["state"] == StepState.FAILED:
-            detail.insert(0, Text(step["error"]))
-        if step["kind"] == StepKind.BACKFILL:
-            detail += [
-                _backfill_cell(watch["backfills"][i])
-                for i in backfill_ids(step)
-                if i in watch["backfills"]
-            ]
-        table.add_row(
-            step["kind"],
-            step.get("revision") or "",
-            state,
-            "" if seconds is None else took(seconds),
-            Group(*detail) if detail else "",
-        )
+    steps = run["steps"]
+    if max_rows is not None and len(steps) > max_rows:
+        shown = max(max_rows - 1, 1)  # and one row for the rest
+        folded, steps = steps[:-shown], steps[-shown:]
+        states = Counter(s["state"] for s in folded)
+        said = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        table.add_row(f"… {len(folded)} earlier steps", "", said, "", "")
+    for step in steps:
+        table.add_row(*_step_row(step, watch, now))
     if not run["steps"] and run["state"] == ENQUEUED:
         table.add_row("", "", "", "", "waiting for a worker to start the run")
     return Group(Text(head), table)
+
+
+# Lines of the view that are not step rows: the header line and the table's borders and head.
+FRAME_LINES = 5
 
 
 class LiveRun:
@@ -121,7 +138,9 @@ class LiveRun:
         if self.watch is None:
             return
         now = self._clock() + timedelta(seconds=self.watch.get("clock_offset_s") or 0.0)
-        yield run_view(self.watch, now)
+        # A backfill step's row takes a line or two more (its bar and line wrap).
+        fits = (options.height or console.height) - FRAME_LINES - 2
+        yield run_view(self.watch, now, max_rows=max(fits, 3))
 
 
 class RunLines:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import TYPE_CHECKING, Any, cast
@@ -69,8 +70,7 @@ def _watch(run_id: str, target: str | None, as_json: bool) -> None:
     nothing but the final record with --json); exit by its outcome, as `status` does."""
     updates = api.follow_run(run_id, target)
     if as_json:
-        for final in updates:
-            pass
+        final = deque(updates, maxlen=1)[0]  # the last: the run as it ended
         click.echo(json.dumps(final["run"], indent=2))
     elif err.is_terminal:
         final = _draw(updates)

@@ -74,7 +74,10 @@ def rows(screen: str) -> dict[str, list[str]]:
     """The table's rows by their first cell: the cells' text, stripped."""
     found = {}
     for line in screen.splitlines():
-        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        line = line.strip()
+        if not (line.startswith("│") and line.endswith("│")):
+            continue
+        cells = [c.strip() for c in line[1:-1].split("│")]
         if len(cells) >= 4 and cells[0]:
             found[f"{cells[0]} {cells[1]}".strip()] = cells
     return found
@@ -224,3 +227,26 @@ def test_a_backfills_progress_is_logged_on_a_state_change_and_else_every_few_sec
     assert seen(rows_done=1100, state="running") != []  # resumed: its state changed
     clock[0] = 106.0
     assert seen(rows_done=3000, state="succeeded") != []  # and ended, at once
+
+
+def test_a_long_run_folds_its_earliest_steps_into_one_row_to_fit_the_terminal() -> None:
+    steps = [step("upgrade", f"r{i}", "succeeded", i, i + 1.0) for i in range(1, 30)]
+    steps.append(step("upgrade", "r30", "running", 30.0, None))
+    snapshot = watch(steps=steps)
+    table = rows(text_of(render_run.run_view(snapshot, T0 + timedelta(seconds=31), max_rows=5)))
+    assert list(table) == [
+        "… 26 earlier steps",
+        "upgrade r27",
+        "upgrade r28",
+        "upgrade r29",
+        "upgrade r30",
+    ]
+    assert table["… 26 earlier steps"][2] == "26 succeeded"
+    assert table["upgrade r30"][2:4] == ["running", "1.0s"]
+    # On a terminal the view asks for what fits: 12 lines, 5 for the frame, 2 for a backfill.
+    console = Console(record=True, width=160, height=12, color_system=None, file=io.StringIO())
+    view = render_run.LiveRun(clock=lambda: T0 + timedelta(seconds=31))
+    view.update(snapshot)
+    console.print(view)
+    assert len(rows(console.export_text())) == 5
+    assert len(console.export_text().splitlines()) <= 12
