@@ -2,7 +2,7 @@
 table redrawn in place (rich Live) with each step's state and time, the current step's time
 ticking and a bar for each backfill a step runs; elsewhere one line per change.
 
-Both read the snapshots jobs/api/runs.py ``follow`` yields: ``{"run": …, "backfills": {id:
+Both read the snapshots jobs/api/runs.py ``follow_run`` yields: ``{"run": …, "backfills": {id:
 progress}, "clock_offset_s": …}``. rich is imported here only, and only by the watch.
 """
 
