@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     Config,
     Databases,
     Worker,
+    open_gate,
     project_target,
     query,
     runbook_cli,
@@ -33,17 +34,26 @@ pytestmark = pytest.mark.integration
 ROWS = 1500
 
 
-def revisions(ms_per_row: int, fail_after: bool = False) -> list[Rev]:
-    """r1 creates and fills items and takes 2 s; r2 declares a backfill of items whose rows
-    cost ``ms_per_row`` each; r3, when asked for, fails (the run rolls back)."""
+# r1 waits for a row in `gate` (0.05 s a look, 2 min at most), as conftest's GATED does.
+UNTIL_THE_GATE_OPENS = (
+    'op.execute("DO $$ BEGIN FOR i IN 1..2400 LOOP EXIT WHEN EXISTS (SELECT 1 FROM gate); '
+    'PERFORM pg_sleep(0.05); END LOOP; END $$")'
+)
+
+
+def revisions(
+    ms_per_row: int, fail_after: bool = False, hold: str = "op.execute('SELECT pg_sleep(2)')"
+) -> list[Rev]:
+    """r1 creates and fills items, then ``hold`` (2 s by default); r2 declares a backfill
+    of items whose rows cost ``ms_per_row`` each; r3, when asked for, fails (the run rolls
+    back)."""
     found = [
         Rev(
             "r1",
             "op.execute('CREATE TABLE items (id int PRIMARY KEY, v int)')\n"
             f"op.execute('INSERT INTO items (id) SELECT g FROM generate_series(1, {ROWS}) g')\n"
             'op.execute("CREATE FUNCTION slow_one() RETURNS int LANGUAGE sql '
-            f"AS 'SELECT 1 FROM pg_sleep({ms_per_row / 1000})'\")\n"
-            "op.execute('SELECT pg_sleep(2)')",
+            f"AS 'SELECT 1 FROM pg_sleep({ms_per_row / 1000})'\")\n" + hold,
             "op.execute('DROP TABLE items')\nop.execute('DROP FUNCTION slow_one()')",
         ),
         Rev(
@@ -90,9 +100,9 @@ def test_apply_wait_on_a_terminal_redraws_the_steps_in_place_with_times_and_the_
 def test_status_watch_in_a_pipe_prints_a_line_per_change_and_exits_by_the_outcome(
     worker: Worker, config: Config, databases: Databases, tmp_path: Path
 ) -> None:
-    name, _ = project_target(
-        config, databases, tmp_path, revisions(5, fail_after=True), backup=False
-    )
+    held = revisions(5, fail_after=True, hold=UNTIL_THE_GATE_OPENS)
+    name, dbname = project_target(config, databases, tmp_path, held, backup=False)
+    query(dbname, "CREATE TABLE gate (opened_at timestamptz NOT NULL DEFAULT now())")
     started = runbook_cli("apply", "--target", name)
     assert started.returncode == 0, started.stderr
     run_id = started.stdout.strip()
@@ -108,6 +118,8 @@ def test_status_watch_in_a_pipe_prints_a_line_per_change_and_exits_by_the_outcom
     heard: list[tuple[float, str]] = []  # (when, line): how often backfill lines come
     for line in watch.stderr:
         heard.append((time.monotonic(), line.rstrip("\n")))
+        if heard[-1][1] == "  upgrade r1 running":  # seen starting, wherever the watch began
+            open_gate(dbname)
     code = watch.wait(180)
     lines = [line for _, line in heard]
     text = "\n".join(lines)
