@@ -84,6 +84,11 @@ def test_apply_wait_on_a_terminal_redraws_the_steps_in_place_with_times_and_the_
     ticking = set(re.findall(r"│ upgrade\s+│ r1\s+│ running\s+│ (\d+\.\d)s", screen))
     assert len(ticking) >= 2, screen
     assert f"run {run_id} [{name}] running: base -> r2" in screen, screen
+    # The backfill seen under way: its step running, its line short of every row.
+    (backfill_id,) = query(dbname, "SELECT id FROM runbook.backfills")[0]
+    under_way = re.findall(rf"backfill {backfill_id} running: (\d+) of ~{ROWS} rows", screen)
+    assert re.search(r"│ backfill\s+│ r2\s+│ running\s+│ \d+\.\ds", screen), screen
+    assert under_way and int(under_way[0]) < ROWS, screen
     # The last frame: every step succeeded with its time, and the backfill's bar full.
     last = screen[screen.rindex(f"run {run_id} [{name}] succeeded") :]
     for kind, rev in [("preflight", ""), ("upgrade", "r1"), ("upgrade", "r2")]:
@@ -91,7 +96,6 @@ def test_apply_wait_on_a_terminal_redraws_the_steps_in_place_with_times_and_the_
     # (The bar's colour codes end lines in the screen: \s+ around it.)
     full_bar = r"│ backfill\s+│ r2\s+│ succeeded\s+│ \d+\.\ds\s+│\s+━{30}\s+backfill"
     assert re.search(full_bar, last), last
-    (backfill_id,) = query(dbname, "SELECT id FROM runbook.backfills")[0]
     assert f"backfill {backfill_id} succeeded: {ROWS} of ~{ROWS} rows" in last, last
     assert f"run {run_id} succeeded: base -> r2 (now at r2)" in last, last
     assert query(dbname, "SELECT count(*) FROM items WHERE v = 1") == [(ROWS,)]
