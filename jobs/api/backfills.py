@@ -237,12 +237,19 @@ def backfill_status(
     t = find_backfill(settings, backfill_id, target)
     settle_refused_backfill(settings, t, backfill_id)
     with connect.reading(t) as conn:  # psycopg2 alone, as _locate (jobs/ledger/read.py)
-        bf = read.get_backfill(conn, backfill_id)
-        if bf is None:
+        found = read_progress(conn, backfill_id)
+        if found is None:
             raise UnknownBackfill(
                 f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
             )
-        return overview.progress(conn, bf)
+        return found
+
+
+def read_progress(conn: Any, backfill_id: str) -> dict[str, Any] | None:
+    """The backfill's progress read on a plain psycopg2 connection (jobs/ledger/read.py), as
+    `runbook status` shows it (its run's watch too); None for an unknown backfill."""
+    bf = read.get_backfill(conn, backfill_id)
+    return None if bf is None else overview.progress(conn, bf)
 
 
 def follow_backfill(

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from jobs.config import Settings, Target
@@ -15,7 +16,10 @@ from jobs.errors import (
     RunbookError,
 )
 from jobs.lazy import lazy, lazy_callable
-from jobs.states import CANCELLED, ENQUEUED, RunKind, RunState
+from jobs.ledger import read
+from jobs.ledger.records import Run
+from jobs.pg import connect
+from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, RunKind, RunState, StepKind
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
 # psycopg2 (jobs/ledger/read.py): SQLAlchemy (db, ledger), Alembic (migrate), pglast
@@ -38,6 +42,7 @@ else:
     schema = lazy("jobs.ledger.schema")
     db = lazy("jobs.pg.db")
     Project = lazy_callable("jobs.project.runtime", "Project")
+from jobs.api.backfills import read_progress
 from jobs.api.backups import data_loss
 from jobs.api.common import (
     WAIT_REREAD_S,
@@ -335,6 +340,59 @@ def wait(
             if deadline is not None and time.monotonic() > deadline:
                 raise RunbookError(f"run {run_id} is still {run.state} after {timeout_s:.0f}s")
             notify.wait_for_change(conn, run_id, poll_s)
+
+
+# While notifications come (each batch of a run's backfill announces the run), the run is
+# read at most this often; without any, every ``interval_s`` of ``follow_run``.
+FOLLOW_REREAD_S = 0.1
+
+
+def follow_run(
+    run_id: str,
+    target: str | None = None,
+    *,
+    interval_s: float = 0.5,
+    settings: Settings | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The run now, then again after each change the ledger announces (a step, a state, a
+    batch or a state of its backfills) and at least every ``interval_s``, until it ends: the
+    last one yielded. Each is ``{"run": its record, "backfills": {id: progress} of the
+    backfills its steps started, "clock_offset_s": the database's clock minus this
+    machine's}`` (the ledger's times are the database's). Read with plain psycopg2, as
+    `runbook status` reads (jobs/ledger/read.py)."""
+    settings = resolve_settings(settings)
+    t, _ = find_run(settings, run_id, target)
+    over: dict[str, dict[str, Any]] = {}  # backfills that ended: read once
+    with connect.reading(t) as conn:
+        read.listen(conn)
+        offset = (read.server_now(conn) - datetime.now(UTC)).total_seconds()
+        while True:
+            read_at = time.monotonic()
+            run = read.get_run(conn, run_id)
+            assert run is not None, run_id  # find_run found it; runs are never deleted
+            run = settle_refusal(settings, t, run)
+            progress: dict[str, dict[str, Any]] = {}
+            for backfill_id in _backfills_of(run):
+                found = over.get(backfill_id) or read_progress(conn, backfill_id)
+                if found is not None:
+                    progress[backfill_id] = found
+                    if found["state"] in BACKFILL_TERMINAL:
+                        over[backfill_id] = found
+            yield {"run": run.as_dict(), "backfills": progress, "clock_offset_s": offset}
+            if run.terminal:
+                return
+            read.wait_for_notice(conn, {run_id, *progress}, interval_s)
+            time.sleep(max(0.0, read_at + FOLLOW_REREAD_S - time.monotonic()))
+
+
+def _backfills_of(run: Run) -> list[str]:
+    """The backfills the run's steps started (jobs/run/coordinator.py notes each id)."""
+    return [
+        backfill_id
+        for step in run.steps
+        if step.kind == StepKind.BACKFILL
+        for backfill_id in (step.detail or {}).get("backfills") or []
+    ]
 
 
 def resume(

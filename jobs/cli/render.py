@@ -147,29 +147,6 @@ def step_notes(step: dict[str, Any]) -> list[str]:
     return [f"{step['kind']}{rev}: {note}" for note in notes]
 
 
-def progress_printer() -> Callable[[dict[str, Any]], None]:
-    seen: dict[tuple[str, str | None], tuple[str, int]] = {}
-    noted: set[str] = set()
-    last_state: list[str] = []
-
-    def show(run: dict[str, Any]) -> None:
-        for step in run["steps"]:
-            key = (step["kind"], step["revision"])
-            mark = (step["state"], step["attempts"])
-            if seen.get(key) != mark:
-                seen[key] = mark
-                err.print(f"  {step_line(step)}")
-            for note in step_notes(step):
-                if note not in noted:
-                    noted.add(note)
-                    err.print(f"    {note}")
-        if not last_state or last_state[-1] != run["state"]:
-            err.print(f"run {run['id']} [{run['target']}]: {run['state']}")
-            last_state.append(run["state"])
-
-    return show
-
-
 def summary(run: dict[str, Any]) -> None:
     err.print(
         f"run {run['id']} {run['state']}: {run['from_revision'] or 'base'} -> "

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from functools import wraps
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from jobs.cli.backfills import follow_backfill
 from jobs.cli.options import Command
 from jobs.cli.render import (
+    LazyConsole,
     backfill_line,
     err,
     friendly,
     out,
-    progress_printer,
     statement,
     step_notes,
     summary,
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from jobs import api, ids
+    from jobs.cli.render_run import RunLines
     from jobs.config import load_settings
 else:
     Table = lazy_callable("rich.table", "Table")
+    RunLines = lazy_callable("jobs.cli.render_run", "RunLines")
     api = lazy("jobs.api")
     ids = lazy("jobs.ids")
     load_settings = lazy_callable("jobs.config", "load_settings")
@@ -59,12 +62,43 @@ def follow_run(
         return
     if not as_json:
         click.echo(run_id)
-    final = api.wait(run_id, target, on_change=None if as_json else progress_printer())
+    _watch(run_id, target, as_json)
+
+
+def _watch(run_id: str, target: str | None, as_json: bool) -> None:
+    """Follow the run to its end (a live table on a terminal, a line per change otherwise,
+    nothing but the final record with --json); exit by its outcome, as `status` does."""
+    updates = api.follow_run(run_id, target)
     if as_json:
-        click.echo(json.dumps(final, indent=2))
+        final = deque(updates, maxlen=1)[0]  # the last: the run as it ended
+        click.echo(json.dumps(final["run"], indent=2))
+    elif err.is_terminal:
+        final = _draw(updates)
     else:
-        summary(final)
-    _exit_for(final)
+        lines = RunLines()
+        for final in updates:
+            for line in lines(final):
+                err.print(line)
+    if not as_json:
+        summary(final["run"])
+    _exit_for(final["run"])
+
+
+def _draw(updates: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The run redrawn in place until it ends; the last snapshot (left on the screen)."""
+    from rich.live import Live
+
+    from jobs.cli.render_run import REFRESH_PER_SECOND, LiveRun
+
+    view = LiveRun()
+    view.update(next(updates))
+    console = cast(LazyConsole, err).resolve()
+    with Live(view, console=console, refresh_per_second=REFRESH_PER_SECOND) as live:
+        for now in updates:
+            view.update(now)
+            live.refresh()
+    assert view.watch is not None
+    return view.watch
 
 
 @click.command(cls=Command)
@@ -261,12 +295,7 @@ def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
             click.echo(f"  error: {found['error']}")
         return
     if watch:
-        final = api.wait(run_id, target, on_change=None if as_json else progress_printer())
-        if as_json:
-            click.echo(json.dumps(final, indent=2))
-        else:
-            summary(final)
-        _exit_for(final)
+        _watch(run_id, target, as_json)
     run = api.status(run_id, target)
     if as_json:
         click.echo(json.dumps(run, indent=2))

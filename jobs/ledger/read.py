@@ -9,6 +9,8 @@ columns. Parameters are psycopg2's ``%(name)s``.
 
 from __future__ import annotations
 
+import select
+import time
 from typing import Any
 
 from jobs.ledger.records import Backfill, Run, Slice, Step, Throttle
@@ -118,3 +120,34 @@ def last_throttle(conn: Any, backfill_id: str) -> Throttle | None:
     """The latest reason any slice waited for (LAST_THROTTLE)."""
     found = _rows(conn, LAST_THROTTLE, {"id": backfill_id})
     return None if not found else Throttle(**found[0])
+
+
+# The channel of jobs/ledger/notify.py CHANNEL (which imports SQLAlchemy; spelled again here).
+LISTEN = "LISTEN runbook_runs"
+SERVER_NOW = "SELECT now() AS now"
+
+
+def listen(conn: Any) -> None:
+    """Subscribe an autocommit psycopg2 connection to run and backfill changes."""
+    with conn.cursor() as cur:
+        cur.execute(LISTEN)
+
+
+def wait_for_notice(conn: Any, ids: set[str], timeout_s: float) -> bool:
+    """Whether one of ``ids`` was announced within ``timeout_s`` (False: the time ran out; the
+    caller reads again either way, so a lost notification costs only the wait)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([conn], [], [], left)[0]:
+            return False
+        conn.poll()
+        hit = any(n.payload in ids for n in conn.notifies)
+        conn.notifies.clear()
+        if hit:
+            return True
+    return False
+
+
+def server_now(conn: Any) -> Any:
+    """The database server's clock (timestamptz): what the ledger's times are taken by."""
+    return _rows(conn, SERVER_NOW, {})[0]["now"]

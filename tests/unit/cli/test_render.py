@@ -173,24 +173,6 @@ def run(**fields: object) -> dict[str, object]:
     return {**now, **fields}
 
 
-def test_progress_prints_each_step_change_and_each_state_once(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    show = render.progress_printer()
-    show(run(steps=[step(state="running", revision="r1")]))
-    show(run(steps=[step(state="running", revision="r1")]))  # nothing new
-    show(run(steps=[step(revision="r1"), step(state="running", revision="r2")]))
-    show(run(state="succeeded", steps=[step(revision="r1"), step(revision="r2", attempts=2)]))
-    assert capsys.readouterr().err.splitlines() == [
-        "  upgrade r1 running",
-        "run 0123abcd [prod]: running",
-        "  upgrade r1 succeeded",
-        "  upgrade r2 running",
-        "  upgrade r2 succeeded (attempt 2)",
-        "run 0123abcd [prod]: succeeded",
-    ]
-
-
 def test_the_summary_names_the_revisions_the_backup_and_the_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

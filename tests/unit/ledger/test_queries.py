@@ -110,3 +110,7 @@ def test_the_listen_query_names_the_channel_notify_uses() -> None:
     from jobs.ledger.notify import CHANNEL
 
     assert sql.all_queries()["listen"] == f"LISTEN {CHANNEL}"
+    # and the psycopg2-only one `status --watch` listens with (jobs/ledger/read.py)
+    from jobs.ledger import read
+
+    assert f"LISTEN {CHANNEL}" == read.LISTEN
