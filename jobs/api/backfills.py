@@ -14,7 +14,6 @@ from jobs.errors import (
 )
 from jobs.lazy import lazy
 from jobs.ledger import overview, read
-from jobs.pg import connect
 from jobs.states import BACKFILL_TERMINAL, BackfillState
 
 # Loaded on first use, so that `runbook status` pays only for reading the ledger, with plain
@@ -236,13 +235,11 @@ def backfill_status(
     settings = resolve_settings(settings)
     t = find_backfill(settings, backfill_id, target)
     settle_refused_backfill(settings, t, backfill_id)
-    with connect.reading(t) as conn:  # psycopg2 alone, as _locate (jobs/ledger/read.py)
-        found = read_progress(conn, backfill_id)
-        if found is None:
-            raise UnknownBackfill(
-                f"unknown backfill {backfill_id!r}; `runbook backfills` lists them"
-            )
-        return found
+    # psycopg2 alone, as _locate (jobs/ledger/read.py)
+    found = read.reading(t, lambda conn: read_progress(conn, backfill_id))
+    if found is None:
+        raise UnknownBackfill(f"unknown backfill {backfill_id!r}; `runbook backfills` lists them")
+    return found
 
 
 def read_progress(conn: Any, backfill_id: str) -> dict[str, Any] | None:

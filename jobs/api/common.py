@@ -19,7 +19,6 @@ from jobs.errors import (
 from jobs.lazy import lazy
 from jobs.ledger import read
 from jobs.ledger.records import Run
-from jobs.pg import connect
 from jobs.run import refusals
 from jobs.states import BACKFILL_TERMINAL, CANCELLED, ENQUEUED, FAILED
 
@@ -126,10 +125,9 @@ def _locate(
     unreachable: list[str] = [] if target else sorted(settings.broken)
     for t in candidates:
         try:
-            with connect.reading(t) as conn:
-                found = lookup(conn) if read.exists(conn) else None
-                if found is not None:
-                    return t, found, unreachable
+            found = read.reading(t, lambda conn: lookup(conn) if read.exists(conn) else None)
+            if found is not None:
+                return t, found, unreachable
         except TargetUnreachable:
             if target:
                 raise

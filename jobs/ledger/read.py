@@ -9,11 +9,19 @@ columns. Parameters are psycopg2's ``%(name)s``.
 
 from __future__ import annotations
 
+import logging
 import select
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jobs.ledger.records import Backfill, Run, Slice, Step, Throttle
+
+if TYPE_CHECKING:
+    from jobs.config import Target
+
+log = logging.getLogger("runbook.ledger")
+T = TypeVar("T")
 
 SCHEMA = "runbook"
 
@@ -151,3 +159,34 @@ def wait_for_notice(conn: Any, ids: set[str], timeout_s: float) -> bool:
 def server_now(conn: Any) -> Any:
     """The database server's clock (timestamptz): what the ledger's times are taken by."""
     return _rows(conn, SERVER_NOW, {})[0]["now"]
+
+
+# -- a ledger older than this runbook -----------------------------------------------------------
+
+# What a read gets from a ledger that an earlier runbook made: a column or a table that a
+# later migration (jobs/ledger/migrations/) adds is missing. Writes upgrade the ledger first
+# (jobs/ledger/schema.py ensure); reads find out this way, at no cost when it is current.
+_BEHIND = ("42703", "42P01")  # undefined_column, undefined_table
+
+
+def reading(target: Target, work: Callable[[Any], T]) -> T:
+    """``work(conn)`` on a read-only psycopg2 connection to ``target``
+    (jobs/pg/connect.py reading). When the ledger is older than this runbook's, it is
+    upgraded as any write would upgrade it (with SQLAlchemy, on this rare path only) and
+    ``work`` runs again."""
+    from jobs.pg import connect
+
+    try:
+        with connect.reading(target) as conn:
+            return work(conn)
+    except Exception as exc:
+        if getattr(exc, "pgcode", None) not in _BEHIND:
+            raise
+    from jobs.ledger import schema
+    from jobs.pg import db
+
+    log.info("target %s: the ledger predates this runbook; upgrading it", target.name)
+    with db.connect(target) as conn:
+        schema.ensure(conn)
+    with connect.reading(target) as conn:
+        return work(conn)

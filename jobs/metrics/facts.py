@@ -18,7 +18,6 @@ from jobs.config import Settings, Target, redact
 from jobs.errors import RunbookError
 from jobs.ledger import overview, read
 from jobs.ledger.records import Run
-from jobs.pg import connect
 
 # Finished backfills stay on the board this long, and at most this many per target.
 RECENT_HOURS = 24
@@ -51,27 +50,30 @@ class TargetFacts:
 
 
 def _read_ledger(t: Target) -> TargetFacts:
-    with connect.reading(t) as conn:
-        if not read.exists(conn):
-            return TargetFacts(t.name, up=False, error=f"target {t.name!r} has no ledger yet")
-        found = overview.recent_backfills(conn, t.name, RECENT_HOURS, MAX_BACKFILLS)
-        return TargetFacts(
-            t.name,
-            up=True,
-            runs_by_state=overview.runs_by_state(conn, t.name),
-            current=overview.current_run(conn, t.name),
-            last=overview.last_finished_run(conn, t.name),
-            backfills=[
-                BackfillFacts(
-                    overview.progress(conn, bf),
-                    [
-                        SliceThrottle(n, ms / 1000, reason)
-                        for n, ms, reason in overview.slice_throttles(conn, bf.id)
-                    ],
-                )
-                for bf in found
-            ],
-        )
+    return read.reading(t, lambda conn: _facts(conn, t))
+
+
+def _facts(conn: Any, t: Target) -> TargetFacts:
+    if not read.exists(conn):
+        return TargetFacts(t.name, up=False, error=f"target {t.name!r} has no ledger yet")
+    found = overview.recent_backfills(conn, t.name, RECENT_HOURS, MAX_BACKFILLS)
+    return TargetFacts(
+        t.name,
+        up=True,
+        runs_by_state=overview.runs_by_state(conn, t.name),
+        current=overview.current_run(conn, t.name),
+        last=overview.last_finished_run(conn, t.name),
+        backfills=[
+            BackfillFacts(
+                overview.progress(conn, bf),
+                [
+                    SliceThrottle(n, ms / 1000, reason)
+                    for n, ms, reason in overview.slice_throttles(conn, bf.id)
+                ],
+            )
+            for bf in found
+        ],
+    )
 
 
 def read_target(settings: Settings, name: str) -> TargetFacts:

@@ -227,3 +227,60 @@ def test_a_ledger_from_before_slices_is_upgraded_to_the_fresh_schema_keeping_its
             conn.close()
     finally:
         admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_status_reads_a_ledger_an_earlier_runbook_made_by_upgrading_it(tmp_path: Any) -> None:
+    """A ledger one migration behind (as the runbook before the last migration left it), with a
+    run and a backfill: the installed `runbook status` of each answers (its psycopg2 read
+    finds a column missing, the ledger is upgraded as any write would, the read goes again)."""
+    from tests.integration.conftest import runbook_cli
+
+    name = f"rb_ledger_old_{uuid.uuid4().hex[:8]}"
+    admin_exec(f"CREATE DATABASE {name}")
+    try:
+        engine = create_engine(normalize_url(db_url(name)).sqlalchemy_url(), poolclass=NullPool)
+        behind = len(schema.migrations()) - 1
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema.SCHEMA}"))
+            conn.execute(
+                text(f"CREATE TABLE {schema.SCHEMA}.ledger_version (version integer NOT NULL)")
+            )
+            for number, ddl in enumerate(schema.migrations()[:behind], start=1):
+                conn.execute(text(ddl))
+                conn.execute(text(f"INSERT INTO {schema.SCHEMA}.ledger_version VALUES ({number})"))
+                if number == 3:  # a backfill half done, as version 3 held it
+                    conn.execute(
+                        text(
+                            f"INSERT INTO {schema.SCHEMA}.backfills (id, target, table_name, "
+                            "key_column, key_type, set_sql, state, generation, cursor, "
+                            "upper_key, batch_size, min_batch, max_batch, target_batch_ms, "
+                            "sleep_ms, lock_timeout_ms, statement_timeout_ms, rows_done) VALUES "
+                            "('fedcba9876543210', 'old', 'items', 'id', 'bigint', 'x = 1', "
+                            "'paused', 4, '500', '1000', 100, 10, 1000, 200, 0, 1000, 10000, 500)"
+                        )
+                    )
+            conn.execute(
+                text(
+                    f"INSERT INTO {schema.SCHEMA}.runs (id, target, kind, state, to_revision) "
+                    "VALUES ('0123456789abcdef', 'old', 'apply', 'succeeded', 'head')"
+                )
+            )
+        engine.dispose()
+        config = tmp_path / "runbook.toml"
+        config.write_text(f'[targets.old]\nurl = "{db_url(name)}"\n')
+        env = {"RUNBOOK_CONFIG": str(config)}
+        done = runbook_cli("status", "0123456789abcdef", "--json", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '"succeeded"' in done.stdout and "internal error" not in done.stderr
+        done = runbook_cli("status", "fedcba9876543210", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("backfill fedcba9876543210 paused: 500 "), done.stdout
+        conn = psycopg2.connect(db_url(name))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT max(version) FROM {schema.SCHEMA}.ledger_version")
+                assert cur.fetchone() == (len(schema.migrations()),)
+        finally:
+            conn.close()
+    finally:
+        admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
