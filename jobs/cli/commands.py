@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from jobs.cli import backfills, backups, runs, targets
+from jobs.cli.flower import flower
 from jobs.cli.options import Command, Group
 from jobs.cli.render import err, friendly
 from jobs.lazy import lazy_callable
@@ -80,6 +81,7 @@ for command in (
     backfills.pause,
     targets.targets,
     worker,
+    flower,
     demo,
 ):
     cli.add_command(command)
