@@ -2,10 +2,12 @@
 executes it and takes every module-level name that is one of its options).
 
 The Tasks page shows each task's arguments and result as columns, and ``format_task``
-shapes what they say: the readable line a runbook result starts with (worker/flower_lines.py)
-comes first, its fields after it one per line; a slice task that handed its slice on shows
-that line alone, so the page reads as one line per hand-off under the live task of each
-slice (the newest row of its chain: the page sorts by Received, newest first).
+shapes what they say: the figures first (rows, percent, rate, ETA: what fits the page's
+400 px cell, the arguments beside it saying which backfill), then the readable line a
+runbook result starts with (worker/flower_lines.py), then its fields one per line; a slice
+task that handed its slice on shows "handed on at …" and the line only, so the page reads
+as one short row per hand-off under the live task of each slice (the newest row of its
+chain: the page sorts by Received, newest first).
 Flower's own options (auth, port, the database) are given by `runbook flower`.
 """
 
@@ -48,9 +50,20 @@ def result_fields(result: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and "line" in value else None
 
 
+def figures(fields: dict[str, Any]) -> str:
+    """The line without its ``backfill ID on T: `` (``run ID on T: ``) lead: the Tasks page
+    cuts a cell at 400 px, and the task's arguments already say which backfill or run."""
+    head, _, rest = str(fields["line"]).partition(": ")
+    rest = rest or head
+    if fields.get("outcome") == flower_lines.HANDED_ON:
+        return f"handed on at {rest.split('; ')[0]}"
+    return rest
+
+
 def shown(fields: dict[str, Any]) -> str:
-    """The line, then each field on a line of its own (slices as one line each)."""
-    out = [str(fields["line"]), ""]
+    """The figures (what the Tasks page's cell shows), the line, then each field on a line of
+    its own (slices one a line)."""
+    out = [figures(fields), str(fields["line"]), ""]
     for key, value in fields.items():
         if key == "line" or value is None:
             continue
@@ -69,7 +82,7 @@ def format_task(task: Any) -> Any:
     if fields is None:
         return task
     if fields.get("outcome") == flower_lines.HANDED_ON:
-        task.result = str(fields["line"])
+        task.result = f"{figures(fields)}\n{fields['line']}"
     else:
         task.result = shown(fields)
     return task

@@ -114,8 +114,9 @@ def test_a_run_that_waits_for_its_backfill_does_not_say_running_beside_success()
 def test_format_task_puts_the_line_first_and_each_field_on_its_own_line() -> None:
     live = flower_lines.slice_progress({**progress(), "slice": 0})
     task = flower_config.format_task(Shown(saferepr(live, 8192)))
-    first, blank, *fields = task.result.splitlines()
-    assert first == flower_lines.backfill_line(progress()) and blank == ""
+    first, line, blank, *fields = task.result.splitlines()
+    assert first == "2,333,889 / 3,000,000 rows (77.8%), 383k rows/s, ETA 2 s"
+    assert line == flower_lines.backfill_line(progress()) and blank == ""
     assert "rows_done: 2333889" in fields and "backfill_state: running" in fields
     assert not any(f.startswith("state:") for f in fields)
 
@@ -123,12 +124,15 @@ def test_format_task_puts_the_line_first_and_each_field_on_its_own_line() -> Non
 def test_format_task_collapses_a_hand_off_to_its_line() -> None:
     handed = flower_lines.slice_result({**progress(), "slice": 0, "outcome": "continue"})
     task = flower_config.format_task(Shown(saferepr(handed, 8192)))
-    assert task.result == handed["line"]
+    assert task.result.splitlines() == [
+        "handed on at 2,333,889 / 3,000,000 rows (77.8%), 383k rows/s, ETA 2 s",
+        handed["line"],
+    ]
 
 
 def test_format_task_reads_a_result_celery_cut_short_and_leaves_others_alone() -> None:
     live = flower_lines.slice_progress({**progress(), "slice": 0})
     cut = saferepr(live, 8192)[:200]
-    assert flower_config.format_task(Shown(cut)).result.splitlines()[0] == live["line"]
+    assert flower_config.format_task(Shown(cut)).result.splitlines()[1] == live["line"]
     for other in ("42", "{'a': 1}", None, "{'line': "):
         assert flower_config.format_task(Shown(other)).result == other
