@@ -32,7 +32,9 @@ from tests.integration.conftest import (
     Flower,
     Worker,
     db_url,
+    gated_target,
     missing,
+    open_gate,
     query,
     runbook_cli,
 )
@@ -266,6 +268,38 @@ def test_flower_in_chromium_shows_backfill_progress_on_the_tasks_and_task_pages(
     board.start()
     again = board.json(f"/api/tasks?taskname={SLICE_TASK}")
     assert set(tasks) <= set(again), "Flower forgot the backfill's tasks on restart"
+
+
+def test_a_runs_task_page_shows_its_step_line_in_chromium(
+    browser: str, board: RunbookFlower, config: Config, databases: Databases, tmp_path: Path
+) -> None:
+    target, dbname = gated_target(config, databases, tmp_path)  # its upgrade waits for a gate
+    out = runbook_cli("apply", "--target", target)
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip().splitlines()[-1]
+    try:
+
+        def upgrading() -> str | None:
+            listed = board.json("/api/tasks?taskname=runbook.execute_run")
+            for tid, task in listed.items():
+                if run_id in (task.get("args") or "") and "'step': 'upgrade'" in (
+                    task.get("result") or ""
+                ):
+                    return str(tid)
+            return None
+
+        tid = board.until("the run's upgrade in Flower", upgrading, time.monotonic() + 60)
+        html = chromium(tmp_path / "profile-run", "--dump-dom", board.url(f"/task/{tid}"))
+        text = page_text(html.communicate(timeout=60)[0])
+        assert "PROGRESS" in text.splitlines(), text[:3000]
+        lines = [x for x in text.splitlines() if x.startswith(f"run {run_id} on {target}: ")]
+        assert lines and re.fullmatch(
+            rf"run {run_id} on {target}: upgrade 1 of 1 \(g1\), \d+ s", lines[0]
+        ), text[:3000]
+        assert "run_state: running" in text and "\nstate: " not in text, text[:3000]
+    finally:
+        open_gate(dbname)
+    assert api.wait(run_id, target, timeout_s=60)["state"] == "succeeded"
 
 
 def test_runbook_flower_refuses_to_start_without_basic_auth(tmp_path: Path) -> None:
