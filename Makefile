@@ -10,6 +10,8 @@
 #                make bench-backfill ROWS=500000 REPEATS=1 for a quick look)
 #   make bench-replica    a backfill with and without the replica bound, beside a standby
 #                whose replay is paused 2 s of every 4 s (2M rows; ROWS=200000 for a look)
+#   make browser install Debian's chromium when it is missing (root; the Flower browser test,
+#                tests/integration/test_flower_browser.py, skips without it, fails under CI)
 #   make clean   remove the virtualenv and caches (backups/ is left alone)
 
 PYTHON ?= python3
@@ -20,7 +22,7 @@ STAMP := $(VENV)/.installed
 SERVICES_HINT := start it with \`docker compose up -d postgres redis\`
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench bench-backfill bench-replica clean services
+.PHONY: help install demo test lint bench bench-backfill bench-replica clean services browser
 
 help:
 	@echo "make demo | test | lint | bench | bench-backfill | bench-replica | clean"
@@ -47,6 +49,14 @@ services: $(STAMP)
 	  $(BIN)/python -c 'import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()' $$2 $$3 2>/dev/null \
 	    || echo "$$1 is not running on $$2:$$3; $(SERVICES_HINT) (integration tests skip without it, and fail under CI=true)"; \
 	done
+
+# Headless Chromium for tests/integration/test_flower_browser.py: Debian's package (about
+# 20-60 s to install; apt-get update first when the package lists are missing).
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then echo "chromium: $$($(CHROMIUM) --version 2>/dev/null)"; else \
+	  apt-cache show chromium >/dev/null 2>&1 || apt-get update -q; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; fi
 
 # Two test processes (pytest-xdist), a module to each: integration tests spend most of their
 # time waiting on workers and servers, and every test names its own databases, queue and

@@ -74,6 +74,11 @@ class Dispatcher(Protocol):
     def worker_command(self, extra: list[str]) -> list[str]:
         """The command line that starts a worker on this queue, ``extra`` appended."""
 
+    def flower_command(self, address: str, port: int, db: str) -> list[str]:
+        """The command line that starts Flower on this broker with runbook's settings
+        (worker/flower_config.py), persistent in ``db``; its credentials come from the
+        environment (FLOWER_BASIC_AUTH), never the command line."""
+
 
 def connect(broker_url: str, queue: str) -> Dispatcher:
     """The dispatcher for ``queue`` on the broker at ``broker_url`` (IMPLEMENTATION)."""

@@ -23,6 +23,10 @@ class ConfigError(RunbookError):
     """Raised when runbook.toml, the environment or a target definition is invalid."""
 
 
+class FlowerAuthMissing(ConfigError):
+    """Raised when `runbook flower` finds no usable FLOWER_BASIC_AUTH (user:password)."""
+
+
 class UnknownTarget(ConfigError):
     """Raised when a target name is not in the configuration."""
 

@@ -7,6 +7,7 @@ imported on the first send only: checking the broker needs kombu alone.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from jobs.config import redact
@@ -91,3 +92,22 @@ class CeleryDispatcher:
         from worker.supervise import celery_command
 
         return celery_command(self.queue, extra)
+
+    def flower_command(self, address: str, port: int, db: str) -> list[str]:
+        from worker import flower_config
+
+        # The broker comes from CELERY_BROKER_URL (worker/app.py) and the login from
+        # FLOWER_BASIC_AUTH, which Flower reads itself: no secret on the command line.
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "flower",
+            f"--conf={flower_config.__file__}",
+            f"--address={address}",
+            f"--port={port}",
+            "--persistent=True",
+            f"--db={db}",
+        ]

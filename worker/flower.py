@@ -18,6 +18,7 @@ from celery.utils.saferepr import saferepr
 
 from jobs.config import redact
 from jobs.dispatch import Progress, SliceMessage
+from worker import flower_lines as lines
 
 log = logging.getLogger("runbook.worker")
 
@@ -36,13 +37,14 @@ def slice_args(message: SliceMessage) -> list[Any]:
 
 
 def slice_label(message: SliceMessage) -> str:
-    """What Flower shows as a slice task's arguments: which backfill, what it sets, which
-    slice and key range."""
+    """What Flower shows as a slice task's arguments: which backfill, slice and key range
+    first (the Tasks page's search box finds a backfill's tasks by its id), then what it
+    sets."""
     lo = "start" if message.lower_key is None else message.lower_key
     where = f" WHERE {message.where_sql}" if message.where_sql else ""
     return (
-        f"backfill {message.backfill_id} on {message.target}: UPDATE {message.table} SET "
-        f"{message.set_sql}{where}; slice {message.slice_no} keys ({lo}, {message.upper_key}]"
+        f"backfill {message.backfill_id} on {message.target}, slice {message.slice_no} keys "
+        f"({lo}, {message.upper_key}]: UPDATE {message.table} SET {message.set_sql}{where}"
     )
 
 
@@ -62,12 +64,16 @@ def best_effort(what: str) -> Iterator[None]:
 
 
 def run_progress(task: Task) -> Progress:
-    """A run's progress, as PROGRESS in the result backend (AsyncResult.info)."""
+    """A run's progress, as PROGRESS in the result backend (AsyncResult.info) and a
+    task-progress event, its readable line first (worker/flower_lines.py)."""
 
     def report(info: dict[str, Any]) -> None:
-        if task.request.id:
-            with best_effort("progress"):
-                task.update_state(state="PROGRESS", meta=info)
+        if not task.request.id:
+            return
+        shown = lines.run_progress(info)
+        with best_effort("progress"):
+            task.update_state(state="PROGRESS", meta=shown)
+            task.send_event("task-progress", result=saferepr(shown, task.resultrepr_maxsize))
 
     return report
 
@@ -81,14 +87,12 @@ def slice_progress(task: Task) -> Progress:
         # the task's success event, it would overwrite the task's state in Flower.
         if not task.request.id:
             return
+        shown = lines.slice_progress(info)
         with best_effort("progress"):
-            task.update_state(state="PROGRESS", meta=info)
-            fields = {k: v for k, v in info.items() if k != "state"}
+            task.update_state(state="PROGRESS", meta=shown)
+            fields = {k: v for k, v in shown.items() if k != "state"}
             task.send_event(
-                "task-progress",
-                result=saferepr(info, task.resultrepr_maxsize),
-                backfill_state=info["state"],
-                **fields,
+                "task-progress", result=saferepr(shown, task.resultrepr_maxsize), **fields
             )
 
     return report

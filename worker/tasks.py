@@ -15,6 +15,7 @@ from jobs.errors import RunbookError
 from jobs.run import refusals
 from jobs.run.deliver import execute
 from worker import flower
+from worker import flower_lines as lines
 from worker.app import app
 
 log = logging.getLogger("runbook.worker")
@@ -32,14 +33,14 @@ def execute_run(self: Task, run_id: str, target: str) -> dict[str, Any]:
             progress=flower.run_progress(self),
             send_slice=slice_sender(settings.queue),
         )
-        return outcome.as_dict()
+        return lines.run_result(outcome.as_dict())
     except RunbookError as exc:
         # Refused (unknown or broken target, unknown run): nothing to retry, say why in the
         # result, and where the CLI finds it to record it in the ledger.
         message = redact(str(exc))
         log.error("run %s on target %s refused: %s", run_id, target, message)
         _keep_refusal(run_id, message, target=target)
-        return {"run_id": run_id, "target": target, "state": "refused", "error": message}
+        return lines.refusal("run", run_id, target, message)
 
 
 # Flower shows a result as its repr, cut at resultrepr_maxsize: room for many slices' progress.
@@ -50,7 +51,7 @@ def backfill_slice(
     """A few seconds of one slice's batches, then its continuation. Names only, no URLs."""
     try:
         settings = load_settings()
-        return slices.run_slice_and_continue(
+        result = slices.run_slice_and_continue(
             settings,
             target,
             backfill_id,
@@ -60,11 +61,12 @@ def backfill_slice(
             on_progress=flower.slice_progress(self),
             resume_run=run_sender(settings.queue),
         )
+        return lines.slice_result(result)
     except RunbookError as exc:
         message = redact(str(exc))
         log.error("backfill %s on target %s refused: %s", backfill_id, target, message)
         _keep_refusal(backfill_id, message, target=target, slice=slice_no, generation=generation)
-        return {"backfill_id": backfill_id, "target": target, "state": "refused", "error": message}
+        return lines.refusal("backfill", backfill_id, target, message)
 
 
 def _keep_refusal(work_id: str, message: str, **where: Any) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from jobs.cli import backfills, backups, exporter, runs, targets
+from jobs.cli.flower import flower
 from jobs.cli.options import Command, Group
 from jobs.cli.render import err, friendly
 from jobs.lazy import lazy_callable
@@ -81,6 +82,7 @@ for command in (
     targets.targets,
     exporter.exporter,
     worker,
+    flower,
     demo,
 ):
     cli.add_command(command)

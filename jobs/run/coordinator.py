@@ -55,6 +55,7 @@ class Coordinator(Rollback):
             self.backup()
         elif run.kind == st.RunKind.APPLY:
             path = self.project.upgrade_path(run.from_revision, run.to_revision)
+            self.revisions = [rev.id for rev in path]
             if not run.irreversible:
                 found = {r.id: r.irreversible for r in path if r.irreversible}
                 runs.update_run(self.conn, run, irreversible=found)
@@ -67,6 +68,7 @@ class Coordinator(Rollback):
                 self.verify(rev)
         elif run.kind == st.RunKind.ROLLBACK:
             path = self.project.upgrade_path(run.to_revision, run.from_revision)
+            self.revisions = [rev.id for rev in reversed(path)]
             if run.options.get("backup", True):
                 self.backup()  # fresh and verified: what a failed rollback is restored from
             if run.fingerprint_before is None:

@@ -8,6 +8,7 @@ built on it.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection
@@ -46,8 +47,13 @@ class RunSteps:
         self.progress = progress
         self.send_slice = send_slice  # None: backfill slices run here, in this process
         self.project = Project(target)  # loaded once per run, not once per step
+        self.revisions: list[str] = []  # the run's revisions in order, for "upgrade 3 of 7"
 
     def _report(self, step: Step) -> None:
+        started = self.run.started_at or self.run.created_at
+        position = (
+            self.revisions.index(step.revision) + 1 if step.revision in self.revisions else None
+        )
         self.progress(
             {
                 "run_id": self.run.id,
@@ -55,7 +61,10 @@ class RunSteps:
                 "state": self.run.state,
                 "step": step.kind,
                 "revision": step.revision or None,
+                "revision_no": position,
+                "revisions": len(self.revisions) or None,
                 "step_state": step.state,
+                "elapsed_s": round(max((datetime.now(UTC) - started).total_seconds(), 0.0), 1),
             }
         )
 

@@ -505,27 +505,31 @@ class Flower:
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 30) -> None:
+    def command(self) -> list[str]:
+        """How this Flower is started: plain `celery flower`, not persistent."""
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            # A celery option: after `flower` it would be dropped with a warning.
+            f"--broker={REDIS_URL}",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={self.port}",
+            f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}",
+            "--persistent=False",
+            f"--db={self.log_path.with_name('flower-state')}",  # unused while not persistent
+        ]
+
+    def start(self, timeout_s: float = 30, **env_extra: str) -> None:
         # FLOWER_* variables of the machine would change Flower's options (auth among them).
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-        env["PYTHONUNBUFFERED"] = "1"
+        env.update(PYTHONUNBUFFERED="1", **env_extra)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.app",
-                    # A celery option: after `flower` it would be dropped with a warning.
-                    f"--broker={REDIS_URL}",
-                    "flower",
-                    "--address=127.0.0.1",
-                    f"--port={self.port}",
-                    f"--basic-auth={FLOWER_USER}:{FLOWER_PASSWORD}",
-                    "--persistent=False",
-                    f"--db={self.log_path.with_name('flower-state')}",  # unused while not persistent
-                ],
+                self.command(),
                 cwd=REPO,
                 env=env,
                 stdout=log,

@@ -127,8 +127,10 @@ def test_the_run_waits_for_its_backfill_and_a_later_delivery_carries_on(
     def send(message: SliceMessage) -> None:
         backfill_id, target, slice_no = message.backfill_id, message.target, message.slice_no
         label = slice_label(message)  # what Flower will show
-        assert label.startswith(f"backfill {backfill_id} on {target}: UPDATE "), label
-        assert f"; slice {slice_no} keys (" in label, label
+        assert label.startswith(f"backfill {backfill_id} on {target}, slice {slice_no} keys ("), (
+            label
+        )
+        assert "]: UPDATE " in label, label
         sent.append((backfill_id, target, slice_no, message.generation))
 
     settings = load_settings()

@@ -153,7 +153,14 @@ def test_flower_shows_backfill_slices_progress_and_no_password(
     done = [r["rows_done"] for r in results]
     assert done == sorted(done), done
     assert results[-1]["rows_done"] == ROWS and results[-1]["percent"] == 100.0, results[-1]
-    assert results[-1]["state"] == "succeeded", results[-1]
+    assert results[-1]["backfill_state"] == "succeeded", results[-1]
+    # The readable line first; no field contradicts the SUCCESS badge beside it.
+    for result in results:
+        assert next(iter(result)) == "line", result
+        assert result["line"].startswith(f"backfill {backfill_id} on {name}: "), result
+        assert "state" not in result, result
+    assert all(r["outcome"] == "handed on to the next slice task" for r in results[:-1]), results
+    assert f"{ROWS:,} / {ROWS:,} rows (100.0%)" in results[-1]["line"], results[-1]
 
     # While a slice ran, Flower showed it as PROGRESS, with the progress as its result.
     assert progress_listed, "no slice task was ever PROGRESS in /api/tasks (task-progress events)"

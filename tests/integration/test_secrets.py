@@ -276,7 +276,10 @@ def test_a_task_naming_a_target_the_worker_does_not_list_is_refused(
         for task, async_result in sent.items():
             outcome = async_result.get(timeout=60)
             assert async_result.state == "SUCCESS"
-            assert outcome["state"] == "refused" and outcome["target"] == unlisted, (task, outcome)
+            assert outcome["outcome"] == "refused" and outcome["target"] == unlisted, (
+                task,
+                outcome,
+            )
             error = outcome["error"]
             assert error.startswith(f"unknown target {unlisted!r} (configured: "), (task, error)
             assert "\n" not in error and "Traceback" not in error, (task, error)

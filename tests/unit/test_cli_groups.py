@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.cli import backfills, backups, commands, exporter, runs, targets
+from jobs.cli import backfills, backups, commands, exporter, flower, runs, targets
 from jobs.cli.options import Command
 
 
@@ -20,7 +20,7 @@ def defined_in(module: object) -> dict[str, click.Command]:
 
 def test_every_command_of_the_role_modules_is_registered() -> None:
     defined: dict[str, click.Command] = {}
-    for module in (runs, backups, backfills, targets, exporter):
+    for module in (runs, backups, backfills, targets, exporter, flower):
         found = defined_in(module)
         assert not set(found) & set(defined), module
         defined.update(found)

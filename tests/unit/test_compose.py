@@ -63,10 +63,22 @@ def test_worker_waits_for_healthy_postgres_and_redis(services: dict[str, Any]) -
 
 
 def test_flower_requires_basic_auth_from_an_env_var(services: dict[str, Any]) -> None:
-    command = command_text(services["flower"])
-    assert command.startswith("celery -A worker.app flower")
-    # ${VAR} or ${VAR:-default}: compose substitutes it from the user's environment / .env.
-    assert re.search(r"--basic[-_]auth=\$\{[A-Z_]+(:-[^}]+)?\}", command), command
+    flower = services["flower"]
+    command = command_text(flower)
+    assert command.startswith("runbook flower "), command
+    assert "--basic" not in command, "the login belongs in the environment, not the command"
+    # ${VAR:?message}: compose refuses to start without it; no default password.
+    auth = environment(flower)["FLOWER_BASIC_AUTH"]
+    assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]*user:password[^}]*\}", auth), auth
+
+
+def test_flower_keeps_its_history_in_a_volume(services: dict[str, Any], compose: Any) -> None:
+    flower = services["flower"]
+    db = re.search(r"--db (\S+)", command_text(flower))
+    assert db, command_text(flower)
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in flower["volumes"]}
+    assert any(db.group(1).startswith(path + "/") for path in mounts), (db.group(1), mounts)
+    assert set(mounts.values()) <= set(compose["volumes"]), "a named volume, not a bind mount"
 
 
 def test_published_ports_are_bound_to_localhost(services: dict[str, Any]) -> None:
