@@ -26,8 +26,14 @@ pytestmark = pytest.mark.integration
 
 ESTIMATE_ONLY = {"RUNBOOK_COUNT_BUDGET_MS": "0"}
 # Slow per updated row (sqlguard cannot see inside functions), so that a backfill of a
-# 100-200k-row table runs for several seconds at a steady rate of rows a second.
-SLOW = "CREATE FUNCTION slow_one() RETURNS int LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(0.00005)'"
+# 100-200k-row table runs for several seconds at a steady rate: CPU (an md5 of n bytes and
+# the key, the same for every key, about 30 us for 15,000 bytes here), not pg_sleep, whose
+# wake-ups on a busy machine vary tenfold. The key keeps the planner from folding it.
+SLOW = (
+    "CREATE FUNCTION slow_one(k text, n int) RETURNS int LANGUAGE sql "
+    "AS 'SELECT length(md5(repeat(''x'', n) || k)) * 0 + 1'"
+)
+SET_SLOWLY = "counter = counter + slow_one(CAST(id AS text), 40000)"
 
 
 @dataclass
@@ -131,7 +137,7 @@ def test_a_table_bloated_by_earlier_updates(
         query(dbname, "UPDATE t SET counter = counter + 1")
     assert planner_rows(dbname) >= 4 * rows  # reltuples / relpages x today's pages
     backfill_id, samples, finished_at = run_and_sample(
-        name, "--set", "counter = counter + slow_one()", "--slices", "2", "--batch-size", "500"
+        name, "--set", SET_SLOWLY, "--slices", "2", "--batch-size", "500"
     )
     assert samples[0].now["rows_total"] <= 1.1 * rows, samples[0].now  # not the planner's
     check_progress(samples, finished_at, rows, "key-range")
@@ -148,9 +154,7 @@ def test_integer_keys_with_a_large_gap(
         "UNION ALL SELECT 100000000 + g * 50 FROM generate_series(1, 60000) g"
     )
     name, _ = make_table(config, databases, keys, "bigint")
-    _, samples, finished_at = run_and_sample(
-        name, "--set", "counter = counter + slow_one()", "--batch-size", "500"
-    )
+    _, samples, finished_at = run_and_sample(name, "--set", SET_SLOWLY, "--batch-size", "500")
     check_progress(samples, finished_at, 120_000, "sampled")
     check_finished(samples, 120_000)
 
@@ -160,7 +164,7 @@ def test_a_where_that_skips_most_rows(worker: Worker, config: Config, databases:
         config, databases, "SELECT g FROM generate_series(1, 200000) g", "bigint"
     )
     query(dbname, "UPDATE t SET counter = 1 WHERE id % 10 = 0")
-    slow = "counter = counter + 1 + slow_one() + slow_one() + slow_one() + slow_one()"
+    slow = "counter = counter + slow_one(CAST(id AS text), 300000)"  # 10x fewer rows
     _, samples, finished_at = run_and_sample(
         name, "--set", slow, "--where", "counter = 1", "--batch-size", "2000"
     )
@@ -171,13 +175,11 @@ def test_a_where_that_skips_most_rows(worker: Worker, config: Config, databases:
 
 
 def test_uuid_keys(worker: Worker, config: Config, databases: Databases) -> None:
-    keys = "SELECT gen_random_uuid() FROM generate_series(1, 100000)"
+    keys = "SELECT gen_random_uuid() FROM generate_series(1, 60000)"
     name, _ = make_table(config, databases, keys, "uuid")
-    _, samples, finished_at = run_and_sample(
-        name, "--set", "counter = counter + slow_one()", "--batch-size", "500"
-    )
-    check_progress(samples, finished_at, 100_000, "key-range")
-    check_finished(samples, 100_000)
+    _, samples, finished_at = run_and_sample(name, "--set", SET_SLOWLY, "--batch-size", "500")
+    check_progress(samples, finished_at, 60_000, "key-range")
+    check_finished(samples, 60_000)
 
 
 def test_a_cheap_count_is_exact(worker: Worker, config: Config, databases: Databases) -> None:

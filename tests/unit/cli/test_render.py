@@ -63,9 +63,7 @@ def progress(**fields: object) -> dict[str, object]:
 
 
 def test_a_backfill_line_says_only_what_is_known() -> None:
-    assert render.backfill_line(progress()) == (
-        "backfill bf1 running: 1500 of 6000 rows (counted)"
-    )
+    assert render.backfill_line(progress()) == ("backfill bf1 running: 1500 of 6000 rows (counted)")
 
 
 def test_a_backfill_line_with_everything() -> None:
