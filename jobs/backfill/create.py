@@ -23,11 +23,13 @@ from jobs.backfill.keys import (
     slice_bounds,
     walkable_key_type,
 )
+from jobs.backfill.marks import Marks, sample_marks
 from jobs.backfill.spec import Spec
 from jobs.errors import (
     BadSpec,
 )
 from jobs.ledger import backfills, schema
+from jobs.ledger.estimate import COUNTED
 from jobs.pg.sqlstate import describe
 from jobs.states import (
     ENQUEUED,
@@ -92,6 +94,19 @@ def prepare(conn: Connection, spec: Spec) -> Prepared:
     return Prepared(table, key_type, upper, table_rows, estimate, kind)
 
 
+def _estimate(
+    conn: Connection, plan: Prepared, spec: Spec, bounds: list[str]
+) -> tuple[int, str, Marks | None]:
+    """The rows to update, how that is known, and the slices' key marks that refine it as
+    the walk goes (jobs/ledger/estimate.py): none when the rows were counted. Before a row is
+    done, the sampled keys times the planner's share of them the WHERE keeps."""
+    if plan.estimate_kind == COUNTED or not bounds:
+        return plan.estimate, plan.estimate_kind, None
+    marks = sample_marks(conn, plan.table, spec.key, plan.key_type, bounds, plan.table_rows)
+    share = min(plan.estimate / plan.table_rows, 1.0) if spec.where_sql and plan.table_rows else 1
+    return round(marks.keys * share), marks.kind, marks
+
+
 def create(
     conn: Connection,
     target_name: str,
@@ -111,6 +126,7 @@ def create(
             if plan.upper is None
             else slice_bounds(conn, plan.table, spec.key, spec.slices, plan.upper, plan.table_rows)
         )
+        estimate, kind, marks = _estimate(conn, plan, spec, bounds)
     finally:
         if conn.in_transaction():
             conn.rollback()
@@ -130,7 +146,8 @@ def create(
         upper_key=plan.upper,
         bounds=bounds,
         on_error=spec.on_error,
-        rows_total_estimate=plan.estimate,
-        estimate_kind=plan.estimate_kind,
+        rows_total_estimate=estimate,
+        estimate_kind=kind,
+        marks=marks,
         settings=spec.settings(),
     )

@@ -34,9 +34,11 @@ def duration(seconds: float) -> str:
 def backfill_line(now: dict[str, Any]) -> str:
     """One line of a backfill's progress: rows, percent, rate, ETA, why it paused itself,
     the throttle holding it now, throttling so far, a standby gone, skips."""
+    about = "" if now["estimate"] == "counted" else "~"
+    label = now.get("estimate_label") or now["estimate"]
     parts = [
         f"backfill {now['backfill_id']} {now['state']}: {now['rows_done']} of "
-        f"~{now['rows_total']} rows ({now['estimate']})"
+        f"{about}{now['rows_total']} rows ({label})"
     ]
     if now["percent"] is not None:
         parts.append(f"{now['percent']}%")

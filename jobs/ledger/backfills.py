@@ -72,11 +72,13 @@ def create_backfill(
     estimate_kind: str | None,
     settings: dict[str, int | None],
     finished: bool = False,
+    marks: Any = None,
 ) -> str:
     """Record a new backfill and its slices; its id. Commits.
 
     ``bounds`` are the slices' last keys, ascending, the last one ``upper_key`` (empty for an
-    empty table); ``settings``: batch sizes, pacing, timeouts.
+    empty table); ``settings``: batch sizes, pacing, timeouts; ``marks``: the slices' key
+    marks (jobs/backfill/marks.py Marks), which the progress is estimated from.
     """
     assert set(settings) == set(BACKFILL_SETTINGS), settings
     backfill_id = ids.new_backfill_id()
@@ -105,13 +107,16 @@ def create_backfill(
                 **settings,
             },
         )
-        _insert_slices(conn, backfill_id, bounds, int(settings["batch_size"] or 0))
+        _insert_slices(conn, backfill_id, bounds, int(settings["batch_size"] or 0), marks)
     return backfill_id
 
 
-def _insert_slices(conn: Connection, backfill_id: str, bounds: list[str], batch_size: int) -> None:
+def _insert_slices(
+    conn: Connection, backfill_id: str, bounds: list[str], batch_size: int, marks: Any
+) -> None:
     """A new backfill's slices: each walks the keys after the previous one's last key."""
     for number, upper in enumerate(bounds):
+        piece = None if marks is None else marks.slices[number]
         conn.execute(
             query("insert_backfill_slice"),
             {
@@ -120,6 +125,8 @@ def _insert_slices(conn: Connection, backfill_id: str, bounds: list[str], batch_
                 "lower": bounds[number - 1] if number else None,
                 "upper": upper,
                 "size": batch_size,
+                "marks": None if piece is None else piece.marks,
+                "keys": None if piece is None else piece.keys,
             },
         )
 

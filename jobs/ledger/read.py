@@ -51,7 +51,7 @@ BACKFILL_COLUMNS = (
 )
 SLICE_COLUMNS = (
     "backfill_id, slice, lower_key, upper_key, cursor, generation, state, batch_size, "
-    "rows_done, throttled_ms, updated_at"
+    "rows_done, throttled_ms, updated_at, key_marks, keys_estimate"
 )
 
 LEDGER_EXISTS = "SELECT to_regclass(%(t)s) IS NOT NULL"

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from jobs.states import BACKFILL_ACTIVE, PAUSED, PAUSING, TERMINAL
+from jobs.ledger.estimate import COUNTED, KIND_LABELS, SliceWalk, estimate_total, walked_fraction
+from jobs.states import BACKFILL_ACTIVE, PAUSED, PAUSING, SUCCEEDED, TERMINAL, SliceState
 
 # A backfill's states while work on it may still go on: an ETA is shown only in these.
 
@@ -151,6 +152,10 @@ class Backfill:
         return out
 
 
+# Slice fields only the progress reads (jobs/ledger/estimate.py); the walk's queries skip them.
+SLICE_ESTIMATE_FIELDS = ("key_marks", "keys_estimate")
+
+
 @dataclass
 class Slice:
     backfill_id: str
@@ -164,6 +169,10 @@ class Slice:
     rows_done: int
     throttled_ms: int
     updated_at: datetime
+    # From creation, when the rows were not counted (jobs/backfill/marks.py): keys at equal
+    # rank fractions of the slice, and how many keys it held. The walk's queries leave them out.
+    key_marks: list[str] | None = None
+    keys_estimate: int | None = None
 
     @property
     def position(self) -> str | None:
@@ -209,6 +218,29 @@ class Throttle:
         return max((datetime.now(UTC) - self.throttle_since).total_seconds(), 0.0)
 
 
+def rows_total(bf: Backfill, slices: list[Slice]) -> tuple[int, str]:
+    """The rows the backfill will have updated and how that is known (jobs/ledger/estimate.py):
+    rows done once it succeeded; the creation's count; else each slice's cursor among its
+    key marks, calibrated by the rows done."""
+    stored = bf.rows_total_estimate or 0
+    kind = bf.estimate_kind or COUNTED
+    if bf.state == SUCCEEDED:
+        return bf.rows_done, COUNTED
+    if kind == COUNTED or not slices or any(s.key_marks is None for s in slices):
+        return max(stored, bf.rows_done), kind
+    walks = [
+        SliceWalk(
+            keys=s.keys_estimate or 0,
+            walked=1.0
+            if s.state == SliceState.DONE
+            else walked_fraction(s.key_marks or [], s.cursor, bf.key_type),
+            rows_done=s.rows_done,
+        )
+        for s in slices
+    ]
+    return estimate_total(walks, stored), kind
+
+
 def backfill_progress(
     bf: Backfill,
     recent: tuple[int, float],
@@ -218,7 +250,7 @@ def backfill_progress(
     """Rows done, total (and how it was estimated), percent, rate, ETA (throttled time left
     out), throttling and each slice's position: what Flower, status and the API show.
     ``recent``: rows and busy seconds of the last minute of batches (the rate's basis)."""
-    total = bf.rows_total_estimate or 0
+    total, kind = rows_total(bf, slices)
     percent = min(round(100.0 * bf.rows_done / total, 1), 100.0) if total else None
     rows, busy_s = recent
     rate = rows / busy_s if busy_s > 0 and rows else None
@@ -236,7 +268,8 @@ def backfill_progress(
         "rows_done": bf.rows_done,
         "rows_total": total,
         "rows_left": remaining,
-        "estimate": bf.estimate_kind,
+        "estimate": kind,
+        "estimate_label": KIND_LABELS.get(kind, kind),
         "percent": percent,
         "rate_rows_s": round(rate) if rate else None,
         "eta_s": eta,

@@ -13,6 +13,7 @@ from sqlalchemy import Connection, TextClause, text
 from jobs.errors import IllegalTransition
 from jobs.ledger.backfills import BACKFILL_FIELDS, Backfill, Slice, lock_for_state
 from jobs.ledger.notify import notify
+from jobs.ledger.records import SLICE_ESTIMATE_FIELDS
 from jobs.ledger.sql import clean, query, query_text, tx
 from jobs.states import check_slice_transition
 
@@ -57,8 +58,9 @@ def handoff(conn: Connection, backfill_id: str, slice_no: int, generation: int) 
     return None if value is None else int(value)
 
 
-# open_batch reads the slice's columns as s_<name> (jobs/ledger/queries/slices.sql).
-_SLICE_NAMES = tuple(f.name for f in fields(Slice))
+# open_batch reads the slice's columns as s_<name> (jobs/ledger/queries/slices.sql); a batch
+# needs not the key marks progress is estimated from.
+_SLICE_NAMES = tuple(f.name for f in fields(Slice) if f.name not in SLICE_ESTIMATE_FIELDS)
 
 
 def open_batch(

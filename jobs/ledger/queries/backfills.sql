@@ -16,9 +16,11 @@ VALUES (:id, :target, :run_id, :revision, :table, :key, :key_type, :set_sql, :wh
     :max_retained_wal_bytes, CAST(:max_wal_rate_bytes AS bigint), :max_throttle_ms)
 
 -- insert_backfill_slice --
--- Record slice :n of a new backfill: the keys after :lower up to :upper.
-INSERT INTO runbook.backfill_slices (backfill_id, slice, lower_key, upper_key, batch_size)
-VALUES (:id, :n, :lower, :upper, :size)
+-- Record slice :n of a new backfill: the keys after :lower up to :upper, with its key marks
+-- and number of keys (jobs/backfill/marks.py) when the rows to update were not counted.
+INSERT INTO runbook.backfill_slices (backfill_id, slice, lower_key, upper_key, batch_size,
+    key_marks, keys_estimate)
+VALUES (:id, :n, :lower, :upper, :size, CAST(:marks AS text[]), :keys)
 
 -- get_backfill --
 -- One backfill by id, with its counters summed over its slices.
@@ -59,7 +61,7 @@ ORDER BY b.created_at DESC LIMIT :n
 -- list_slices --
 -- A backfill's slices, in key order.
 SELECT backfill_id, slice, lower_key, upper_key, cursor, generation, state, batch_size,
-    rows_done, throttled_ms, updated_at
+    rows_done, throttled_ms, updated_at, key_marks, keys_estimate
 FROM runbook.backfill_slices WHERE backfill_id = :id ORDER BY slice
 
 -- list_batches --
