@@ -234,7 +234,7 @@ def test_flower_in_chromium_shows_backfill_progress_on_the_tasks_and_task_pages(
     # The Tasks page: args and result as columns, the progress line readable in the row.
     # Looked at during a hand-off (a slice task's first ~0.2 s, before its first batch), the
     # newest row is STARTED: look again, as a person would a moment later.
-    for looks in range(1, 6):
+    for looks in range(1, 6):  # noqa: B007 (printed after the loop)
         tasks_text = look(board, tmp_path, "/tasks", SCREENSHOTS / "flower-tasks.png")
         assert api.backfill_status(backfill_id, target)["state"] == "running", "looked too late"
         if "PROGRESS" in tasks_text.splitlines():

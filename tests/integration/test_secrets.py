@@ -198,9 +198,9 @@ def test_password_appears_nowhere_after_a_run(
             assert ast.literal_eval(task["args"]) == [run["id"], name], task
         else:
             assert task["args"].startswith(
-                f"backfill {backfill['backfill_id']} on {name}: UPDATE "
+                f"backfill {backfill['backfill_id']} on {name}, slice 0 keys ("
             ), task
-            assert "; slice 0 keys (" in task["args"], task
+            assert "]: UPDATE " in task["args"], task
 
     forms = {password, quote(password, safe=""), quote(password)}
     everything = {
