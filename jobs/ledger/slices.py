@@ -194,8 +194,8 @@ def record_batch(
 @functools.lru_cache(maxsize=64)
 def _record_batch_statement(blocked_sql: str | None, commit: bool) -> TextClause:
     """record_batch's statement, with or without its COMMIT, counting ``blocked_sql``."""
-    template = query_text("record_batch_and_commit" if commit else "record_batch")
-    return text(template.format(blocked=f"({blocked_sql})" if blocked_sql else "0"))
+    template = query_text("record_batch").format(blocked=f"({blocked_sql})" if blocked_sql else "0")
+    return text(f"{template}; {query_text('commit_after_batch')}" if commit else template)
 
 
 def add_throttled(

@@ -67,7 +67,8 @@ VALUES (:b, :n, :key, :error)
 -- The batch row and the slice's cursor, counters and next batch size (:shrunk when
 -- {blocked}, a scalar query, counts sessions waiting on this transaction); that count. The
 -- batch row carries the waits recorded on the slice since its last batch (for the rate),
--- and the slice's throttle, if one held, is over.
+-- and the slice's throttle, if one held, is over. The count is also kept in a session
+-- setting, so that commit_after_batch can read it back after its COMMIT.
 WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n),
 batch AS (INSERT INTO runbook.backfill_batches (backfill_id, slice, lo, hi, batch_size, rows,
     skipped, duration_ms, throttled_ms, attempt, generation)
@@ -79,23 +80,12 @@ moved AS (UPDATE runbook.backfill_slices SET cursor = :hi, rows_done = rows_done
     throttled_ms = throttled_ms + :throttled, throttle_carried_ms = 0, throttle_since = NULL,
     updated_at = now()
     WHERE backfill_id = :b AND slice = :n)
-SELECT n FROM blocked
+SELECT CAST(set_config('runbook.blocked', CAST(n AS text), false) AS bigint) FROM blocked
 
--- record_batch_and_commit --
--- record_batch, then COMMIT in the same round trip; the count outlives the COMMIT in a
--- session setting read back by the last statement.
-WITH blocked AS MATERIALIZED (SELECT CAST({blocked} AS bigint) AS n),
-batch AS (INSERT INTO runbook.backfill_batches (backfill_id, slice, lo, hi, batch_size, rows,
-    skipped, duration_ms, throttled_ms, attempt, generation)
-    VALUES (:b, :n, :lo, :hi, :size, :rows, :skipped, :ms, :throttled + (SELECT
-        throttle_carried_ms FROM runbook.backfill_slices WHERE backfill_id = :b AND slice = :n),
-        :attempt, :g)),
-moved AS (UPDATE runbook.backfill_slices SET cursor = :hi, rows_done = rows_done + :rows,
-    batch_size = CASE WHEN (SELECT n FROM blocked) > 0 THEN :shrunk ELSE :next END,
-    throttled_ms = throttled_ms + :throttled, throttle_carried_ms = 0, throttle_since = NULL,
-    updated_at = now()
-    WHERE backfill_id = :b AND slice = :n)
-SELECT set_config('runbook.blocked', CAST(n AS text), false) FROM blocked; COMMIT;
+-- commit_after_batch --
+-- Sent after record_batch in the same round trip: COMMIT, then the count record_batch kept
+-- in its session setting (the count outlives the COMMIT there).
+COMMIT;
 SELECT CAST(current_setting('runbook.blocked') AS bigint)
 
 -- add_throttled --

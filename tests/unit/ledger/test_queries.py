@@ -30,7 +30,6 @@ SHIPPED_MIGRATIONS = {
 FRAGMENTS = {
     "open_batch": {"columns"},
     "record_batch": {"blocked"},
-    "record_batch_and_commit": {"blocked"},
 }
 
 
