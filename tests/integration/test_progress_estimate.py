@@ -7,6 +7,7 @@ the installed `runbook backfill` runs on the shared worker."""
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -104,13 +105,19 @@ def check_progress(samples: list[Sample], finished_at: float, final_rows: int, k
         assert abs(s.now["percent"] - truth) <= 0.1 * truth, (truth, s.now)
         assert s.now["estimate"] == kind, s.now
         assert abs(s.now["rows_total"] - final_rows) <= 0.1 * final_rows, (final_rows, s.now)
-    half = next(s for s in checked if s.now["rows_done"] >= 0.5 * final_rows)
-    actual_left = finished_at - half.at
-    assert half.now["eta_s"] is not None, half.now
-    assert abs(half.now["eta_s"] - actual_left) <= max(0.1 * actual_left, 1.0), (
-        actual_left,
-        half.now,
-    )
+    # The ETA around half way (45-55% done): each status answer against the time that was
+    # actually left after it, the median of their misses within the bound. One answer alone
+    # is at the mercy of a second of load from the other test process on a 2-core machine.
+    halfway = [s for s in checked if 0.45 * final_rows <= s.now["rows_done"] <= 0.55 * final_rows]
+    halfway = halfway or [next(s for s in checked if s.now["rows_done"] >= 0.5 * final_rows)]
+    misses = []
+    for s in halfway:
+        actual_left = finished_at - s.at
+        assert s.now["eta_s"] is not None, s.now
+        misses.append(abs(s.now["eta_s"] - actual_left) - max(0.1 * actual_left, 1.0))
+    assert statistics.median(misses) <= 0, [
+        (m, s.now["eta_s"]) for m, s in zip(misses, halfway, strict=True)
+    ]
 
 
 def check_finished(samples: list[Sample], final_rows: int) -> None:
