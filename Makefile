@@ -5,9 +5,15 @@
 #   make test    lint, then the unit and integration tests (real Postgres, Redis, worker)
 #   make lint    ruff check, ruff format --check, mypy
 #   make bench   every benchmark (apply, backup/restore, backfill at 2M and 5M rows, the
-#                backfill beside a slow standby at 2M rows: about 16 minutes)
+#                backfill beside a slow standby at 2M rows, a rollout over 100 databases:
+#                about 20 minutes)
 #   make bench-backfill   the backfill benchmark alone (2M and 5M rows, 3 repeats each;
 #                make bench-backfill ROWS=500000 REPEATS=1 for a quick look)
+#   make bench-rollout    `runbook rollout` over 100 member databases (two workers) against
+#                the shell loop of `alembic upgrade head` (MEMBERS=20 for a quick look;
+#                REPEATS=3 for medians)
+#   make bench-fleet-scale   a rollout's bookkeeping over 10,000 members already at the
+#                revision (MEMBERS=1000 for a look; about 2.5 minutes at 10,000)
 #   make bench-replica    a backfill with and without the replica bound, beside a standby
 #                whose replay is paused 2 s of every 4 s (2M rows; ROWS=200000 for a look)
 #   make browser install Debian's chromium when it is missing (root; the Flower browser test,
@@ -22,10 +28,10 @@ STAMP := $(VENV)/.installed
 SERVICES_HINT := start it with \`docker compose up -d postgres redis\`
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench bench-backfill bench-replica clean services browser
+.PHONY: help install demo test lint bench bench-backfill bench-rollout bench-fleet-scale bench-replica clean services browser
 
 help:
-	@echo "make demo | test | lint | bench | bench-backfill | bench-replica | clean"
+	@echo "make demo | test | lint | bench | bench-backfill | bench-rollout | bench-replica | clean"
 
 # The install stamp: (re)created when pyproject.toml changes, or when there is no .venv.
 $(STAMP): pyproject.toml
@@ -84,6 +90,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/bench_apply.py || status=$$?; \
 	$(BIN)/python bench/bench_backup.py || status=$$?; \
 	$(MAKE) --no-print-directory bench-backfill || status=$$?; \
+	$(MAKE) --no-print-directory bench-rollout || status=$$?; \
 	$(MAKE) --no-print-directory bench-replica || status=$$?; \
 	exit $$status
 
@@ -97,6 +104,15 @@ bench-backfill: $(STAMP)
 	@status=0; for rows in $(BACKFILL_ROWS); do \
 	  $(BIN)/python bench/bench_backfill.py --rows $$rows --repeats $(REPEATS) || status=$$?; \
 	done; exit $$status
+
+# bench/bench_rollout.py reports and exits 0 whether or not its targets are met (2 when a
+# service is missing). MEMBERS: the fleet's size (its default, 100, without it).
+MEMBERS ?=
+bench-rollout: $(STAMP)
+	$(BIN)/python bench/bench_rollout.py $(if $(MEMBERS),--members $(MEMBERS)) $(if $(REPEATS),--repeats $(REPEATS))
+
+bench-fleet-scale: $(STAMP)
+	$(BIN)/python bench/bench_fleet_scale.py $(if $(MEMBERS),--members $(MEMBERS))
 
 bench-replica: $(STAMP)
 	@status=0; for rows in $(REPLICA_ROWS); do \

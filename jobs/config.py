@@ -146,6 +146,11 @@ class Settings:
     # Targets whose entry is wrong, each with the one line that says what to fix. They are
     # kept apart so that one typo stops only its own target, not every other one.
     broken: dict[str, str] = field(default_factory=dict)
+    # [groups.NAME] and [control] as written, parsed by jobs/fleet/ when a command or a
+    # rollout needs them: a typo there stops only the fleet commands.
+    groups_raw: dict[str, Any] = field(default_factory=dict)
+    control_raw: dict[str, Any] | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
 
     @property
     def names(self) -> list[str]:
@@ -339,11 +344,14 @@ class _TargetTable(BaseModel):
 
 
 class _ConfigFile(BaseModel):
-    """runbook.toml's top level: [targets.NAME] tables, each validated on its own."""
+    """runbook.toml's top level: [targets.NAME] tables, each validated on its own; [groups.NAME]
+    and [control] for fleets (jobs/fleet/groups.py)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     targets: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    control: dict[str, Any] | None = None
 
 
 _TARGET_KEYS = set(_TargetTable.model_fields)
@@ -393,6 +401,17 @@ def _build_target(name: str, raw: dict[str, object], base: Path) -> Target:
     return table.target(name)
 
 
+def target_from_table(name: str, raw: dict[str, object], base: Path) -> Target:
+    """A target from a [targets.NAME]-shaped table (a catalog group's row, jobs/fleet/groups.py,
+    or the control database); ConfigError with the table's one line when it is wrong."""
+    return _build_target(name, raw, base)
+
+
+def target_keys() -> set[str]:
+    """The keys a [targets.NAME] table may hold."""
+    return set(_TARGET_KEYS)
+
+
 _UNREADABLE = "; make it a readable file or point RUNBOOK_CONFIG at one"
 
 
@@ -409,8 +428,9 @@ def _read_toml(config_path: Path) -> dict[str, object]:
         raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){_UNREADABLE}") from None
 
 
-def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str]]:
-    """The targets of runbook.toml, and apart from them the broken ones with their line."""
+def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str], _ConfigFile]:
+    """The targets of runbook.toml, apart from them the broken ones with their line, and the
+    file's sections as read."""
     data = _read_toml(config_path)
     try:
         config = _ConfigFile.model_validate(data)
@@ -421,7 +441,11 @@ def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str]]
                 f"{config_path}: unknown section {unknown[0]!r} (known: "
                 f"{', '.join(sorted(_SECTIONS))}); targets go in [targets.NAME]"
             ) from None
-        raise ConfigError(f"{config_path}: 'targets' must be a table of [targets.NAME]") from None
+        where = str(exc.errors()[0]["loc"][0])
+        shape = (
+            "a table: [control] url = ..." if where == "control" else f"a table of [{where}.NAME]"
+        )
+        raise ConfigError(f"{config_path}: '{where}' must be {shape}") from None
     targets: dict[str, Target] = {}
     broken: dict[str, str] = {}
     for name, raw in config.targets.items():
@@ -431,7 +455,7 @@ def _file_targets(config_path: Path) -> tuple[dict[str, Target], dict[str, str]]
             targets[name] = _build_target(name, raw, config_path.parent.absolute())
         except ConfigError as exc:
             broken[name] = str(exc)
-    return targets, broken
+    return targets, broken, config
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
@@ -441,12 +465,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     broker = os.environ.get("CELERY_BROKER_URL", DEFAULT_BROKER)
     targets: dict[str, Target] = {}
     broken: dict[str, str] = {}
+    sections = _ConfigFile()
     try:
         present = config_path.exists()
     except OSError as exc:  # a directory on the way that may not be searched
         raise ConfigError(f"{config_path}: cannot be read ({exc.strerror}){_UNREADABLE}") from None
     if present:
-        targets, broken = _file_targets(config_path)
+        targets, broken, sections = _file_targets(config_path)
         source = str(config_path)
     elif explicit:
         raise ConfigError(f"configuration file {config_path} does not exist (RUNBOOK_CONFIG)")
@@ -466,4 +491,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         queue=os.environ.get("RUNBOOK_QUEUE", DEFAULT_QUEUE),
         source=source,
         broken=broken,
+        groups_raw=sections.groups,
+        control_raw=sections.control,
+        base_dir=config_path.parent.absolute() if present else Path.cwd(),
     )

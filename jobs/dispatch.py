@@ -59,8 +59,12 @@ class Dispatcher(Protocol):
     def check_broker(self) -> None:
         """Return when the broker answers a round trip, within a few seconds."""
 
-    def send_run(self, run_id: str, target: str) -> None:
-        """Queue the run's task (arguments are names only, never URLs)."""
+    def send_run(self, run_id: str, target: str, rollout: str | None = None) -> None:
+        """Queue the run's task (arguments are names only, never URLs); a rollout's member
+        run names its rollout, which its end advances at once."""
+
+    def send_rollout(self, rollout_id: str, countdown_s: float = 0.0) -> None:
+        """Queue one advancing pass of a rollout (jobs/fleet/advance.py)."""
 
     def send_slice(self, message: SliceMessage) -> None:
         """Queue one backfill slice's task."""

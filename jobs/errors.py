@@ -209,3 +209,19 @@ class DemoSetupError(DemoError):
     """Raised when the demo's input (environment, files) is unusable; nothing was changed."""
 
     exit_code = 2
+
+
+class FleetError(RunbookError):
+    """Raised when a group or rollout request cannot be carried out."""
+
+
+class UnknownGroup(FleetError):
+    """Raised when a command names a group runbook.toml does not define."""
+
+
+class NoControlDatabase(FleetError):
+    """Raised when a rollout is asked for and no control database is configured."""
+
+
+class UnknownRollout(FleetError):
+    """Raised when no rollout has the id given."""

@@ -13,6 +13,8 @@ from jobs.ledger.read import SCHEMA
 
 RUN = "run"
 BACKFILL = "backfill"
+# A rollout's id lives in the control database (jobs/fleet/store.py), not in a ledger.
+ROLLOUT = "rollout"
 
 # The kind of an id, in one round trip; no row when the ledger has none with that id.
 # psycopg2's parameters, so that it runs as it is on a plain psycopg2 connection too.
@@ -31,4 +33,8 @@ def new_run_id() -> str:
 
 
 def new_backfill_id() -> str:
+    return _new_id()
+
+
+def new_rollout_id() -> str:
     return _new_id()

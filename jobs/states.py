@@ -1,4 +1,4 @@
-"""The states of runs, steps, backfills and backfill slices, their transition tables, the
+"""The states of runs, steps, backfills, backfill slices and rollouts, their transition tables, the
 groups of states the code asks about, and the kinds of runs and steps.
 
 Statuses are participles, as in Shopify's maintenance_tasks. Every enum is a StrEnum: a
@@ -248,6 +248,79 @@ def check_slice_transition(current: str, new: str) -> None:
     """Raise IllegalTransition unless a slice may go ``current -> new`` (SLICE_TRANSITIONS)."""
     if new not in SLICE_TRANSITIONS.get(current, frozenset()):
         raise IllegalTransition(f"a backfill slice cannot go from {current} to {new}")
+
+
+# -- rollouts and their members (jobs/fleet/) ---------------------------------------------
+
+
+class RolloutState(StrEnum):
+    ENQUEUED = "enqueued"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    HALTED = "halted"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    SUCCEEDED = "succeeded"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+_R = RolloutState
+ROLLOUT_TRANSITIONS: dict[str, frozenset[str]] = {
+    # Recorded by `runbook rollout`; the first advance lists the members. FAILED when the
+    # group cannot be listed (its catalog is unreachable).
+    _R.ENQUEUED: frozenset({_R.RUNNING, _R.CANCELLED, _R.FAILED}),
+    # Starting members in waves. HALTED when the failure budget is spent or a canary failed;
+    # FAILED when every member ended and some failed within the budget.
+    _R.RUNNING: frozenset({_R.PAUSING, _R.HALTED, _R.CANCELLING, _R.SUCCEEDED, _R.FAILED}),
+    # No new member starts; PAUSED once the members in flight have ended.
+    _R.PAUSING: frozenset({_R.PAUSED, _R.RUNNING, _R.CANCELLING, _R.HALTED}),
+    _R.PAUSED: frozenset({_R.RUNNING, _R.CANCELLING, _R.ROLLING_BACK}),
+    # Stays halted while its members in flight end; `resume` (after the cause is fixed) goes
+    # on with the failed and the unstarted members, `rollback` undoes the advanced ones.
+    _R.HALTED: frozenset({_R.RUNNING, _R.CANCELLING, _R.ROLLING_BACK}),
+    _R.CANCELLING: frozenset({_R.CANCELLED}),
+    # Over, but what a rollout advanced can still be rolled back, and a failed one resumed.
+    _R.CANCELLED: frozenset({_R.ROLLING_BACK}),
+    _R.SUCCEEDED: frozenset({_R.ROLLING_BACK}),
+    _R.FAILED: frozenset({_R.RUNNING, _R.ROLLING_BACK}),
+    # Each advanced member back to its own from_revision. FAILED when one of them could not be.
+    _R.ROLLING_BACK: frozenset({_R.ROLLED_BACK, _R.FAILED}),
+    _R.ROLLED_BACK: frozenset(),
+}
+#: No member starts in these; the advancing task only follows the ones in flight.
+ROLLOUT_STOPPING = frozenset({_R.PAUSING, _R.HALTED, _R.CANCELLING})
+#: Nothing more happens by itself once the members in flight have ended: `--wait` ends.
+ROLLOUT_SETTLED = frozenset(
+    {_R.PAUSED, _R.HALTED, _R.CANCELLED, _R.SUCCEEDED, _R.ROLLED_BACK, _R.FAILED}
+)
+
+
+def check_rollout_transition(current: str, new: str) -> None:
+    """Raise IllegalTransition unless a rollout may go ``current -> new``."""
+    if new not in ROLLOUT_TRANSITIONS.get(current, frozenset()):
+        raise IllegalTransition(f"a rollout cannot go from {current} to {new}")
+
+
+class MemberState(StrEnum):
+    """A member of a rollout; its run's own states are in its target's ledger."""
+
+    PENDING = "pending"  # not started (or failed, and set back by `resume`)
+    RUNNING = "running"  # its run is in flight
+    SUCCEEDED = "succeeded"  # advanced: its run brought it to the rollout's revision
+    SKIPPED = "skipped"  # already at the revision: no run, no backup
+    FAILED = "failed"  # its run failed (and rolled itself back or restored), or was refused
+    ROLLING_BACK = "rolling_back"  # `rollback ROLLOUT`: its rollback run is in flight
+    ROLLED_BACK = "rolled_back"  # back at its from_revision
+    ROLLBACK_FAILED = "rollback_failed"  # its rollback run failed or was refused
+
+
+#: Members with a run in flight.
+MEMBER_IN_FLIGHT = frozenset({MemberState.RUNNING, MemberState.ROLLING_BACK})
+#: Members the rollout changed, which `rollback ROLLOUT` brings back.
+MEMBER_ADVANCED = frozenset({MemberState.SUCCEEDED, MemberState.ROLLBACK_FAILED})
 
 
 # -- the flat names the code imports ---------------------------------------------------------

@@ -60,8 +60,17 @@ class CeleryDispatcher:
         except (OperationalError, OSError):
             raise self._gone() from None
 
-    def send_run(self, run_id: str, target: str) -> None:
-        self._publish(flower.EXECUTE_RUN, flower.run_args(run_id, target))
+    def send_run(self, run_id: str, target: str, rollout: str | None = None) -> None:
+        self._publish(
+            flower.EXECUTE_RUN,
+            flower.run_args(run_id, target),
+            **flower.run_options(rollout, target, run_id),
+        )
+
+    def send_rollout(self, rollout_id: str, countdown_s: float = 0.0) -> None:
+        self._publish(
+            flower.ADVANCE_ROLLOUT, [rollout_id], **flower.rollout_options(countdown_s, rollout_id)
+        )
 
     def send_slice(self, message: SliceMessage) -> None:
         self._publish(

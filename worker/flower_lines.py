@@ -144,3 +144,22 @@ def refusal(kind: str, work_id: str, target: str, error: str) -> dict[str, Any]:
         "target": target,
         "error": error,
     }
+
+
+def rollout_line(found: dict[str, Any]) -> str:
+    """One line of a rollout: its state and how many members are in each state."""
+    counts = found.get("counts") or {}
+    total = sum(counts.values())
+    done = sum(counts.get(s, 0) for s in ("succeeded", "skipped", "rolled_back"))
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()) if n)
+    return (
+        f"rollout {found.get('id')} of {found.get('group')}: {found.get('state')}, "
+        f"{done}/{total} done ({parts or 'no members listed yet'})"
+    )
+
+
+def rollout_result(found: dict[str, Any]) -> dict[str, Any]:
+    """An advancing pass's return value: the rollout's line, state and counts."""
+    if "note" in found:
+        return {"line": f"rollout {found['rollout']}: {found['note']}", **found}
+    return {"line": rollout_line(found), **found}

@@ -22,6 +22,8 @@ from celery.signals import worker_ready, worker_shutdown
 from kombu.utils.url import maybe_sanitize_url
 
 from jobs.config import load_settings
+from jobs.fleet import reconcile as fleet_reconcile
+from jobs.fleet.reconcile import STALE_AFTER_S
 from jobs.run import lease, reconcile
 
 log = logging.getLogger("runbook.reconcile")
@@ -71,13 +73,28 @@ class BrokerWatch:
 
 
 def _pass(watch: BrokerWatch) -> None:
-    from worker.tasks import run_sender, slice_sender
+    from worker.tasks import rollout_sender, run_sender, slice_sender
 
     settings = load_settings()
     lease_s = AFTER_OUTAGE_LEASE_S if watch.lost else lease.LEASE_S
+    try:
+        members = fleet_reconcile.members_in_flight(settings)
+    except Exception:  # the control database may be away; the targets are reconciled still
+        log.exception("listing the rollouts' members in flight failed")
+        members = []
     found = reconcile.reconcile(
-        settings, run_sender(settings.queue), slice_sender(settings.queue), lease_s=lease_s
+        settings,
+        run_sender(settings.queue),
+        slice_sender(settings.queue),
+        lease_s=lease_s,
+        members=members,
     )
+    try:
+        fleet_reconcile.reconcile(
+            settings, rollout_sender(settings.queue), after_s=0.0 if watch.lost else STALE_AFTER_S
+        )
+    except Exception:  # the control database may be away; the targets were reconciled
+        log.exception("reconciling rollouts failed")
     watch.lost = False
     if found.runs_sent or found.runs_failed or found.slices_sent:
         log.warning("reconciled: %s", found)

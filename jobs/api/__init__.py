@@ -14,8 +14,18 @@ from jobs.api.backfills import (
     follow_backfill,
     list_backfills,
 )
-from jobs.api.backups import data_loss, enqueue_backup, enqueue_restore, list_backups
+from jobs.api.backups import enqueue_backup, enqueue_restore, list_backups
 from jobs.api.common import WAIT_REREAD_S, locate, settle_refusal
+from jobs.api.rollouts import (
+    control_rollout,
+    find_rollout,
+    follow_rollout,
+    list_rollouts,
+    rollback_rollout,
+    rollout_status,
+    start_rollout,
+    wait_rollout,
+)
 from jobs.api.runs import (
     cancel,
     check,
@@ -32,13 +42,23 @@ from jobs.api.runs import (
     strict_refusal,
     wait,
 )
-from jobs.api.targets import targets
+from jobs.api.targets import group_targets, targets
+from jobs.project.losses import data_loss
 
 __all__ = [
     "WAIT_REREAD_S",
     "backfill_status",
     "cancel",
     "check",
+    "control_rollout",
+    "find_rollout",
+    "follow_rollout",
+    "group_targets",
+    "list_rollouts",
+    "rollback_rollout",
+    "rollout_status",
+    "start_rollout",
+    "wait_rollout",
     "control_backfill",
     "data_loss",
     "doctor",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from jobs.config import Settings, Target
@@ -10,8 +12,10 @@ from jobs.config_values import ValueKind, parse_value
 from jobs.errors import (
     BrokerUnavailable,
     RunbookError,
+    TargetUnreachable,
     UnknownBackfill,
 )
+from jobs.fleet import index
 from jobs.lazy import lazy
 from jobs.ledger import overview, read
 from jobs.states import BACKFILL_TERMINAL, BackfillState
@@ -40,6 +44,7 @@ else:
     backfills = lazy("jobs.ledger.backfills")
     schema = lazy("jobs.ledger.schema")
     db = lazy("jobs.pg.db")
+from jobs import ids
 from jobs.api.common import (
     check_broker,
     find_backfill,
@@ -48,6 +53,8 @@ from jobs.api.common import (
     settle_refused_backfill,
     slice_sender,
 )
+
+log = logging.getLogger("runbook.backfill")
 
 
 def list_backfills(
@@ -174,19 +181,65 @@ def enqueue_backfill(
         )
         spec.check()
         check_broker(settings)
-        backfill_id = create.create(conn, t.name, spec)
+        # The rows are estimated once the slices are on their way (up to a second or two
+        # on a large table, which the walk need not wait for), from a snapshot taken before.
+        recorded = create.record(conn, t.name, spec, estimated=False)
+        backfill_id = recorded.id
+        index.note(settings, backfill_id, ids.BACKFILL, t.name)
         if control.get(conn, backfill_id).state == BackfillState.SUCCEEDED:
             return backfill_id  # an empty table: nothing to queue
         started = control.start(conn, backfill_id)
-        try:
-            backfill_slices.send_slices(conn, t.name, backfill_id, started, slice_sender(settings))
-        except BrokerUnavailable as exc:
-            # Never let it run later behind the operator's back (they will start it again).
-            control.cancel(conn, backfill_id)
-            raise BrokerUnavailable(
-                f"{exc} (backfill {backfill_id} was not sent, and is cancelled)"
-            ) from None
+        with _snapshot_before(t, backfill_id) as before:
+            try:
+                backfill_slices.send_slices(
+                    conn, t.name, backfill_id, started, slice_sender(settings)
+                )
+            except BrokerUnavailable as exc:
+                # Never let it run later behind the operator's back (they will start it again).
+                control.cancel(conn, backfill_id)
+                raise BrokerUnavailable(
+                    f"{exc} (backfill {backfill_id} was not sent, and is cancelled)"
+                ) from None
+            if before is not None:
+                _refine(before, conn, recorded)
     return backfill_id
+
+
+@contextlib.contextmanager
+def _snapshot_before(t: Target, backfill_id: str) -> Iterator[Connection | None]:
+    """A second connection holding a snapshot from before the first batch (create.snapshot),
+    or None when it cannot be had (the server at max_connections, say): the backfill is
+    sent regardless and runs on with the planner's guess, the reason logged."""
+    from sqlalchemy.exc import DBAPIError
+
+    with contextlib.ExitStack() as stack:
+        try:
+            before = stack.enter_context(create.snapshot(stack.enter_context(db.connect(t))))
+        except (TargetUnreachable, DBAPIError) as exc:
+            _not_estimated(backfill_id, exc)
+            before = None
+        yield before
+
+
+def _refine(before: Connection, conn: Connection, recorded: create.Recorded) -> None:
+    """The backfill's rows estimated (create.refine); it runs on with the planner's guess
+    if that fails, the reason logged."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        create.refine(before, conn, recorded)
+    except DBAPIError as exc:
+        _not_estimated(recorded.id, exc)
+
+
+def _not_estimated(backfill_id: str, exc: Exception) -> None:
+    from jobs.pg.sqlstate import describe
+
+    log.warning(
+        "backfill %s: its rows could not be estimated (%s); status shows the planner's guess",
+        backfill_id,
+        describe(exc),
+    )
 
 
 def dry_run_backfill(

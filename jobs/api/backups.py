@@ -1,10 +1,7 @@
-"""Backups and restores: take a backup now, list them, restore one (whole or some tables), and
-the data a rollback would lose.
-"""
+"""Backups and restores: take a backup now, list them, restore one (whole or some tables)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +18,11 @@ from jobs.states import RunKind
 # (backfill, sqlguard, plan), boto3 (vault) and rich (plan) come with the commands that need
 # them (tests/unit/test_cli_imports.py, tests/integration/test_status_imports.py).
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
-
     from jobs.backups import dump, vault
     from jobs.ledger import backups as ledger_backups
     from jobs.ledger import schema
     from jobs.pg import db
     from jobs.project.runtime import Project
-    from jobs.project.scripts import Revision
 else:
     dump = lazy("jobs.backups.dump")
     vault = lazy("jobs.backups.vault")
@@ -56,39 +50,6 @@ def enqueue_backup(target: str | None = None, *, settings: Settings | None = Non
             options={"backup": True},
             backup=True,
         )
-
-
-_DROP_TABLE = re.compile(r"DROP TABLE (?:IF EXISTS )?([\w.\"]+)", re.IGNORECASE)
-_DROP_COLUMN = re.compile(
-    r"ALTER TABLE (?:ONLY )?([\w.\"]+) DROP COLUMN (?:IF EXISTS )?([\w\"]+)", re.IGNORECASE
-)
-
-
-def data_loss(conn: Connection, project: Project, revisions: list[Revision]) -> list[str]:
-    """What the downgrades of ``revisions`` would destroy: tables and columns holding rows."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import DBAPIError
-
-    found = []
-    for rev in revisions:
-        sql = project.downgrade_sql(rev)
-        drops: list[tuple[str, str | None]] = [
-            (m.group(1), None) for m in _DROP_TABLE.finditer(sql)
-        ]
-        drops += [(m.group(1), m.group(2)) for m in _DROP_COLUMN.finditer(sql)]
-        for table, column in drops:
-            where = f" WHERE {column} IS NOT NULL" if column else ""
-            try:
-                rows = conn.execute(text(f"SELECT count(*) FROM {table}{where}")).scalar_one()
-            except DBAPIError:
-                rows = 0  # not there (yet): nothing to lose
-            finally:
-                if conn.in_transaction():
-                    conn.rollback()
-            if rows:
-                what = f"column {table}.{column}" if column else f"table {table}"
-                found.append(f"the downgrade of {rev.id} drops {what} holding {rows} rows")
-    return found
 
 
 def enqueue_restore(

@@ -4,6 +4,7 @@ queue, finding a run or a backfill on its target, and settling refusals a worker
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +13,12 @@ from jobs.config import Settings, Target, load_settings
 from jobs.errors import (
     BackupError,
     BrokerUnavailable,
+    RunbookError,
     TargetUnreachable,
     UnknownBackfill,
     UnknownRun,
 )
+from jobs.fleet import index
 from jobs.lazy import lazy
 from jobs.ledger import read
 from jobs.ledger.records import Run
@@ -42,6 +45,7 @@ else:
     db = lazy("jobs.pg.db")
 
 WAIT_REREAD_S = 0.05
+log = logging.getLogger("runbook.api")
 
 
 def resolve_settings(settings: Settings | None) -> Settings:
@@ -52,8 +56,8 @@ def check_broker(settings: Settings) -> None:
     dispatch.for_settings(settings).check_broker()
 
 
-def send_run(settings: Settings, run_id: str, target: Target) -> None:
-    dispatch.for_settings(settings).send_run(run_id, target.name)
+def send_run(settings: Settings, run_id: str, target: Target, rollout: str | None = None) -> None:
+    dispatch.for_settings(settings).send_run(run_id, target.name, rollout)
 
 
 def check_scratch(conn: Connection, target: Target) -> None:
@@ -87,12 +91,15 @@ def admit(
     options: dict[str, Any],
     backup: bool,
     irreversible: dict[str, str] | None = None,
+    rollout: str | None = None,
 ) -> str:
-    """Last checks, then record the run and queue it. Nothing is written before this."""
+    """Last checks, then record the run and queue it. Nothing is written before this. A
+    rollout's member run is tagged with the rollout's id (its options, and its message)."""
     if backup:
         dump.check_prerequisites(t, db.server_version_num(conn))
         check_scratch(conn, t)
-    check_broker(settings)
+    if rollout is None:  # a rollout's pass runs on a worker: a failed send below says it
+        check_broker(settings)
     schema.ensure(conn)
     run_id = runs.admit(
         conn,
@@ -100,11 +107,13 @@ def admit(
         kind=kind,
         from_revision=from_revision,
         to_revision=to_revision,
-        options=options,
+        options={**options, "rollout": rollout} if rollout else options,
         irreversible=irreversible,
     )
+    if rollout is None:
+        index.note(settings, run_id, ids.RUN, t.name)
     try:
-        send_run(settings, run_id, t)
+        send_run(settings, run_id, t, rollout)
     except BrokerUnavailable as exc:
         # Recorded but never sent: cancel it, so that it neither runs later (sent by the
         # reconciler) nor blocks the next apply on this target.
@@ -113,15 +122,44 @@ def admit(
     return run_id
 
 
+def indexed_target(settings: Settings, work_id: str) -> Target | None:
+    """The target the control database says holds ``work_id`` (a run of [targets] or of a
+    catalog group), or None: no control database, no entry, or it cannot be read."""
+    from jobs.fleet import groups
+
+    found = index.find(settings, work_id)
+    if found is None or found[0] == ids.ROLLOUT:
+        return None
+    try:
+        return groups.resolve(settings, found[1])
+    except RunbookError:
+        return None
+
+
+def _named(settings: Settings, name: str) -> Target:
+    """The target ``name``: a [targets.NAME], or a catalog group's row (its member's run
+    shown by `status ID`, which passes on the name it was found under)."""
+    from jobs.fleet import groups
+
+    return groups.serving(settings, name).target(name)
+
+
 def _locate(
-    settings: Settings, target: str | None, lookup: Callable[[Any], Any]
+    settings: Settings,
+    target: str | None,
+    lookup: Callable[[Any], Any],
+    work_id: str | None = None,
 ) -> tuple[Target | None, Any, list[str]]:
     """Search the named target's ledger, or every configured target's, with ``lookup``
     (jobs/ledger/read.py on a plain psycopg2 connection; it returns what it found, or
     None): (target, found, targets unreachable)."""
-    if not target:
+    # A catalog member's run is found through the index even with no [targets] at all.
+    known = indexed_target(settings, work_id) if not target and work_id is not None else None
+    if not target and known is None:
         settings.require_any()  # "no targets are configured" rather than "unknown run"
-    candidates = [settings.target(target)] if target else list(settings.targets.values())
+    candidates = [_named(settings, target)] if target else list(settings.targets.values())
+    if known is not None:  # looked at first; the others still if it is not there
+        candidates = [known, *(t for t in candidates if t.name != known.name)]
     unreachable: list[str] = [] if target else sorted(settings.broken)
     for t in candidates:
         try:
@@ -141,7 +179,7 @@ def _unreachable(names: list[str]) -> str:
 
 def find_run(settings: Settings, run_id: str, target: str | None) -> tuple[Target, Run]:
     """Look a run up in the named target's ledger, or in every configured target's."""
-    t, run, unreachable = _locate(settings, target, lambda conn: read.get_run(conn, run_id))
+    t, run, unreachable = _locate(settings, target, lambda conn: read.get_run(conn, run_id), run_id)
     if t is None:
         raise UnknownRun(
             f"unknown run {run_id!r}{_unreachable(unreachable)}; `runbook history` lists the runs"
@@ -167,8 +205,16 @@ def locate(
         settings,
         target,
         lambda conn: _kind_of(conn, work_id),
+        work_id,
     )
     if t is None:
+        from jobs.fleet import groups
+
+        if groups.has_control(settings):  # the id may have been meant as a rollout's
+            raise UnknownRun(
+                f"unknown run, backfill or rollout {work_id!r}{_unreachable(unreachable)}; "
+                "`runbook history` lists the runs, `runbook rollouts` the rollouts"
+            )
         raise UnknownRun(
             f"unknown run or backfill {work_id!r}{_unreachable(unreachable)}; "
             "`runbook history` lists the runs"
@@ -225,7 +271,9 @@ def slice_sender(settings: Settings) -> dispatch.SendSlice:
 
 
 def find_backfill(settings: Settings, backfill_id: str, target: str | None) -> Target:
-    t, _, unreachable = _locate(settings, target, lambda conn: read.get_backfill(conn, backfill_id))
+    t, _, unreachable = _locate(
+        settings, target, lambda conn: read.get_backfill(conn, backfill_id), backfill_id
+    )
     if t is None:
         # As locate's: `runbook pause ID` and the API take a backfill's id where a run's is
         # often meant.

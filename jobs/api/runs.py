@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from jobs.ledger import backups as ledger_backups
     from jobs.ledger import notify, runs, schema
     from jobs.pg import db
+    from jobs.project import losses
     from jobs.project.runtime import Project
     from jobs.project.scripts import Revision
 else:
@@ -41,9 +42,9 @@ else:
     runs = lazy("jobs.ledger.runs")
     schema = lazy("jobs.ledger.schema")
     db = lazy("jobs.pg.db")
+    losses = lazy("jobs.project.losses")
     Project = lazy_callable("jobs.project.runtime", "Project")
 from jobs.api.backfills import read_progress
-from jobs.api.backups import data_loss
 from jobs.api.common import (
     WAIT_REREAD_S,
     admit,
@@ -131,11 +132,13 @@ def enqueue(
     backup: bool | None = None,
     strict: bool = False,
     settings: Settings | None = None,
+    rollout: str | None = None,
 ) -> str | None:
     """Check everything that can be checked, record the run and queue it; its id.
 
     None when the target is already at ``to`` (nothing to do). RunbookError, with nothing
-    enqueued and nothing changed, on bad input or configuration.
+    enqueued and nothing changed, on bad input or configuration. ``rollout``: the run is a
+    member's run of that rollout (jobs/fleet/advance.py).
     """
     settings = resolve_settings(settings)
     t = settings.target(target)
@@ -162,6 +165,7 @@ def enqueue(
             options={"backup": take_backup},
             backup=take_backup,
             irreversible={r.id: r.irreversible for r in path if r.irreversible},
+            rollout=rollout,
         )
 
 
@@ -187,6 +191,7 @@ def enqueue_rollback(
     *,
     accept_data_loss: bool = False,
     settings: Settings | None = None,
+    rollout: str | None = None,
 ) -> str | None:
     """Queue an operator rollback down to ``to``, one revision per step.
 
@@ -208,15 +213,15 @@ def enqueue_rollback(
                 f"--to {to_rev or 'base'} is not behind the current revision {current}; "
                 "rollback only goes down (use apply to go up)"
             ) from None
-        losses = data_loss(conn, project, list(reversed(path)))
-        if losses and not accept_data_loss:
+        found = losses.data_loss(conn, project, list(reversed(path)))
+        if found and not accept_data_loss:
             raise RunbookError(
-                f"{'; '.join(losses)}; pass --accept-data-loss to go ahead (a verified backup "
+                f"{'; '.join(found)}; pass --accept-data-loss to go ahead (a verified backup "
                 "is taken first)"
             )
-        if losses and not t.backup:
+        if found and not t.backup:
             raise RunbookError(
-                f"{losses[0]}; --accept-data-loss needs a backup, and target {t.name!r} has "
+                f"{found[0]}; --accept-data-loss needs a backup, and target {t.name!r} has "
                 "backup = false"
             )
         return admit(
@@ -226,9 +231,10 @@ def enqueue_rollback(
             kind=RunKind.ROLLBACK,
             from_revision=current,
             to_revision=to_rev,
-            options={"backup": t.backup, "data_loss": losses},
+            options={"backup": t.backup, "data_loss": found},
             backup=t.backup,
             irreversible={r.id: r.irreversible for r in path if r.irreversible},
+            rollout=rollout,
         )
 
 

@@ -81,12 +81,17 @@ def _health(settings: Settings, name: str, project: Project | None) -> dict[str,
 def targets(*, settings: Settings | None = None) -> list[dict[str, Any]]:
     """Every configured target with its health: config valid, database reachable, current
     and head revision, pending revisions, last run. Broken targets are listed, not raised."""
-    from concurrent.futures import ThreadPoolExecutor
-
     settings = resolve_settings(settings)
     settings.require_any()
+    return _rows(settings, settings.names)
+
+
+def _rows(settings: Settings, names: list[str]) -> list[dict[str, Any]]:
+    """The health rows of ``names``, in that order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     projects: dict[str, Project | None] = {}
-    for name in settings.names:
+    for name in names:
         projects[name] = None
         if name in settings.targets:
             try:
@@ -96,4 +101,26 @@ def targets(*, settings: Settings | None = None) -> list[dict[str, Any]]:
     # Each target is asked on its own connection at once: one slow host does not hold the
     # others up beyond its connect timeout (jobs/pg/db.py).
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda n: _health(settings, n, projects[n]), settings.names))
+        return list(pool.map(lambda n: _health(settings, n, projects[n]), names))
+
+
+def group_targets(group: str, *, settings: Settings | None = None) -> dict[str, Any]:
+    """A group's members in their rollout order, each with its health and current revision,
+    and the fleet's revision mix: how many members are at each revision."""
+    from collections import Counter
+
+    from jobs.fleet import groups
+
+    settings = resolve_settings(settings)
+    g = groups.group(settings, group)
+    found = groups.members(settings, g)
+    scoped = dataclasses.replace(
+        settings,
+        targets={m.name: m.target for m in found if m.target is not None},
+        broken={m.name: m.broken or "broken" for m in found if m.target is None},
+    )
+    rows = _rows(scoped, [m.name for m in found])
+    for row, m in zip(rows, found, strict=True):
+        row["canary"] = m.canary
+    mix = Counter((row["current_revision"] or "base") if row["ok"] else "unknown" for row in rows)
+    return {"group": g.name, "members": rows, "revisions": dict(mix.most_common())}

@@ -4,6 +4,9 @@ the slices cut, and the ledger rows written in one transaction.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +15,7 @@ from pglast.parser import ParseError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from jobs.backfill.batch_sql import update_sql
+from jobs.backfill.batch_sql import APPLICATION_NAME, update_sql
 from jobs.backfill.keys import (
     Table,
     estimate_rows,
@@ -22,6 +25,7 @@ from jobs.backfill.keys import (
     resolve_table,
     slice_bounds,
     walkable_key_type,
+    where_of,
 )
 from jobs.backfill.marks import Marks, sample_marks
 from jobs.backfill.spec import Spec
@@ -29,7 +33,7 @@ from jobs.errors import (
     BadSpec,
 )
 from jobs.ledger import backfills, schema
-from jobs.ledger.estimate import COUNTED
+from jobs.ledger.estimate import COUNTED, PLANNER
 from jobs.pg.sqlstate import describe
 from jobs.states import (
     ENQUEUED,
@@ -82,15 +86,20 @@ class Prepared:
     estimate_kind: str
 
 
-def prepare(conn: Connection, spec: Spec) -> Prepared:
-    """Every check of ``spec`` against the database, read-only; what the walk needs."""
+def prepare(conn: Connection, spec: Spec, *, count: bool = True) -> Prepared:
+    """Every check of ``spec`` against the database, read-only; what the walk needs. The
+    rows to update are counted within the budget (keys.estimate_rows), or with ``count``
+    false only guessed by the planner (refine counts them later)."""
     spec.check()
     table = resolve_table(conn, spec.table)
     key_type = walkable_key_type(conn, table, spec.key)
     _check_statement(conn, table, spec, key_type)
     upper = largest_key(conn, table, spec.key)
     table_rows = planned_rows(conn, f"SELECT 1 FROM {table.name}")
-    estimate, kind = estimate_rows(conn, table, spec, table_rows)
+    if count:
+        estimate, kind = estimate_rows(conn, table, spec, table_rows)
+    else:
+        estimate, kind = planned_rows(conn, f"SELECT 1 FROM {table.name}{where_of(spec)}"), PLANNER
     return Prepared(table, key_type, upper, table_rows, estimate, kind)
 
 
@@ -107,6 +116,16 @@ def _estimate(
     return round(marks.keys * share), marks.kind, marks
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A backfill just recorded, with what refine needs to estimate its rows later."""
+
+    id: str
+    spec: Spec
+    plan: Prepared
+    bounds: list[str]
+
+
 def create(
     conn: Connection,
     target_name: str,
@@ -114,24 +133,44 @@ def create(
     run_id: str | None = None,
     revision: str | None = None,
 ) -> str:
-    """Check ``spec`` against the database and record the backfill and its slices; its id.
+    """Check ``spec`` against the database and record the backfill and its slices, its rows
+    estimated; its id (record's states and errors)."""
+    return record(conn, target_name, spec, run_id, revision).id
+
+
+def record(
+    conn: Connection,
+    target_name: str,
+    spec: Spec,
+    run_id: str | None = None,
+    revision: str | None = None,
+    *,
+    estimated: bool = True,
+) -> Recorded:
+    """Check ``spec`` against the database and record the backfill and its slices.
 
     It is ``enqueued`` (start it, then run its slices), or ``succeeded`` at once when the
-    table is empty. Raises BadSpec or UnusableKey with one line for the operator.
+    table is empty. Raises BadSpec or UnusableKey with one line for the operator. With
+    ``estimated`` false the rows are the planner's guess until refine (the count or the
+    key marks can take a second or two on a large table: the walk need not wait for them).
     """
     try:  # every check first: bad input leaves the database as it was, ledger included
-        plan = prepare(conn, spec)
+        plan = prepare(conn, spec, count=estimated)
         bounds = (
             []
             if plan.upper is None
             else slice_bounds(conn, plan.table, spec.key, spec.slices, plan.upper, plan.table_rows)
         )
-        estimate, kind, marks = _estimate(conn, plan, spec, bounds)
+        estimate, kind, marks = (
+            _estimate(conn, plan, spec, bounds)
+            if estimated
+            else (plan.estimate, plan.estimate_kind, None)
+        )
     finally:
         if conn.in_transaction():
             conn.rollback()
     schema.ensure(conn)
-    return backfills.create_backfill(
+    backfill_id = backfills.create_backfill(
         conn,
         target=target_name,
         run_id=run_id,
@@ -150,4 +189,36 @@ def create(
         estimate_kind=kind,
         marks=marks,
         settings=spec.settings(),
+    )
+    return Recorded(backfill_id, spec, plan, bounds)
+
+
+@contextmanager
+def snapshot(conn: Connection) -> Iterator[Connection]:
+    """``conn`` in a read-only REPEATABLE READ transaction whose snapshot is taken at once:
+    enter it before the slices are sent, so that refine counts the table as it was before
+    any batch (a SET that makes the WHERE false would otherwise hide the rows done). Its
+    statements run without parallel workers: they run beside the walk and the application,
+    and should take no more than one core from them."""
+    if conn.in_transaction():
+        conn.rollback()
+    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+    conn.exec_driver_sql("SELECT 1")  # the snapshot is the first statement's
+    try:
+        yield conn
+    finally:
+        conn.rollback()
+
+
+def refine(snap: Connection, ledger: Connection, recorded: Recorded) -> None:
+    """Estimate ``recorded``'s rows as create does (counted within the budget, else the key
+    marks), reading through ``snap`` (a snapshot from before its first batch), and record the
+    estimate through ``ledger``."""
+    plan, spec = recorded.plan, recorded.spec
+    counted, kind = estimate_rows(snap, plan.table, spec, plan.table_rows)
+    plan = dataclasses.replace(plan, estimate=counted, estimate_kind=kind)
+    estimate, kind, marks = _estimate(snap, plan, spec, recorded.bounds)
+    backfills.set_estimate(
+        ledger, recorded.id, estimate, kind, marks, session_name=APPLICATION_NAME
     )

@@ -162,10 +162,15 @@ def count_budget_ms() -> int:
     return int(os.environ.get("RUNBOOK_COUNT_BUDGET_MS", COUNT_BUDGET_MS))
 
 
+def where_of(spec: Spec) -> str:
+    """`` WHERE (…)`` of the backfill's condition, or nothing."""
+    return f" WHERE (\n{embed(spec.where_sql)}\n)" if spec.where_sql else ""
+
+
 def estimate_rows(conn: Connection, table: Table, spec: Spec, table_rows: int) -> tuple[int, str]:
     """Rows the backfill will update: counted when that takes less than count_budget_ms(),
     else the planner's guess (which create() replaces with the key marks' estimate)."""
-    where = f" WHERE (\n{embed(spec.where_sql)}\n)" if spec.where_sql else ""
+    where = where_of(spec)
     budget = count_budget_ms()
     if budget > 0:
         timeout = text("SELECT set_config('statement_timeout', :ms, true)")

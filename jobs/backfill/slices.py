@@ -8,7 +8,6 @@ effect within one batch. The worker passes the senders and the progress hook
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from sqlalchemy import Connection
 
 from jobs.backfill import control, walk
 from jobs.backfill.replicas import ReplicaWatch
+from jobs.backfill.reporter import ProgressReporter
 from jobs.config import Settings, Target
 from jobs.dispatch import Progress, SendRun, SendSlice, SliceMessage
 from jobs.ledger import backfills, leases, notify, records
@@ -127,27 +127,26 @@ def run_slice_and_continue(
                 watch, backfill_id, slice_no, generation, lease.poison_reason(started - 1)
             )
             return _finish(watch, target.name, backfill_id, slice_no, outcome, resume_run)
-        reported = 0.0
 
         def report() -> None:
-            nonlocal reported
-            if on_progress is not None and time.monotonic() - reported >= PROGRESS_EVERY_S:
-                reported = time.monotonic()
+            # In the reporter's thread, on ``watch``, which this thread leaves alone meanwhile.
+            if on_progress is not None:
                 info = progress(watch, control.get(watch, backfill_id))
                 on_progress({**info, "slice": slice_no})
 
         # The first progress report comes after the first batch (on_batch) or while a
-        # throttle holds: before it, it would only delay that batch (five ledger reads and
-        # two Redis writes a task).
-        outcome = walk.run_slice(
-            db.engine(target),
-            backfill_id,
-            generation,
-            slice_no=slice_no,
-            budget_s=SLICE_SECONDS,
-            on_batch=report,
-            watch=ReplicaWatch.of_target(target),
-        )
+        # throttle holds; none delays a batch (jobs/backfill/reporter.py).
+        name = f"progress of backfill {backfill_id} slice {slice_no}"
+        with ProgressReporter(report, PROGRESS_EVERY_S, name) as reporter:
+            outcome = walk.run_slice(
+                db.engine(target),
+                backfill_id,
+                generation,
+                slice_no=slice_no,
+                budget_s=SLICE_SECONDS,
+                on_batch=reporter.nudge,
+                watch=ReplicaWatch.of_target(target),
+            )
         leases.end_slice_delivery(watch, backfill_id, slice_no)
         if outcome == walk.CONTINUE:
             nxt = ledger_slices.handoff(watch, backfill_id, slice_no, generation)

@@ -74,6 +74,15 @@ MAX_BACKOFF_S = 5.0
 STOPPED = "stopped"  # this slice stopped; the backfill's state is another slice's to settle
 
 Connector = Engine | Callable[[], Connection]
+# Integer keys are unique whole numbers, so (lo, lo + n] holds at most n of them: where the
+# last bound the index gave showed the keys dense (at least DENSE of the values in its range
+# taken), the next batches are stepped by arithmetic instead, without the bound's index scan
+# (1.5-2.5 ms of a 50 ms batch here), never holding more rows than a bound would. The index
+# is asked again every RECHECK_EVERY batches, and after a stepped batch that updated nothing
+# (a gap in the keys, where stepping would crawl).
+STEPPED_KEY_TYPES = frozenset({"smallint", "integer", "bigint"})
+DENSE = 0.9
+RECHECK_EVERY = 20
 # The bound and the UPDATE of every batch, parsed once per text (text() costs ~50 us).
 _cached_text = functools.lru_cache(maxsize=256)(text)
 OnBatch = Callable[[], None]
@@ -112,6 +121,7 @@ class _Walk:
         # its bound is taken in the statement that opens it (UNKNOWN: take it on its own).
         self.next_lo: str | None | object = UNKNOWN
         self.upper: str | None = None
+        self.steps_left = 0  # batches that may still be stepped by arithmetic (STEPPED_…)
 
     def load(self, conn: Connection) -> records.Backfill:
         """The backfill's settings (timeouts, sizes, pacing), read once per slice."""
@@ -290,7 +300,10 @@ class _Walk:
                 return stop
             size = self.size = self.size or piece.batch_size
             self.range.lo = piece.position
-            if ahead is not None and piece.position == expected and size == ahead[1]["n"]:
+            stepped = self.stepping(bf, piece)
+            if stepped:
+                hi = self.step(piece, size)
+            elif ahead is not None and piece.position == expected and size == ahead[1]["n"]:
                 hi = None if bound is None else str(bound)
             else:  # a first batch, or the cursor moved under us (a duplicate delivery)
                 hi = self.bound(conn, bf, piece, size)
@@ -299,9 +312,38 @@ class _Walk:
                 conn.exec_driver_sql("COMMIT")
                 return SliceState.DONE
             self.range.hi = hi
+            lo = piece.position  # before apply moves the cursor to hi
             blocked = self.apply(conn, bf, piece, size, hi, attempt)
         self.committed(hi, piece.upper_key, blocked)
+        self.judge_density(bf.key_type, lo, hi, size, stepped)
         return CONTINUE
+
+    def stepping(self, bf: records.Backfill, piece: records.Slice) -> bool:
+        """Whether this batch's bound is stepped by arithmetic (see STEPPED_KEY_TYPES)."""
+        return (
+            self.steps_left > 0
+            and bf.key_type in STEPPED_KEY_TYPES
+            and piece.position is not None
+            and piece.upper_key is not None
+            and not self.isolating
+        )
+
+    def step(self, piece: records.Slice, size: int) -> str | None:
+        """The stepped bound: ``size`` key values on from the cursor, at most the slice's
+        last key; None when the slice's range is walked."""
+        lo, upper = int(str(piece.position)), int(str(piece.upper_key))
+        return None if lo >= upper else str(min(lo + size, upper))
+
+    def judge_density(
+        self, key_type: str, lo: str | None, hi: str, size: int, stepped: bool
+    ) -> None:
+        """After a committed batch: whether the next ones may be stepped."""
+        if stepped:
+            self.steps_left = 0 if self.last_rows == 0 else self.steps_left - 1
+        elif key_type in STEPPED_KEY_TYPES and lo is not None:
+            # The index gave this bound: ``size`` keys over hi - lo values.
+            dense = size >= DENSE * (int(hi) - int(lo))
+            self.steps_left = RECHECK_EVERY if dense else 0
 
     def bound_ahead(self, settings: backfills.Backfill) -> Ahead | None:
         """After a batch of ours: the next batch's bound, to be taken in the statement that
@@ -309,6 +351,8 @@ class _Walk:
         expected = self.next_lo
         if expected is UNKNOWN or not self.size or settings.key_type not in KEY_TYPES.values():
             return None
+        if self.steps_left > 0 and settings.key_type in STEPPED_KEY_TYPES:
+            return None  # stepped, most likely (stepping decides once the slice is read)
         lo_guess = None if expected is None else str(expected)
         sql = bound_sql(
             settings.table_name,

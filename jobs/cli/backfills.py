@@ -97,7 +97,7 @@ def backfills(target: str | None, limit: int, as_json: bool) -> None:
             b["table"],
             b["state"],
             str(b["rows_done"]),
-            f"~{b['rows_total']}",
+            f"{'' if b['estimate'] == 'counted' else '~'}{b['rows_total']}",
             str(len(b["slices"])),
             b["run_id"] or "",
             (b["error"] or "")[:60],
@@ -206,6 +206,12 @@ def backfill(
 @click.option("--target", "-t", help="Look only in this target's ledger.")
 @friendly
 def pause(backfill_id: str, target: str | None) -> None:
-    """Pause a backfill before its next batch (resume continues from the checkpoint)."""
+    """Pause a backfill before its next batch (resume continues from the checkpoint), or a
+    rollout before its next member."""
+    from jobs.cli import fleet
+
+    if fleet.is_rollout(backfill_id, target):
+        fleet.control("pause", backfill_id)
+        return
     done = api.control_backfill("pause", backfill_id, target)
     err.print(f"backfill {backfill_id} {done['state']}")

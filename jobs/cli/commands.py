@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from jobs.cli import backfills, backups, exporter, runs, targets
+from jobs.cli import backfills, backups, exporter, fleet, runs, targets
 from jobs.cli.flower import flower
 from jobs.cli.options import Command, Group
 from jobs.cli.render import err, friendly
@@ -80,6 +80,8 @@ for command in (
     backfills.backfills,
     backfills.pause,
     targets.targets,
+    fleet.rollout,
+    fleet.rollouts,
     exporter.exporter,
     worker,
     flower,

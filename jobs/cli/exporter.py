@@ -1,5 +1,5 @@
-"""`runbook exporter`: Prometheus metrics from every configured target's ledger
-(jobs/metrics/), read at each scrape."""
+"""`runbook exporter`: Prometheus metrics from every configured target's ledger and the
+control database's rollouts (jobs/metrics/), read at each scrape."""
 
 from __future__ import annotations
 
@@ -33,13 +33,16 @@ else:
 @friendly
 def exporter(port: int, host: str) -> None:
     """Serve Prometheus metrics on /metrics: runs, steps and backfill progress, read from every
-    target's ledger at each scrape."""
+    target's ledger at each scrape, and the rollouts of the control database, if there is one."""
+    from jobs.fleet import groups
     from jobs.metrics.exporter import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = load_settings()
-    settings.require_any()
+    control = groups.has_control(settings)
+    if not control:  # a fleet's exporter may name the control database alone
+        settings.require_any()
     thread = serve(settings, host, port)
-    names = ", ".join(settings.names)
-    err.print(f"runbook exporter: serving http://{host}:{port}/metrics for {names}")
+    served = [*settings.names, *(["the control database's rollouts"] if control else [])]
+    err.print(f"runbook exporter: serving http://{host}:{port}/metrics for {', '.join(served)}")
     thread.join()

@@ -50,8 +50,9 @@ def backfill_line(now: dict[str, Any]) -> str:
         parts.append(f"paused: {now['pause_reason']}")
     if now.get("throttling"):
         parts.append(f"waiting: {now['throttling']} ({duration(now['throttling_s'] or 0)})")
-    if now["throttled_s"]:
-        parts.append(f"throttled {duration(now['throttled_s'])} (last: {now['throttle']})")
+    if now["throttled_s"] >= 0.5:  # shown in whole seconds; --json has the tenths
+        last = f" (last: {now['throttle']})" if now["throttle"] else ""
+        parts.append(f"throttled {duration(now['throttled_s'])}{last}")
     if now.get("replica_note"):
         parts.append(now["replica_note"])
     if now["skipped"]:
@@ -107,6 +108,9 @@ def friendly(fn: F) -> F:
         except RunbookError as exc:
             click.echo(f"runbook: error: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
+        except click.UsageError as exc:  # a command's own usage check: main() says it, exit 2
+            exc.ctx = exc.ctx or click.get_current_context(silent=True)
+            raise
         except KeyboardInterrupt:
             click.echo("runbook: interrupted", err=True)
             sys.exit(130)

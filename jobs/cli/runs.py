@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import click
 
+from jobs.cli import fleet
 from jobs.cli.backfills import follow_backfill
 from jobs.cli.options import Command
 from jobs.cli.render import (
@@ -123,8 +124,9 @@ def apply(
 
 
 @click.command(cls=Command)
+@click.argument("rollout_id", required=False)
 @click.option("--target", "-t", help="Target name (default: the only one).")
-@click.option("--to", "to", required=True, help="Revision to go down to (or base).")
+@click.option("--to", "to", help="Revision to go down to (or base).")
 @click.option(
     "--accept-data-loss",
     is_flag=True,
@@ -134,9 +136,22 @@ def apply(
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
 @friendly
 def rollback(
-    target: str | None, to: str, accept_data_loss: bool, wait: bool, as_json: bool
+    rollout_id: str | None,
+    target: str | None,
+    to: str | None,
+    accept_data_loss: bool,
+    wait: bool,
+    as_json: bool,
 ) -> None:
-    """Downgrade TARGET to a revision, one revision per step, backup first."""
+    """Downgrade a target to a revision (--to), one revision per step, backup first; or,
+    given a ROLLOUT id, bring back every member that rollout advanced."""
+    if rollout_id is not None:
+        if to is not None or target is not None:
+            raise click.UsageError("a ROLLOUT is rolled back as a whole: drop --to and --target")
+        fleet.rollback(rollout_id, accept_data_loss, wait, as_json)
+        return
+    if to is None:
+        raise click.UsageError("give --to REVISION (or base), or a ROLLOUT id")
     run_id = api.enqueue_rollback(target, to, accept_data_loss=accept_data_loss)
     follow_run(run_id, target, wait, as_json, f"the target is already at {to}")
 
@@ -281,7 +296,10 @@ def stamp(revision: str, target: str | None, wait: bool, as_json: bool) -> None:
 @click.option("--watch", is_flag=True, help="Follow the run until it ends.")
 @friendly
 def status(run_id: str, target: str | None, as_json: bool, watch: bool) -> None:
-    """Show a run (or a backfill): its state, revisions, backup and steps."""
+    """Show a run (or a backfill, or a rollout): its state, revisions, backup and steps."""
+    if fleet.is_rollout(run_id, target):
+        fleet.status(run_id, as_json, watch)
+        return
     kind, found_on = api.locate(run_id, target)
     target = found_on.name
     if kind == ids.BACKFILL:
@@ -350,7 +368,10 @@ def history(target: str | None, limit: int, as_json: bool) -> None:
 @click.option("--target", "-t", help="Look only in this target's ledger.")
 @friendly
 def resume(run_id: str, target: str | None) -> None:
-    """Send an unfinished run to the workers again (after a worker died)."""
+    """Send an unfinished run to the workers again (after a worker died); a rollout goes on."""
+    if fleet.is_rollout(run_id, target):
+        fleet.control("resume", run_id)
+        return
     kind, found_on = api.locate(run_id, target)
     if kind == ids.BACKFILL:
         done = api.control_backfill("resume", run_id, found_on.name)
@@ -367,7 +388,10 @@ def resume(run_id: str, target: str | None) -> None:
 @click.option("--target", "-t", help="Look only in this target's ledger.")
 @friendly
 def cancel(run_id: str, target: str | None) -> None:
-    """Cancel a run that no worker has started yet."""
+    """Cancel a run that no worker has started yet; a rollout starts no more members."""
+    if fleet.is_rollout(run_id, target):
+        fleet.control("cancel", run_id)
+        return
     kind, found_on = api.locate(run_id, target)
     if kind == ids.BACKFILL:
         done = api.control_backfill("cancel", run_id, found_on.name)

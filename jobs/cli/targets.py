@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,13 +24,20 @@ else:
 
 
 @click.command(cls=Command)
+@click.option("--group", "-g", "group", default=None, help="Only this group's members.")
 @click.option("--json", "as_json", is_flag=True, help="Print the targets as JSON.")
 @friendly
-def targets(as_json: bool) -> None:
-    """List the configured targets with their health; exit 1 when any is broken."""
-    found = api.targets()
+def targets(group: str | None, as_json: bool) -> None:
+    """List the configured targets (or a group's members, with the fleet's revision mix)
+    with their health; exit 1 when any is broken."""
+    fleet: dict[str, Any] | None = None
+    if group is not None:
+        fleet = api.group_targets(group)
+        found = fleet["members"]
+    else:
+        found = api.targets()
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        click.echo(json.dumps(fleet if fleet is not None else found, indent=2))
     else:
         table = Table("target", "health", "database", "revision", "pending", "last run")
         for row in found:
@@ -57,4 +64,7 @@ def targets(as_json: bool) -> None:
             if row["error"]:
                 named = f"{row['name']!r}" in row["error"]
                 out.print(row["error"] if named else f"target {row['name']!r}: {row['error']}")
+        if fleet is not None:
+            mix = ", ".join(f"{n} at {rev}" for rev, n in fleet["revisions"].items())
+            out.print(f"group {fleet['group']}: {len(found)} members; {mix}")
     sys.exit(0 if all(row["ok"] for row in found) else 1)

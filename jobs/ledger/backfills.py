@@ -111,6 +111,30 @@ def create_backfill(
     return backfill_id
 
 
+def set_estimate(
+    conn: Connection,
+    backfill_id: str,
+    estimate: int,
+    kind: str,
+    marks: Any = None,
+    *,
+    session_name: str,
+) -> None:
+    """Replace a running backfill's estimate (its rows to update, their kind and, when they
+    were not counted, each slice's key marks). Commits. The backfill's row before its
+    slices' rows: the order of every state change, so it cannot deadlock with one. A slice's
+    row waits for its batch in flight: ``session_name`` is the application_name the walk
+    does not count as a session its batch holds up (jobs/backfill/batch_sql.py)."""
+    with tx(conn):
+        conn.execute(query("name_session"), {"name": session_name})
+        conn.execute(query("set_estimate"), {"id": backfill_id, "estimate": estimate, "kind": kind})
+        for number, piece in enumerate([] if marks is None else marks.slices):
+            conn.execute(
+                query("set_slice_marks"),
+                {"id": backfill_id, "n": number, "marks": piece.marks, "keys": piece.keys},
+            )
+
+
 def _insert_slices(
     conn: Connection, backfill_id: str, bounds: list[str], batch_size: int, marks: Any
 ) -> None:

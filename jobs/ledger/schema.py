@@ -29,6 +29,14 @@ def migrations() -> list[str]:
     return [path.read_text() for path in files]
 
 
+def _current(conn: Connection) -> bool:
+    """Whether the ledger is there at this runbook's version."""
+    there = conn.execute(query("ledger_exists"), {"t": f"{SCHEMA}.ledger_version"}).scalar_one()
+    version = conn.execute(query("ledger_version")).scalar() if there else None
+    conn.rollback()
+    return version == len(migrations())
+
+
 def exists(conn: Connection) -> bool:
     """Whether this database has a ledger (without creating one)."""
     return bool(conn.execute(query("ledger_exists"), {"t": f"{SCHEMA}.runs"}).scalar_one())
@@ -36,6 +44,8 @@ def exists(conn: Connection) -> bool:
 
 def ensure(conn: Connection) -> None:
     """Create or upgrade the ledger schema; safe to call concurrently. Commits."""
+    if _current(conn):  # every admission asks: two reads, no lock, when nothing is to do
+        return
     with tx(conn):
         conn.execute(query("take_admission_lock"), {"k": ADMISSION_LOCK_KEY})
         conn.execute(query("create_ledger_schema"))

@@ -1,4 +1,5 @@
-"""The Prometheus collector over every configured target's ledger, and its HTTP server.
+"""The Prometheus collector over every configured target's ledger (and the control database's
+rollouts, when there is one), and its HTTP server.
 
 No background polling: each scrape of /metrics calls ``LedgerCollector.collect``, which reads
 the ledgers then and there (jobs/metrics/facts.py), so a value is never older than the scrape
@@ -26,7 +27,7 @@ log = logging.getLogger("runbook.exporter")
 class LedgerCollector(Collector):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._down: dict[str, str | None] = {}  # each target's last reason for being down
+        self._down: dict[str, str | None] = {}  # each source's last reason for being down
 
     def describe(self) -> list[GaugeMetricFamily]:
         # Nothing is read when the collector is registered, only at scrapes.
@@ -34,14 +35,20 @@ class LedgerCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         found = facts.read_all(self.settings)
+        control = facts.read_control(self.settings)
         for f in found:  # a line when a target goes down or comes back, not at every scrape
-            if self._down.get(f.target, "") != f.error:
-                if f.error:
-                    log.warning("target %s is not scraped: %s", f.target, f.error)
-                elif f.target in self._down:
-                    log.warning("target %s is scraped again", f.target)
-            self._down[f.target] = f.error
-        yield from families(found)
+            self._note(f"target {f.target}", f.error)
+        if control is not None:
+            self._note("the control database", control.error)
+        yield from families(found, control=control)
+
+    def _note(self, what: str, error: str | None) -> None:
+        if self._down.get(what, "") != error:
+            if error:
+                log.warning("%s is not scraped: %s", what, error)
+            elif what in self._down:
+                log.warning("%s is scraped again", what)
+        self._down[what] = error
 
 
 def serve(settings: Settings, host: str, port: int) -> threading.Thread:

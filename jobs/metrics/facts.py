@@ -16,12 +16,17 @@ from typing import Any
 
 from jobs.config import Settings, Target, redact
 from jobs.errors import RunbookError
+from jobs.fleet import groups
+from jobs.fleet import overview as control_overview
+from jobs.fleet.overview import RolloutFacts
 from jobs.ledger import overview, read
 from jobs.ledger.records import Run
 
-# Finished backfills stay on the board this long, and at most this many per target.
+# Finished backfills (and settled rollouts) stay on the board this long, and at most this
+# many per target (rollouts: in all).
 RECENT_HOURS = 24
 MAX_BACKFILLS = 50
+MAX_ROLLOUTS = 50
 
 
 @dataclass
@@ -47,6 +52,14 @@ class TargetFacts:
     current: Run | None = None
     last: Run | None = None
     backfills: list[BackfillFacts] = field(default_factory=list)
+
+
+@dataclass
+class ControlFacts:
+    up: bool
+    read_s: float = 0.0
+    error: str | None = None  # why it is not up: one line, password redacted
+    rollouts: list[RolloutFacts] = field(default_factory=list)
 
 
 def _read_ledger(t: Target) -> TargetFacts:
@@ -76,6 +89,16 @@ def _facts(conn: Any, t: Target) -> TargetFacts:
     )
 
 
+def _why(exc: Exception) -> str:
+    """Why a ledger or the control database could not be read, in one line: a RunbookError's
+    own (unreachable, login refused, a broken entry), else the error's first line (gone
+    mid-read, a timeout), password redacted."""
+    if isinstance(exc, RunbookError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return redact(f"{type(exc).__name__}: {first}")
+
+
 def read_target(settings: Settings, name: str) -> TargetFacts:
     """One target's facts; ``up`` false with the reason when its ledger cannot be read."""
     started = time.monotonic()
@@ -84,11 +107,8 @@ def read_target(settings: Settings, name: str) -> TargetFacts:
     else:
         try:
             facts = _read_ledger(settings.targets[name])
-        except RunbookError as exc:  # unreachable, login refused: its one line
-            facts = TargetFacts(name, up=False, error=str(exc))
-        except Exception as exc:  # gone mid-read, a timeout: the other targets still scrape
-            first = (str(exc).strip().splitlines() or [""])[0]
-            facts = TargetFacts(name, up=False, error=redact(f"{type(exc).__name__}: {first}"))
+        except Exception as exc:  # the other targets still scrape
+            facts = TargetFacts(name, up=False, error=_why(exc))
     facts.read_s = time.monotonic() - started
     return facts
 
@@ -101,3 +121,21 @@ def read_all(settings: Settings) -> list[TargetFacts]:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
         return list(pool.map(lambda n: read_target(settings, n), names))
+
+
+def read_control(settings: Settings) -> ControlFacts | None:
+    """The rollouts' facts from the control database; None when none is configured, ``up``
+    false with the reason when it cannot be read."""
+    if not groups.has_control(settings):
+        return None
+    from jobs.pg import connect
+
+    started = time.monotonic()
+    try:
+        with connect.reading(groups.control_target(settings)) as conn:
+            found = control_overview.recent_rollouts(conn, RECENT_HOURS, MAX_ROLLOUTS)
+        facts = ControlFacts(up=True, rollouts=found)
+    except Exception as exc:  # the targets still scrape
+        facts = ControlFacts(up=False, error=_why(exc))
+    facts.read_s = time.monotonic() - started
+    return facts

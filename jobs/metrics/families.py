@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 from prometheus_client.core import GaugeMetricFamily
 
 from jobs.ledger.records import Run
-from jobs.metrics.facts import BackfillFacts, TargetFacts
-from jobs.states import TERMINAL, BackfillState, RunState
+from jobs.metrics.facts import BackfillFacts, ControlFacts, TargetFacts
+from jobs.states import TERMINAL, BackfillState, MemberState, RolloutState, RunState
 
 TARGET = ("target",)
 BACKFILL = ("target", "backfill", "table")
+ROLLOUT = ("rollout", "group")
 
 # name: (help, labels). The dashboard (examples/grafana-dashboard.json) and README name these.
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -84,6 +85,24 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         (*BACKFILL, "slice", "reason"),
     ),
     "runbook_backfill_skipped_rows": ("Rows an isolating backfill left alone", BACKFILL),
+    "runbook_control_up": (
+        "1 when the control database was read at this scrape, 0 when it could not be "
+        "(served only when one is configured)",
+        (),
+    ),
+    "runbook_rollout_state": (
+        "1 for the rollout's state, 0 for the others (unsettled rollouts, and those settled "
+        "in the last 24 hours)",
+        (*ROLLOUT, "to_revision", "state"),
+    ),
+    "runbook_rollout_members": (
+        "The rollout's members in each state, 0 for the states with none",
+        (*ROLLOUT, "state"),
+    ),
+    "runbook_rollout_age_seconds": (
+        "Seconds since the rollout was asked for, until it settled",
+        ROLLOUT,
+    ),
 }
 
 # What a throttle's reason is about, from the words jobs/backfill/pacing.py and
@@ -171,12 +190,34 @@ def _add_backfill(fams: dict[str, GaugeMetricFamily], facts: BackfillFacts) -> N
     fams["runbook_backfill_skipped_rows"].add_metric(labels, p["skipped"])
 
 
+def _add_control(fams: dict[str, GaugeMetricFamily], control: ControlFacts, now: datetime) -> None:
+    fams["runbook_control_up"].add_metric([], 1 if control.up else 0)
+    for r in control.rollouts:
+        labels = [r.id, r.group]
+        for state in RolloutState:
+            fams["runbook_rollout_state"].add_metric(
+                [*labels, r.to_revision or "base", state], 1 if r.state == state else 0
+            )
+        for member_state in MemberState:
+            fams["runbook_rollout_members"].add_metric(
+                [*labels, member_state], r.members.get(member_state, 0)
+            )
+        fams["runbook_rollout_age_seconds"].add_metric(
+            labels, _since(r.created_at, r.settled_at or now)
+        )
+
+
 def families(
-    targets: list[TargetFacts], now: datetime | None = None
+    targets: list[TargetFacts],
+    now: datetime | None = None,
+    control: ControlFacts | None = None,
 ) -> Iterator[GaugeMetricFamily]:
-    """Every metric of METRICS, with a sample per target (and per run, backfill) it applies to."""
+    """Every metric of METRICS, with a sample per target (and per run, backfill) it applies
+    to, and per rollout when there is a control database."""
     now = now or datetime.now(UTC)
     fams = {name: _family(name) for name in METRICS}
+    if control is not None:
+        _add_control(fams, control, now)
     for facts in targets:
         fams["runbook_target_up"].add_metric([facts.target], 1 if facts.up else 0)
         fams["runbook_target_scrape_duration_seconds"].add_metric([facts.target], facts.read_s)

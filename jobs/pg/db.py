@@ -1,12 +1,16 @@
 """Connections to a target, with errors an operator can act on.
 
-Engines are cached per process and target; each carries ``lock_timeout`` so that no
-statement of ours queues production traffic behind it for long.
+Engines are cached per process and target, the most recently used ENGINE_CACHE of them (a
+worker serving a fleet meets thousands of targets; an engine holds no connection, NullPool,
+so one dropped from the cache costs only its re-creation); each carries ``lock_timeout`` so
+that no statement of ours queues production traffic behind it for long.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,20 +29,27 @@ from jobs.pg.connect import describe_connect_error
 RUN_LOCK_KEY = 0x72756E626F6F6B01
 ADMISSION_LOCK_KEY = 0x72756E626F6F6B02
 
-_ENGINES: dict[tuple[str, str, int], Engine] = {}
+ENGINE_CACHE = 128
+_ENGINES: OrderedDict[tuple[str, str, int], Engine] = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
 
 
 def engine(target: Target, *, lock_timeout_ms: int | None = None) -> Engine:
     """A cached engine for ``target``; its sessions run with ``lock_timeout`` set."""
     timeout = target.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms
     key = (target.name, target.url.render_as_string(hide_password=False), timeout)
-    if key not in _ENGINES:
-        _ENGINES[key] = create_engine(
-            target.url.sqlalchemy_url(),
-            poolclass=NullPool,
-            connect_args=_connect_args(target, timeout),
-        )
-    return _ENGINES[key]
+    with _ENGINES_LOCK:
+        found = _ENGINES.get(key)
+        if found is None:
+            found = _ENGINES[key] = create_engine(
+                target.url.sqlalchemy_url(),
+                poolclass=NullPool,
+                connect_args=_connect_args(target, timeout),
+            )
+            while len(_ENGINES) > ENGINE_CACHE:
+                _ENGINES.popitem(last=False)
+        _ENGINES.move_to_end(key)
+        return found
 
 
 def pooled_engine(target: Target) -> Engine:

@@ -1,6 +1,7 @@
 """Running an Alembic project's revisions through its Python API, one revision at a time.
 
-A project is read once per run (jobs/project/scripts.py); each upgrade or downgrade runs the
+A project's revisions are read once per process and its alembic.ini once per run
+(jobs/project/scripts.py, jobs/project/cache.py); each upgrade or downgrade runs the
 project's own env.py on a connection runbook hands it through
 ``config.attributes["connection"]`` (the Alembic cookbook's way) and, for env.py files that
 build their own engine (sync or async), through ``sqlalchemy.url`` with the project's own
@@ -42,8 +43,9 @@ def _missing_module(exc: BaseException) -> str | None:
 
 
 class Project:
-    """An Alembic project on disk, as seen by one run: its scripts, read once (``scripts``),
-    run online here and rendered offline by jobs/project/offline.py.
+    """An Alembic project on disk, as seen by one run: its scripts (``scripts``: revisions
+    shared with the process's other runs, an alembic Config of its own), run online here and
+    rendered offline by jobs/project/offline.py.
 
     One object rather than two for its callers, because every one of them both reads
     revisions and runs or renders them for the same target, and both halves share one

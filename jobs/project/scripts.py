@@ -27,6 +27,7 @@ from jobs.config import Target
 from jobs.errors import BadDeclaration, ProjectError, RevisionError, RunbookError, UnsafeSql
 from jobs.lazy import lazy
 from jobs.pg.sqlstate import describe
+from jobs.project import cache
 
 if TYPE_CHECKING:
     from jobs.backfill import sqlguard
@@ -260,12 +261,17 @@ def _script_directory(config: Config, ini: Path) -> ScriptDirectory:
     location = config.get_main_option("script_location")
     if not location:
         raise ProjectError(f"{ini}: no script_location in [alembic]; point it at migrations/")
+    before = list(sys.path)
     try:
         return ScriptDirectory.from_config(config)
     except CommandError as exc:
         raise ProjectError(
             f"{ini}: script directory {location!r} cannot be used ({exc}); fix script_location"
         ) from None
+    finally:
+        # from_config prepends prepend_sys_path (relative to the working directory) at every
+        # call; _prepend_sys_path has put the entries there once, read from alembic.ini's folder.
+        sys.path[:] = before
 
 
 def _single_head(script: ScriptDirectory, ini: Path) -> str | None:
@@ -286,12 +292,20 @@ def _single_head(script: ScriptDirectory, ini: Path) -> str | None:
 
 
 class Scripts:
-    """An Alembic project's alembic.ini and script directory, read once per run."""
+    """An Alembic project as one run sees it: its own alembic Config, read from alembic.ini
+    for this run (the run rewrites its ``sqlalchemy.url`` and attributes for its target), and
+    the script directory with its head, read once per process and kept while the files on
+    disk are unchanged (jobs/project/cache.py)."""
 
     def __init__(self, target: Target) -> None:
+        ini = target.alembic_ini
         self.config = _load_config(target)
-        self.script = _script_directory(self.config, target.alembic_ini)
-        self.head = _single_head(self.script, target.alembic_ini)
+        parsed = cache.parsed(
+            ini,
+            lambda: _script_directory(self.config, ini),
+            lambda script: _single_head(script, ini),
+        )
+        self.script, self.head = parsed.script, parsed.head
 
     def script_of(self, rev: str) -> Script:
         """Alembic's Script of revision ``rev``; RevisionError for an unknown one."""

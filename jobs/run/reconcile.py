@@ -10,6 +10,7 @@ their run lock, and a slice it takes over gets a new generation that fences the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
@@ -46,10 +47,12 @@ def reconcile(
     send_slice: SendSlice,
     *,
     lease_s: float = lease.LEASE_S,
+    members: Iterable[Target] = (),
 ) -> Report:
-    """One pass over every configured target."""
+    """One pass over every configured target, and ``members``: catalog members with a run in
+    flight (jobs/fleet/reconcile.py ``members_in_flight``), which runbook.toml does not name."""
     report = Report()
-    for target in settings.targets.values():
+    for target in [*settings.targets.values(), *members]:
         try:
             _target(target, send_run, send_slice, lease_s, report)
         except (DBAPIError, RunbookError) as exc:

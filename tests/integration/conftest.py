@@ -134,6 +134,8 @@ class Config:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.targets: dict[str, dict[str, object]] = {}
+        self.groups: dict[str, dict[str, object]] = {}
+        self.control: dict[str, object] | None = None
         self.write()
 
     def add(self, name: str, **options: object) -> str:
@@ -141,10 +143,20 @@ class Config:
         self.write()
         return name
 
+    def add_group(self, name: str, **options: object) -> str:
+        """A [groups.NAME] (tests/integration/fleet_support.py makes its members)."""
+        self.groups[name] = options
+        self.write()
+        return name
+
     def write(self) -> None:
         lines = []
-        for name, options in self.targets.items():
-            lines.append(f"[targets.{name}]")
+        tables = [(f"targets.{n}", o) for n, o in self.targets.items()]
+        tables += [(f"groups.{n}", o) for n, o in self.groups.items()]
+        if self.control is not None:
+            tables.append(("control", self.control))
+        for table, options in tables:
+            lines.append(f"[{table}]")
             for key, value in options.items():
                 if isinstance(value, bool):
                     lines.append(f"{key} = {'true' if value else 'false'}")
@@ -165,6 +177,22 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     path = tmp_path_factory.mktemp("config") / "runbook.toml"
     os.environ["RUNBOOK_CONFIG"] = str(path)
     return Config(path)
+
+
+@pytest.fixture(scope="module")
+def control_db(config: Config) -> Iterator[str]:
+    """A control database for the test module, named in the shared runbook.toml while the
+    module runs (rollouts, tests/integration/fleet_support.py): the other modules' tests see
+    no [control], as a user without fleets has none."""
+    name = f"rb_{SESSION}_control_{uuid.uuid4().hex[:6]}"
+    admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin_exec(f"CREATE DATABASE {name}")
+    config.control = {"url": db_url(name)}
+    config.write()
+    yield name
+    config.control = None
+    config.write()
+    admin_exec(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 class Worker:

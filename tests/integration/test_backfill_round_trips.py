@@ -131,3 +131,46 @@ def test_every_state_change_of_a_backfill_is_announced_with_its_id(
         assert drain().count(backfill_id) == 4
     finally:
         listener.close()
+
+
+def test_dense_integer_keys_are_stepped_without_the_bounds_index_scan(
+    databases: Databases,
+) -> None:
+    """Keys 1..1500, a gap of a million, 1,000,001..1,001,500: after the first batches the
+    bound of a dense stretch is stepped by arithmetic (no OFFSET scan in the opening
+    statement), the gap costs one stepped batch that updates nothing and one bound from the
+    index, and every row is updated exactly once."""
+    name = databases.create()
+    query(name, "CREATE TABLE items (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
+    query(
+        name,
+        "INSERT INTO items (id) SELECT g FROM generate_series(1, 1500) g "
+        "UNION ALL SELECT 1000000 + g FROM generate_series(1, 1500) g",
+    )
+    eng = create_engine(normalize_url(db_url(name)).sqlalchemy_url(), poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            schema.ensure(conn)
+        backfill_id, generation = start(eng)
+        opened: list[str] = []
+
+        @event.listens_for(eng, "before_cursor_execute")
+        def executed(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+            if sql.startswith("BEGIN; "):
+                opened.append(sql)
+
+        assert walk.run_slice(eng, backfill_id, generation, budget_s=120) == "succeeded"
+    finally:
+        eng.dispose()
+    assert query(name, "SELECT count(*) FILTER (WHERE counter <> 1), count(*) FROM items") == [
+        (0, 3000)
+    ]
+    batches = query(
+        name,
+        f"SELECT lo, hi, rows FROM runbook.backfill_batches WHERE backfill_id = '{backfill_id}'",
+    )
+    # 30 full batches, the one stepped into the gap, and none crawling across it.
+    assert len(batches) == 31, batches
+    assert sum(1 for _, _, rows in batches if rows == 0) == 1, batches
+    with_offset = sum(1 for sql in opened if "OFFSET" in sql)
+    assert with_offset <= 3, opened  # the second batch's, and the one after the gap

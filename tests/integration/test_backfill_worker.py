@@ -143,6 +143,8 @@ def test_pause_resume_and_the_cli(worker: Worker, config: Config, databases: Dat
     assert [(b["backfill_id"], b["state"]) for b in json.loads(listed.stdout)] == [
         (backfill_id, "succeeded")
     ]
+    table = runbook_cli("backfills", "--target", name)  # a finished backfill's total is exact
+    assert f"│ {ROWS} " in table.stdout and f"~{ROWS}" not in table.stdout, table.stdout
     bad = runbook_cli(
         "backfill", "--target", name, "--table", "large", "--set", "counter = 1; DROP TABLE large"
     )

@@ -5,6 +5,7 @@ the scrape, and no URL or password appears anywhere in it."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import api
 from tests.integration.conftest import (
+    GATED,
     RUNBOOK,
     Config,
     Databases,
@@ -29,10 +31,12 @@ from tests.integration.conftest import (
     db_url,
     gated_target,
     open_gate,
+    query,
     runbook_cli,
     until,
     upgrade_running,
 )
+from tests.integration.fleet_support import make_fleet
 from tests.integration.test_flower import ROWS, password_target
 from tests.projects import trivial_history, write_project
 
@@ -238,3 +242,54 @@ def test_exporter_during_a_backfill(
         if exporter is not None:
             exporter.stop()
     until("the gated run to end", lambda: api.status(run_id, gated)["state"] == "succeeded", 60)
+
+
+@pytest.mark.usefixtures("worker")
+def test_exporter_of_the_control_database_shows_each_rollout_and_its_members(
+    config: Config, control_db: str, databases: Databases, tmp_path: Path, exporter_config: Config
+) -> None:
+    """An exporter whose runbook.toml names only the control database, as a fleet's would:
+    each rollout's state and its members by state, while it goes and once it settled."""
+    # Every member's upgrade waits for a row in its table gate: the last one's stays shut
+    # until the scrapes have caught the rollout mid-way.
+    fleet = make_fleet(config, databases, tmp_path, 3, revisions=GATED, rows=5)
+    for dbname in fleet.members.values():
+        query(dbname, "CREATE TABLE gate (opened_at timestamptz NOT NULL DEFAULT now())")
+    gate = fleet.db(f"{fleet.group}_03")
+    for name in (f"{fleet.group}_01", f"{fleet.group}_02"):
+        open_gate(fleet.db(name))
+    exporter_config.control = {"url": db_url(control_db)}
+    exporter_config.write()
+    exporter = Exporter(exporter_config.path, free_port(), tmp_path / "control-exporter.log")
+    try:
+        _, before = exporter.scrape()
+        assert number(before, "runbook_control_up") == 1
+        started = runbook_cli("rollout", "--group", fleet.group, "--parallel", "2")
+        assert started.returncode == 0, started.stderr
+        rollout_id = started.stdout.strip()
+        ours = {"rollout": rollout_id, "group": fleet.group}
+
+        def mid_way() -> Samples | None:
+            _, now = exporter.scrape()
+            done = value(now, "runbook_rollout_members", **ours, state="succeeded")
+            return now if done == 2 else None
+
+        now = until("two members done, the gated one running", mid_way, 90)
+        assert number(now, "runbook_rollout_state", **ours, to_revision="g1", state="running") == 1
+        assert number(now, "runbook_rollout_members", **ours, state="running") == 1
+        assert number(now, "runbook_rollout_members", **ours, state="failed") == 0
+        open_gate(gate)
+        until("the rollout to succeed", lambda: rollout_state(rollout_id) == "succeeded", 90)
+        _, after = exporter.scrape()
+        assert number(after, "runbook_rollout_state", **ours, state="succeeded") == 1
+        assert number(after, "runbook_rollout_state", **ours, state="running") == 0
+        assert number(after, "runbook_rollout_members", **ours, state="succeeded") == 3
+        assert number(after, "runbook_rollout_age_seconds", **ours) > 0
+    finally:
+        open_gate(gate)
+        exporter.stop()
+
+
+def rollout_state(rollout_id: str) -> str:
+    shown = runbook_cli("status", rollout_id, "--json")
+    return str(json.loads(shown.stdout)["state"])

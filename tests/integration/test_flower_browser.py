@@ -50,9 +50,10 @@ SCREENSHOTS = Path(os.environ.get("RUNBOOK_SCREENSHOTS", "/tmp/runbook-screensho
 if not SCREENSHOTS.is_absolute():
     SCREENSHOTS = REPO / SCREENSHOTS
 SLICE_TASK = "runbook.backfill_slice"
-# 1 ms a row (pg_sleep; about 300 rows/s here) in batches of 100: about 15 s of backfill,
-# five slice tasks.
-ROWS = 4500
+# 1 ms a row (pg_sleep; about 300 rows/s here) in batches of 100: about 25 s of backfill,
+# eight slice tasks (15 s was once too short for Chromium's looks under the other test
+# process's load: the backfill had ended before the Tasks page was read).
+ROWS = 7500
 PERCENT = re.compile(r"\(\d{1,3}(\.\d)?%\)")
 ROWS_DONE = re.compile(r"\b\d{1,3}(,\d{3})* / [~]?\d{1,3}(,\d{3})* rows\b")
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
@@ -24,6 +25,7 @@ from jobs.dispatch import SliceMessage
 from jobs.ledger import backfills, leases
 from jobs.run import lease
 from tests.integration.conftest import (
+    REDIS_URL,
     Config,
     Databases,
     Worker,
@@ -72,6 +74,7 @@ def test_a_run_whose_message_was_lost_is_sent_again(
     run_id = api.enqueue(name, settings=nowhere)
     started = time.monotonic()
     run = wait_state(run_id, name, {"succeeded", "failed"}, timeout_s=60)
+    redis_lib.Redis.from_url(REDIS_URL).delete(nowhere.queue)  # the lost message, left behind
     assert run["state"] == "succeeded", run["error"]
     assert time.monotonic() - started >= LEASE_S - 0.5  # only once the lease ran out
     assert query(dbname, "SELECT to_regclass('lost') IS NOT NULL") == [(True,)]

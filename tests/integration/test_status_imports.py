@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
+from jobs.fleet import store
 from jobs.ledger import backfills, runs, schema
 from jobs.states import RUNNING
 from tests.integration.conftest import Config, Databases, db_url
@@ -23,13 +24,15 @@ pytestmark = pytest.mark.integration
 NOT_FOR_STATUS = ("sqlalchemy", "alembic", "pglast", "boto3", "botocore", "celery", "kombu")
 
 
-def status_imports(config: Config, *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+def status_imports(
+    config: Config, *args: str, control_url: str = ""
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """`runbook status ARGS` through the console script's entry point; the top-level
     packages it imported (from `python -X importtime`)."""
     code = f"import sys; sys.argv = ['runbook', 'status', *{list(args)!r}]; from jobs.cli.commands import run; run()"
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
-        env=dict(os.environ, RUNBOOK_CONFIG=str(config.path)),
+        env=dict(os.environ, RUNBOOK_CONFIG=str(config.path), RUNBOOK_CONTROL_URL=control_url),
         capture_output=True,
         text=True,
         timeout=60,
@@ -98,4 +101,19 @@ def test_status_of_a_run_a_backfill_or_neither_reads_without_sqlalchemy(
     proc, names = status_imports(config, "no-such-id", "--target", name)
     assert proc.returncode == 2
     assert "unknown run or backfill 'no-such-id'" in proc.stderr
+    assert sorted(names & set(NOT_FOR_STATUS)) == []
+
+    # With a control database, the run is found through its index (jobs/fleet/index.py),
+    # still without SQLAlchemy, and without --target.
+    control = databases.create()
+    engine = create_engine(
+        db_url(control).replace("postgresql://", "postgresql+psycopg2://"), poolclass=NullPool
+    )
+    with engine.connect() as conn:
+        store.ensure(conn)
+        store.note_work(conn, run_id, "run", name)
+    engine.dispose()
+    proc, names = status_imports(config, run_id, control_url=db_url(control))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run {run_id} running" in proc.stderr
     assert sorted(names & set(NOT_FOR_STATUS)) == []

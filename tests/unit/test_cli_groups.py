@@ -1,12 +1,12 @@
 """The commands live in modules named like jobs/api's (jobs/cli/runs.py, backups.py,
-backfills.py, targets.py; exporter.py for jobs/metrics/) and jobs/cli/commands.py registers them on its one group: none may
+backfills.py, targets.py; fleet.py for jobs/api/rollouts.py; exporter.py for jobs/metrics/) and jobs/cli/commands.py registers them on its one group: none may
 be left out, and each must refuse a repeated option as the group's own commands do."""
 
 from __future__ import annotations
 
 import click
 
-from jobs.cli import backfills, backups, commands, exporter, flower, runs, targets
+from jobs.cli import backfills, backups, commands, exporter, fleet, flower, runs, targets
 from jobs.cli.options import Command
 
 
@@ -20,7 +20,7 @@ def defined_in(module: object) -> dict[str, click.Command]:
 
 def test_every_command_of_the_role_modules_is_registered() -> None:
     defined: dict[str, click.Command] = {}
-    for module in (runs, backups, backfills, targets, exporter, flower):
+    for module in (runs, backups, backfills, targets, exporter, flower, fleet):
         found = defined_in(module)
         assert not set(found) & set(defined), module
         defined.update(found)

@@ -324,7 +324,10 @@ def test_every_kind_of_broken_target_stays_apart(
 @pytest.mark.parametrize(
     ("body", "line"),
     [
-        ("b = 1\na = 2\n", "unknown section 'a' (known: targets); targets go in [targets.NAME]"),
+        (
+            "b = 1\na = 2\n",
+            "unknown section 'a' (known: control, groups, targets); targets go in [targets.NAME]",
+        ),
         ("targets = []\n", "'targets' must be a table of [targets.NAME]"),
     ],
 )

@@ -21,6 +21,7 @@ MACHINES = [
     (st.StepState, st.STEP_TRANSITIONS, st.check_step_transition, "step"),
     (st.BackfillState, st.BACKFILL_TRANSITIONS, st.check_backfill_transition, "backfill"),
     (st.SliceState, st.SLICE_TRANSITIONS, st.check_slice_transition, "backfill slice"),
+    (st.RolloutState, st.ROLLOUT_TRANSITIONS, st.check_rollout_transition, "rollout"),
 ]
 MACHINE_IDS = [m[3] for m in MACHINES]
 
@@ -145,6 +146,20 @@ def test_the_groups_are_what_the_ledger_sql_spells_out() -> None:
     assert _sql_set(leases, r"b\.state IN \(([^)]*)\)") == st.BACKFILL_ACTIVE
     schema = (JOBS / "ledger" / "migrations" / "0004_backfill_slices.sql").read_text()
     assert _sql_set(schema, r"CHECK \(state IN \(([^)]*)\)\)") == set(st.SliceState)
+
+
+def test_the_control_sql_spells_the_member_groups() -> None:
+    control = (JOBS / "fleet" / "queries.sql").read_text()
+    assert _sql_set(control, r"state IN \(([^)]*)\) ORDER BY ordinal") == st.MEMBER_IN_FLIGHT
+    assert _sql_set(control, r"state IN \(([^)]*)\)\) AS open") == {"pending", "running"}
+
+
+def test_every_rollout_state_is_reachable_and_settles() -> None:
+    table = st.ROLLOUT_TRANSITIONS
+    assert _reachable(table, st.RolloutState.ENQUEUED) == set(st.RolloutState)
+    for state in st.RolloutState:  # nothing is stuck: each state can come to rest
+        assert _reachable(table, state) & st.ROLLOUT_SETTLED, state
+    assert not st.ROLLOUT_STOPPING & {st.RolloutState.RUNNING, st.RolloutState.ROLLING_BACK}
 
 
 def test_the_code_uses_the_groups_not_copies_of_them() -> None:

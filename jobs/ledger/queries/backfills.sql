@@ -22,6 +22,22 @@ INSERT INTO runbook.backfill_slices (backfill_id, slice, lower_key, upper_key, b
     key_marks, keys_estimate)
 VALUES (:id, :n, :lower, :upper, :size, CAST(:marks AS text[]), :keys)
 
+-- name_session --
+-- The transaction's application_name (pg_stat_activity's), as the sessions that look at
+-- others' waits tell it apart.
+SELECT set_config('application_name', :name, true)
+
+-- set_estimate --
+-- A backfill's rows to update and how they were estimated, refined after its slices were sent
+-- (jobs/backfill/create.py refine). The state and updated_at are the walk's: left alone.
+UPDATE runbook.backfills SET rows_total_estimate = :estimate, estimate_kind = :kind
+WHERE id = :id
+
+-- set_slice_marks --
+-- Slice :n's key marks and number of keys (jobs/backfill/marks.py), refined likewise.
+UPDATE runbook.backfill_slices SET key_marks = CAST(:marks AS text[]), keys_estimate = :keys
+WHERE backfill_id = :id AND slice = :n
+
 -- get_backfill --
 -- One backfill by id, with its counters summed over its slices.
 SELECT b.id, b.target, b.run_id, b.revision, b.table_name, b.key_column, b.key_type,

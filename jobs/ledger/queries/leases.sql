@@ -31,12 +31,15 @@ WHERE backfill_id = :id AND slice = :n AND generation = :g + 1 AND unfinished = 
 UPDATE runbook.backfill_slices SET unfinished = 0 WHERE backfill_id = :id AND slice = :n
 
 -- stale_runs --
--- Unfinished runs with no live lease and no going backfill of theirs, oldest first.
+-- Unfinished runs with no live lease and no going backfill of theirs, oldest first. A
+-- backfill that ended less than a lease ago has just sent its run on: that delivery is not
+-- lost yet.
 SELECT r.id, r.target, r.state, r.unfinished FROM runbook.runs r
 WHERE r.finished_at IS NULL
     AND coalesce(r.heartbeat_at, r.updated_at) < now() - make_interval(secs => :lease)
     AND NOT EXISTS (SELECT 1 FROM runbook.backfills b WHERE b.run_id = r.id
-        AND b.state IN ('enqueued', 'running', 'pausing', 'cancelling'))
+        AND (b.state IN ('enqueued', 'running', 'pausing', 'cancelling')
+            OR b.finished_at > now() - make_interval(secs => :lease)))
 ORDER BY r.created_at
 
 -- start_stale_backfills --

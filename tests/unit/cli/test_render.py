@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import click
 import pytest
 
 from jobs.cli import render
@@ -214,3 +215,14 @@ def test_step_notes_show_the_standbys_preflight_saw_and_the_wait_after_a_rewrite
     assert render.step_notes(step()) == []
     nothing = {"outcome": "no_standbys", "line": "rewrote a table; no standbys to wait for"}
     assert render.step_notes(step(detail={"replica_wait": nothing})) == []  # in --json only
+
+
+def test_a_commands_own_usage_error_reaches_main_as_bad_input() -> None:
+    """main() prints a click.UsageError in one line with exit 2; friendly must not turn the
+    ones a command raises itself (rollback ROLLOUT --to x) into an internal error."""
+
+    def mixed() -> None:
+        raise click.UsageError("a ROLLOUT is rolled back as a whole: drop --to and --target")
+
+    with pytest.raises(click.UsageError, match="drop --to"):
+        render.friendly(mixed)()

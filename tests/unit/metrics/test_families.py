@@ -13,10 +13,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from jobs.fleet.overview import RolloutFacts
 from jobs.ledger.records import Backfill, Run, Step, backfill_progress
-from jobs.metrics.facts import BackfillFacts, SliceThrottle, TargetFacts
+from jobs.metrics.facts import BackfillFacts, ControlFacts, SliceThrottle, TargetFacts
 from jobs.metrics.families import METRICS, families, reason_kind
-from jobs.states import TERMINAL, BackfillState, RunState
+from jobs.states import TERMINAL, BackfillState, MemberState, RolloutState, RunState
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -62,12 +63,12 @@ def backfill(state: str = "running", rows_done: int = 2500) -> Backfill:
     return Backfill(**{**dict.fromkeys(f.name for f in fields(Backfill)), **given})
 
 
-def scrape(targets: list[TargetFacts]) -> tuple[str, Samples]:
+def scrape(targets: list[TargetFacts], control: ControlFacts | None = None) -> tuple[str, Samples]:
     registry = CollectorRegistry()
 
     class Fixed(Collector):
         def collect(self) -> Iterator[Metric]:
-            return families(targets, NOW)
+            return families(targets, NOW, control)
 
     registry.register(Fixed())
     text = generate_latest(registry).decode()
@@ -183,6 +184,51 @@ def test_throttle_reasons_are_a_few_kinds_not_their_text() -> None:
 def test_labels_are_names_and_ids_never_urls() -> None:
     allowed = {"target", "state", "run", "kind", "step", "revision", "step_state"}
     allowed |= {"backfill", "table", "estimate", "slice", "reason"}
+    allowed |= {"rollout", "group", "to_revision"}
     for name, (_, labels) in METRICS.items():
         assert name.startswith("runbook_")
         assert set(labels) <= allowed, name
+
+
+def test_rollouts_by_state_with_their_members_counted() -> None:
+    going = RolloutFacts(
+        "ro1",
+        "tenants",
+        "running",
+        "a3",
+        NOW - timedelta(seconds=120),
+        None,
+        {"succeeded": 7, "running": 3, "pending": 2},
+    )
+    settled = RolloutFacts(
+        "ro0",
+        "tenants",
+        "halted",
+        None,
+        NOW - timedelta(hours=2),
+        NOW - timedelta(hours=1),
+        {"succeeded": 4, "failed": 1, "pending": 7},
+    )
+    _, samples = scrape([], ControlFacts(up=True, rollouts=[going, settled]))
+    assert samples[("runbook_control_up", frozenset())] == 1
+    for r, revision, state in (("ro1", "a3", "running"), ("ro0", "base", "halted")):
+        for each in RolloutState:
+            labels = {"rollout": r, "group": "tenants", "to_revision": revision, "state": each}
+            assert samples[("runbook_rollout_state", frozenset(labels.items()))] == (
+                1 if each == state else 0
+            )
+    for member_state in MemberState:  # every member state, zeros included
+        labels = {"rollout": "ro1", "group": "tenants", "state": member_state}
+        expected = going.members.get(member_state, 0)
+        assert samples[("runbook_rollout_members", frozenset(labels.items()))] == expected
+    age = ("runbook_rollout_age_seconds", frozenset({"rollout": "ro1", "group": "tenants"}.items()))
+    assert samples[age] == 120
+    done = frozenset({"rollout": "ro0", "group": "tenants"}.items())
+    assert samples[("runbook_rollout_age_seconds", done)] == 3600  # until it settled
+
+
+def test_no_control_database_gives_no_control_samples_and_one_down_gives_up_0() -> None:
+    _, samples = scrape([])
+    assert not [n for (n, _), _ in samples.items() if "control" in n or "rollout" in n]
+    _, samples = scrape([], ControlFacts(up=False, error="control database unreachable"))
+    assert samples == {("runbook_control_up", frozenset()): 0}
