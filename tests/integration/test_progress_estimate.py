@@ -238,7 +238,15 @@ def test_the_walk_starts_before_the_rows_are_counted(
     name, dbname = make_table(
         config, databases, "SELECT g FROM generate_series(1, 20000) g", "bigint"
     )
-    where = "counter = 0 AND slow_one(CAST(id AS text), 40000) = 1"  # the count's cost too
+    # A pause every 100th row: the count (20,000 rows) takes 2 s at least on any machine. A
+    # cost in CPU (slow_one) shrinks with a faster machine or a quieter hour, and the count
+    # had to outlast the command's own start by a second.
+    query(
+        dbname,
+        "CREATE FUNCTION pause_some(k bigint) RETURNS int LANGUAGE plpgsql AS "
+        "'BEGIN IF k % 100 = 0 THEN PERFORM pg_sleep(0.01); END IF; RETURN 1; END'",
+    )
+    where = "counter = 0 AND pause_some(id) = 1"  # the batches pay it too: 10 ms per 1,000
     began = time.time()
     backfill_id = start(
         name, "--set", "counter = 1", "--where", where, env={"RUNBOOK_COUNT_BUDGET_MS": "60000"}
