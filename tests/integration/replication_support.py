@@ -139,6 +139,9 @@ class ReplicatedPostgres:
                 "wal_level = logical\nmax_wal_senders = 10\nmax_replication_slots = 10\n"
                 "wal_keep_size = 0\nfsync = off\nsynchronous_commit = off\n"
                 "wal_receiver_status_interval = 1s\nhot_standby_feedback = off\n"
+                # The backfill would wait for a vacuum of its table as it waits for a replica
+                # (jobs/backfill/pacing.py), and name the vacuum: the tests ask for the replica.
+                "autovacuum = off\n"
             )
         self.primary.start()
         _as_pg(
