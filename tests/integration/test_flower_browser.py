@@ -50,10 +50,11 @@ SCREENSHOTS = Path(os.environ.get("RUNBOOK_SCREENSHOTS", "/tmp/runbook-screensho
 if not SCREENSHOTS.is_absolute():
     SCREENSHOTS = REPO / SCREENSHOTS
 SLICE_TASK = "runbook.backfill_slice"
-# 1 ms a row (pg_sleep; about 300 rows/s here) in batches of 100: about 25 s of backfill,
-# eight slice tasks (15 s was once too short for Chromium's looks under the other test
-# process's load: the backfill had ended before the Tasks page was read).
-ROWS = 7500
+# 3 ms a row at least (pg_sleep sleeps no less than asked, on a quiet machine too) in batches
+# of 100: 18 s of backfill at least, six slice tasks or more (15 s was once too short for
+# Chromium's looks under the other test process's load: the backfill had ended before the
+# Tasks page was read; 1 ms a row asked, 7,500 rows, took 25 s loaded and 17 s quiet).
+ROWS = 6000
 PERCENT = re.compile(r"\(\d{1,3}(\.\d)?%\)")
 ROWS_DONE = re.compile(r"\b\d{1,3}(,\d{3})* / [~]?\d{1,3}(,\d{3})* rows\b")
 
@@ -173,7 +174,7 @@ def slow_table(config: Config, databases: Databases) -> tuple[str, str]:
         f"""
         CREATE TABLE orders (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0, note text);
         INSERT INTO orders (id) SELECT g * 7 FROM generate_series(1, {ROWS}) g;
-        CREATE FUNCTION slow_one() RETURNS int LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(0.001)';
+        CREATE FUNCTION slow_one() RETURNS int LANGUAGE sql AS 'SELECT 1 FROM pg_sleep(0.003)';
         ANALYZE orders;
         """,
     )

@@ -109,7 +109,7 @@ class ChaosFleet:
             "RUNBOOK_QUEUE": self.queue,
         }
 
-    def start_workers(self, count: int) -> list[Worker]:
+    def start_workers(self, count: int, concurrency: int = 2) -> list[Worker]:
         made = [
             Worker(self.config, self.tmp / f"worker-{len(self.workers) + i + 1}.log")
             for i in range(count)
@@ -117,7 +117,7 @@ class ChaosFleet:
         self.workers += made
         knobs = {"RUNBOOK_LEASE_S": str(LEASE_S), "RUNBOOK_RECONCILE_S": "1"}
         with ThreadPoolExecutor(count) as pool:
-            for f in [pool.submit(w.start, 2, **self.env, **knobs) for w in made]:
+            for f in [pool.submit(w.start, concurrency, **self.env, **knobs) for w in made]:
                 f.result()
         return made
 
@@ -514,7 +514,9 @@ def test_a_rollout_whose_revision_declares_a_backfill_walks_it_once_per_member(
     fleet = make_fleet(
         chaos.config, databases, tmp_path, 2, revisions=BACKFILLED_HISTORY, rows=BACKFILL_ROWS
     )
-    chaos.start_workers(1)
+    # Four slots for two walking slices, the passes and the runs sent on: a task that waited
+    # past the 5 s lease for a slot on a loaded machine would be taken for lost, rightly.
+    chaos.start_workers(1, concurrency=4)
     out = chaos.cli(
         "rollout", "--group", fleet.group, "--canary", "0", "--parallel", "2", "--wait", "--json"
     )
