@@ -254,10 +254,13 @@ def hold_row_lock(dbname: str, key: int) -> psycopg2.extensions.connection:
 def test_a_lock_timeout_is_retried_until_the_lock_is_free(dbname: str, engine: Engine) -> None:
     make_items(dbname, 500)
     blocker = hold_row_lock(dbname, 5)
-    threading.Timer(0.6, blocker.close).start()
     bf_id = create(engine, spec(lock_timeout_ms=100, **FIXED))
+    generation = claim(engine, bf_id)
+    # Released 0.6 s after the walk starts (not after the lock was taken: creating and
+    # claiming can take that long on a loaded machine, and the first attempt would pass).
+    threading.Timer(0.6, blocker.close).start()
 
-    outcome = run_to_end(engine, bf_id, claim(engine, bf_id), max_attempts=10, backoff_s=0.05)
+    outcome = run_to_end(engine, bf_id, generation, max_attempts=10, backoff_s=0.05)
 
     assert outcome == "succeeded"
     assert batches(engine, bf_id)[0].attempt > 1
@@ -834,7 +837,8 @@ def test_an_old_transaction_throttles_the_backfill_until_it_ends(
         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM items")
     time.sleep(1.2)
     generation = claim(engine, bf_id)
-    assert walk.run_slice(engine, bf_id, generation, budget_s=1.5) == "continue"
+    # 0.5 s a wait: a budget of 2.5 s holds at least two, even when the first check is slow.
+    assert walk.run_slice(engine, bf_id, generation, budget_s=2.5) == "continue"
     assert batches(engine, bf_id) == []  # it waited instead
     holder.rollback()
     holder.close()

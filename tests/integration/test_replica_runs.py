@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 # A queue of this module's own: its worker's lease is short, and no other worker takes its runs.
 REPL_QUEUE = f"{QUEUE}-repl"
 CLI_ENV = {"RUNBOOK_QUEUE": REPL_QUEUE}
-LEASE_S = 2.0
+LEASE_S = 3.0  # renewed every 0.75 s: a stall of 2 s on a loaded machine keeps it
 
 SMALL = [
     Rev(
