@@ -34,7 +34,11 @@ REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get(
     "RUNBOOK_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("RUNBOOK_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+# A Redis database per test process (pytest-xdist's gw0, gw1 …: 10, 11 …, 15 at most): a
+# Flower started by one process lists the tasks whose events reach its broker, and the other
+# process's tasks would crowd its Tasks page (15 rows); queues are per process already.
+_PROCESS = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+REDIS_URL = os.environ.get("RUNBOOK_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{10 + _PROCESS % 6}")
 SESSION = uuid.uuid4().hex[:8]
 # The console script pip installed next to this interpreter ([project.scripts]).
 RUNBOOK = str(Path(sys.executable).parent / "runbook")
