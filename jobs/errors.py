@@ -43,6 +43,10 @@ class RevisionError(RunbookError):
     """Raised when a requested revision is unknown or not reachable from the current one."""
 
 
+class UnrenderableRevision(RevisionError):
+    """Raised when a revision's upgrade or downgrade cannot be rendered as SQL offline."""
+
+
 class BadDeclaration(RunbookError):
     """Raised when a revision's declared ``backfills`` or ``requires_backfills`` are unusable."""
 

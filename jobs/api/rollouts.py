@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 from jobs import dispatch, ids
 from jobs.api.common import check_broker, resolve_settings
 from jobs.config import Settings, Target
-from jobs.errors import BrokerUnavailable, ConfigError, RunbookError, UnknownRollout
+from jobs.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    RunbookError,
+    UnknownRollout,
+    UnrenderableRevision,
+)
 from jobs.fleet import groups, index
 from jobs.lazy import lazy
 from jobs.states import MEMBER_ADVANCED, MemberState, RolloutState
@@ -196,7 +202,8 @@ def _member_losses(
 ) -> tuple[str, list[str], bool]:
     """What rolling ``m`` back to its from_revision would destroy, and whether it takes backups.
     A member that cannot be reached or read now is not held against the others: its own
-    rollback run checks again (jobs/api/runs.py enqueue_rollback) and fails with its line."""
+    rollback run checks again (jobs/api/runs.py enqueue_rollback) and fails with its line. A
+    downgrade that cannot be rendered is the project's, not the member's: refused for all."""
     from sqlalchemy.exc import DBAPIError
 
     from jobs.pg import db
@@ -213,6 +220,12 @@ def _member_losses(
                 found = losses.data_loss(member, project, list(reversed(path)), drops_of)
         finally:
             project.close()
+    except UnrenderableRevision as exc:  # every member's rollback run would fail on it
+        raise UnrenderableRevision(
+            f"{m.target}: {exc}; no member was sent a rollback: roll such a revision back by "
+            "restoring each member from a backup taken before the rollout "
+            "(`runbook restore --target MEMBER --backup ID`)"
+        ) from None
     except (RunbookError, DBAPIError):  # gone mid-read, a permission: its own run says
         return m.target, [], True
     return t.name, [f"{t.name}: {loss}" for loss in found], t.backup

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
 
-from jobs.errors import RevisionError
+from jobs.errors import UnrenderableRevision
 from jobs.pg.sqlstate import describe
 from jobs.project import envpy
 from jobs.project.scripts import RUNS_DECLARED_BACKFILLS, Revision, Scripts
@@ -40,7 +40,7 @@ def downgrade_sql(scripts: Scripts, rev: Revision) -> str:
 def _render(
     scripts: Scripts, rev: Revision, *, upgrade: bool, as_runbook_runs_it: bool = False
 ) -> str:
-    """One revision's SQL in Alembic's offline (``--sql``) mode; RevisionError when the
+    """One revision's SQL in Alembic's offline (``--sql``) mode; UnrenderableRevision when the
     revision cannot be rendered without a database (it reads data, say)."""
     config, script = scripts.config, scripts.script
     start, destination = (rev.down, rev.id) if upgrade else (rev.id, rev.down or "base")
@@ -69,7 +69,7 @@ def _render(
             script.run_env()
     except Exception as exc:
         which = "upgrade" if upgrade else "downgrade"
-        raise RevisionError(
+        raise UnrenderableRevision(
             f"cannot render the {which} of {rev.id} offline ({describe(exc)})"
         ) from None
     finally:

@@ -27,7 +27,8 @@ from tests.integration.conftest import (
     schema_dump,
     until,
 )
-from tests.integration.fleet_support import Fleet, make_fleet
+from tests.integration.fleet_support import FLEET_HISTORY, Fleet, make_fleet
+from tests.projects import Rev
 
 pytestmark = pytest.mark.usefixtures("control_db")
 
@@ -213,6 +214,40 @@ def test_rollback_refuses_data_loss_on_any_member_before_sending_anything(
     assert back.returncode == 0, back.stderr + back.stdout
     assert json.loads(back.stdout)["counts"] == {"rolled_back": 4}
     assert all(fleet.revision(n) is None for n in fleet.members)
+
+
+# f2's downgrade cannot be run at all (as an enum value that PostgreSQL cannot drop).
+NO_WAY_DOWN = [
+    FLEET_HISTORY[0],
+    Rev(
+        "f2",
+        "op.execute(\"UPDATE items SET note = 'n' || id\")",
+        "raise NotImplementedError('PostgreSQL cannot drop an ENUM value')",
+    ),
+]
+
+
+def test_rollback_of_a_revision_with_no_way_down_is_refused_before_sending_anything(
+    config: Config, databases: Databases, worker: Worker, tmp_path: Path
+) -> None:
+    # Found by hand: each member was sent a rollback run that failed on the same render, and
+    # the rollout ended `failed` with every member `rollback_failed`, where `rollback --to`
+    # of one target refuses up front.
+    fleet = fleet_of(config, databases, tmp_path, 3, rows=20, revisions=NO_WAY_DOWN)
+    done = json.loads(rollout(fleet.group, "--to", "f2", "--wait", "--json").stdout)
+    assert done["state"] == "succeeded", done
+
+    refused = runbook_cli("rollback", done["id"], "--wait")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "cannot render the downgrade of f2" in line and "cannot drop an ENUM" in line, line
+    assert "no member was sent a rollback" in line and "runbook restore" in line, line
+    after = status(done["id"])
+    assert after["state"] == "succeeded" and after["counts"] == {"succeeded": 3}, after
+    for name, dbname in fleet.members.items():
+        assert fleet.revision(name) == "f2", name
+        assert query(dbname, "SELECT count(*) FROM runbook.runs WHERE kind = 'rollback'") == [(0,)]
 
 
 def test_a_halted_rollout_finishes_with_resume_once_the_cause_is_fixed(
