@@ -224,18 +224,20 @@ def test_worker_killed_and_redis_lost_mid_rollout_every_member_once(
     assert deliveries >= 2, (interrupted, holder, at_kill, deliveries)
 
 
+def in_f1(rollout_id: str) -> str:
+    """FROM and WHERE of a member's rollout run in f1's upgrade (its slow transaction)."""
+    return (
+        "FROM runbook.runs r JOIN runbook.steps s ON s.run_id = r.id "
+        f"WHERE r.options->>'rollout' = '{rollout_id}' AND r.finished_at IS NULL "
+        "AND s.kind = 'upgrade' AND s.revision = 'f1' AND s.state = 'running'"
+    )
+
+
 def early_in_f1(dbname: str, rollout_id: str, within_s: float = 0.7) -> bool:
     """Whether the member's rollout run is in f1's upgrade, begun less than ``within_s`` ago
     (the rest of its one-second sleep is time for the kill to land in it)."""
-    return bool(
-        query(
-            dbname,
-            "SELECT 1 FROM runbook.runs r JOIN runbook.steps s ON s.run_id = r.id "
-            f"WHERE r.options->>'rollout' = '{rollout_id}' AND r.finished_at IS NULL "
-            "AND s.kind = 'upgrade' AND s.revision = 'f1' AND s.state = 'running' "
-            f"AND clock_timestamp() - s.started_at < interval '{within_s} seconds'",
-        )
-    )
+    begun = f"clock_timestamp() - s.started_at < interval '{within_s} seconds'"
+    return bool(query(dbname, f"SELECT 1 {in_f1(rollout_id)} AND {begun}"))
 
 
 def holders(fleet: Fleet, rollout_id: str) -> dict[str, str]:
@@ -246,11 +248,7 @@ def holders(fleet: Fleet, rollout_id: str) -> dict[str, str]:
         if query(dbname, "SELECT to_regclass('runbook.runs')") == [(None,)]:
             continue  # not started yet
         rows = query(
-            dbname,
-            "SELECT r.heartbeat_by FROM runbook.runs r JOIN runbook.steps s ON s.run_id = r.id "
-            f"WHERE r.options->>'rollout' = '{rollout_id}' AND r.finished_at IS NULL "
-            "AND r.heartbeat_by IS NOT NULL AND s.kind = 'upgrade' AND s.revision = 'f1' "
-            "AND s.state = 'running'",
+            dbname, f"SELECT r.heartbeat_by {in_f1(rollout_id)} AND r.heartbeat_by IS NOT NULL"
         )
         if rows:
             found[name] = str(rows[0][0])
